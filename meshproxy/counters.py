@@ -1,0 +1,38 @@
+"""Process-wide counters kept in one place, for logs now and the admin API and metrics later.
+
+Counters are updated per event (a connection opened, a connect failed), never per packet:
+byte counts are accumulated on the session and added here when it closes or is swept.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+
+Labels = tuple[tuple[str, str], ...]
+
+
+class Counters:
+    __slots__ = ("_values",)
+
+    def __init__(self) -> None:
+        self._values: Counter[tuple[str, Labels]] = Counter()
+
+    def inc(self, name: str, amount: int = 1, **labels: str) -> None:
+        self._values[name, tuple(sorted(labels.items()))] += amount
+
+    def get(self, name: str, **labels: str) -> int:
+        """The value of one counter; with no labels given, the sum over all its labels."""
+        if labels:
+            return self._values[name, tuple(sorted(labels.items()))]
+        return sum(v for (n, _), v in self._values.items() if n == name)
+
+    def items(self) -> Iterator[tuple[str, dict[str, str], int]]:
+        for (name, labels), value in sorted(self._values.items()):
+            yield name, dict(labels), value
+
+    def as_dict(self) -> dict[str, list[dict[str, object]]]:
+        out: dict[str, list[dict[str, object]]] = {}
+        for name, labels, value in self.items():
+            out.setdefault(name, []).append({"labels": labels, "value": value})
+        return out

@@ -1,0 +1,1 @@
+"""The data plane: listeners, the byte pump, the hop header, upstream choice and pools."""

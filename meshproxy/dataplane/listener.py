@@ -1,0 +1,125 @@
+"""Accepting clients: the protocol that owns a client connection until it is linked.
+
+It enforces the per-listener connection limit, reads the hop header on mesh ports, and
+buffers (boundedly) whatever the client sends while its upstream is being connected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import typing
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from meshproxy import log
+from meshproxy.counters import Counters
+from meshproxy.dataplane.hop import Decoded, HopDecoder, HopHeader, Rejected
+from meshproxy.dataplane.pump import set_nodelay
+
+# Stop reading from a client whose upstream is not connected yet past this many bytes.
+PENDING_LIMIT = 256 * 1024
+
+
+@dataclass
+class Entrance:
+    """Where clients come in: a listener, or the mesh port (which reads a hop header)."""
+
+    name: str
+    mesh: bool
+    max_connections: int
+    header_timeout_s: float
+    active: int = 0
+    server: asyncio.Server | None = field(default=None, repr=False)
+
+
+Serve = Callable[["Inbound", HopHeader | None], Coroutine[Any, Any, None]]
+
+
+class Inbound(asyncio.Protocol):
+    """A client connection from accept until the pump takes it over."""
+
+    def __init__(self, entrance: Entrance, serve: Serve, counters: Counters) -> None:
+        self.entrance = entrance
+        self._serve = serve
+        self._counters = counters
+        self.transport: asyncio.Transport | None = None
+        self.pending = bytearray()
+        self.eof = False
+        self.linked = False
+        self.lost = False
+        self.peer = ""
+        self._task: asyncio.Task[None] | None = None
+        self._decoder: HopDecoder | None = HopDecoder() if entrance.mesh else None
+        self._header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport, so no isinstance here.
+        self.transport = typing.cast(asyncio.Transport, transport)
+        entrance = self.entrance
+        if entrance.active >= entrance.max_connections:
+            self._counters.inc("connections_refused", entrance=entrance.name, reason="limit")
+            self.lost = True  # never counted as active
+            self.transport.abort()
+            return
+        entrance.active += 1
+        self._counters.inc("connections_accepted", entrance=entrance.name)
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        set_nodelay(transport)
+        if self._decoder is None:
+            self._start(None)
+        else:
+            loop = asyncio.get_running_loop()
+            self._header_timer = loop.call_later(
+                entrance.header_timeout_s, self._reject, "no hop header in time"
+            )
+
+    def _start(self, header: HopHeader | None) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._serve(self, header))
+
+    def data_received(self, data: bytes) -> None:
+        if self._decoder is not None:
+            result = self._decoder.feed(data)
+            if result is None:
+                return
+            if isinstance(result, Rejected):
+                self._reject(result.reason)
+                return
+            assert isinstance(result, Decoded)
+            self._decoder = None
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+            data = result.rest
+            self._start(result.header)
+        self.pending += data
+        if len(self.pending) > PENDING_LIMIT and self.transport is not None:
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        if self._decoder is not None:
+            if self._decoder.empty:
+                # An edge recycling a warm socket it never used: routine, not an attack.
+                self._counters.inc("warm_connections_closed", entrance=self.entrance.name)
+            else:
+                self._reject("closed in the middle of a hop header")
+            return False
+        return True  # keep the transport open: the upstream's answer may still come
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.lost:
+            return
+        self.lost = True
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        if not self.linked:
+            self.entrance.active -= 1
+
+    def _reject(self, reason: str) -> None:
+        self._counters.inc("hop_headers_rejected", entrance=self.entrance.name)
+        log.warning("hop_rejected", peer=self.peer, reason=reason)
+        if self.transport is not None:
+            self.transport.abort()

@@ -1,0 +1,140 @@
+"""The byte pump: two asyncio Protocols that copy bytes between a client and an upstream.
+
+This is the per-packet path, so it does as little as possible: ``data_received`` adds a
+length and calls ``write`` on the other transport. Backpressure rides on the transports'
+flow control (a side whose write buffer is over its high-water mark pauses reading on the
+other side), half-close is forwarded with ``write_eof``, and everything else (idle time,
+byte counters) is sampled by a sweeper instead of being paid for per packet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable
+
+from meshproxy.config import Address
+
+
+class Half(asyncio.Protocol):
+    """One direction's reader: what arrives on our transport is written to ``peer``."""
+
+    __slots__ = ("eof", "nbytes", "peer", "session", "transport")
+
+    def __init__(self, session: Session, peer: asyncio.Transport | None) -> None:
+        self.session = session
+        self.peer = peer
+        self.transport: asyncio.Transport | None = None
+        self.nbytes = 0
+        self.eof = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.nbytes += len(data)
+        self.peer.write(data)  # type: ignore[union-attr]
+
+    def pause_writing(self) -> None:
+        # Our transport cannot take more: stop reading what would be written to it.
+        self.peer.pause_reading()  # type: ignore[union-attr]
+
+    def resume_writing(self) -> None:
+        peer = self.peer
+        if peer is not None and not peer.is_closing():
+            peer.resume_reading()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        return self.session.half_closed()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.session.close()
+
+
+class Session:
+    """A linked client and upstream connection, and what the node tracks about it."""
+
+    __slots__ = (
+        "_on_close",
+        "client",
+        "closed",
+        "idle_since",
+        "last_nbytes",
+        "member",
+        "swept_nbytes",
+        "upstream",
+    )
+
+    def __init__(self, on_close: Callable[[Session], None]) -> None:
+        self._on_close = on_close
+        self.client: Half | None = None
+        self.upstream: Half | None = None
+        self.member: Address | None = None
+        self.closed = False
+        self.last_nbytes = -1  # total at the last idle sweep
+        self.idle_since = 0.0
+        self.swept_nbytes = (0, 0)  # bytes already added to the counters, per direction
+
+    def nbytes(self) -> tuple[int, int]:
+        """Bytes received from the client and from the upstream so far."""
+        c = self.client.nbytes if self.client else 0
+        u = self.upstream.nbytes if self.upstream else 0
+        return c, u
+
+    def half_closed(self) -> bool:
+        """Forward an EOF to the other side; close once both directions have ended."""
+        client, upstream = self.client, self.upstream
+        if client is None or upstream is None:
+            return False
+        if client.eof and upstream.eof:
+            self.close()
+            return False
+        for reader in (client, upstream):
+            if reader.eof and reader.peer is not None and not reader.peer.is_closing():
+                if not reader.peer.can_write_eof():
+                    return False
+                reader.peer.write_eof()
+        return True
+
+    def close(self, abort: bool = False) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for half in (self.client, self.upstream):
+            if half is not None and half.transport is not None:
+                if abort:
+                    half.transport.abort()
+                else:
+                    half.transport.close()
+        self._on_close(self)
+
+
+def set_nodelay(transport: asyncio.BaseTransport) -> None:
+    """Disable Nagle: MySQL is request/response, and small packets must not wait."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def link(session: Session, client: asyncio.Transport, pending: bytes, eof: bool) -> None:
+    """Hand the client transport to the pump once its upstream is connected.
+
+    ``pending`` is what the client sent while we were connecting; ``eof`` says whether it
+    already half-closed.
+    """
+    upstream = session.upstream
+    assert upstream is not None
+    assert upstream.transport is not None
+    half = Half(session, upstream.transport)
+    session.client = half
+    half.transport = client
+    client.set_protocol(half)
+    if pending:
+        half.nbytes += len(pending)
+        upstream.transport.write(pending)
+    if eof:
+        half.eof = True
+        session.half_closed()
+    else:
+        client.resume_reading()

@@ -1,0 +1,254 @@
+"""Connecting to an upstream: candidate choice, retries within a budget, warm sockets.
+
+For MySQL the server speaks first, so until the upstream's greeting arrives nothing has
+reached the client and the client has sent nothing we could not replay. We therefore treat
+"connected, but closed before the greeting" exactly like a refused connect and retry the
+next candidate: a middle that accepted a hop but could not reach any backend, or a warm
+socket that died unnoticed, costs the client a little latency instead of an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_delay
+
+from meshproxy.config import Address, UpstreamKind, UpstreamRef
+from meshproxy.counters import Counters
+from meshproxy.dataplane.hop import HopHeader
+from meshproxy.dataplane.pump import Half, Session, set_nodelay
+from meshproxy.dataplane.router import Member, choose
+from meshproxy.errors import ConnectFailed, NoUpstream, UpstreamError, describe
+
+# Called with (group, member, error detail) on failure and (group, member, None) on success.
+ConnectReport = Callable[[UpstreamRef, Address, str | None], None]
+
+
+class Dialing(asyncio.Protocol):
+    """An upstream connection that is not linked yet: waits for the server's first bytes."""
+
+    def __init__(self, ready: asyncio.Future[None], address: Address) -> None:
+        self.ready = ready
+        self.address = address
+        self.transport: asyncio.Transport | None = None
+        self.first = b""
+        self.lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.first += data
+        assert self.transport is not None
+        self.transport.pause_reading()
+        if not self.ready.done():
+            self.ready.set_result(None)
+
+    def eof_received(self) -> bool:
+        self._fail("closed before the server greeting")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self._fail(f"connection lost: {exc}" if exc else "connection closed")
+
+    def _fail(self, reason: str) -> None:
+        if not self.ready.done():
+            self.ready.set_exception(ConnectFailed(str(self.address), reason))
+
+
+class _Idle(asyncio.Protocol):
+    """A warm socket waiting in the pool; any event on it means it is no longer usable."""
+
+    def __init__(self, pool: WarmPool, address: Address) -> None:
+        self.pool = pool
+        self.address = address
+        self.transport: asyncio.Transport | None = None
+        self.born = time.monotonic()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.discard()
+
+    def eof_received(self) -> bool:
+        self.discard()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.pool.forget(self)
+
+    def discard(self) -> None:
+        self.pool.forget(self)
+        if self.transport is not None:
+            self.transport.close()
+
+
+class WarmPool:
+    """Pre-connected idle sockets to each member of a tier, so clients skip the handshake."""
+
+    def __init__(self) -> None:
+        self.idle: dict[Address, deque[_Idle]] = {}
+        self.wanted = asyncio.Event()
+
+    def take(self, address: Address) -> asyncio.Transport | None:
+        sockets = self.idle.get(address)
+        while sockets:
+            idle = sockets.popleft()
+            self.wanted.set()
+            transport = idle.transport
+            if transport is not None and not transport.is_closing():
+                return transport
+        return None
+
+    def forget(self, idle: _Idle) -> None:
+        sockets = self.idle.get(idle.address)
+        if sockets is not None and idle in sockets:
+            sockets.remove(idle)
+            self.wanted.set()
+
+    def count(self, address: Address) -> int:
+        return len(self.idle.get(address, ()))
+
+    async def fill(self, address: Address, timeout_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(timeout_s):
+            transport, idle = await loop.create_connection(
+                lambda: _Idle(self, address), address.host, address.port
+            )
+        set_nodelay(transport)
+        self.idle.setdefault(address, deque()).append(idle)
+
+    def recycle(self, max_idle_s: float, keep: set[Address]) -> None:
+        """Close sockets older than max_idle_s and those to members no longer eligible."""
+        cutoff = time.monotonic() - max_idle_s
+        for address, sockets in list(self.idle.items()):
+            for idle in list(sockets):
+                if address not in keep or idle.born < cutoff:
+                    idle.discard()
+
+    def close(self) -> None:
+        for sockets in list(self.idle.values()):
+            for idle in list(sockets):
+                idle.discard()
+
+
+class Connector:
+    """Opens the upstream side of a session, retrying other candidates within a budget."""
+
+    def __init__(
+        self,
+        members: Callable[[UpstreamRef], tuple[Member, ...]],
+        active: dict[Address, int],
+        report: ConnectReport,
+        warm: dict[str, WarmPool],
+        connect_s: float,
+        budget_s: float,
+        counters: Counters,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._members = members
+        self._active = active
+        self._report = report
+        self._warm = warm
+        self.connect_s = connect_s
+        self.budget_s = budget_s
+        self._rng = rng or random.Random()
+        self.counters = counters
+
+    async def open(
+        self,
+        ref: UpstreamRef,
+        session: Session,
+        client: asyncio.Transport,
+        header: HopHeader | None,
+        await_greeting: bool,
+    ) -> None:
+        """Connect ``session.upstream`` to a member of ``ref``, or raise UpstreamError."""
+        tried: set[Address] = set()
+        deadline = time.monotonic() + self.budget_s
+
+        def wait(state: RetryCallState) -> float:
+            # Straight on to an untried member; back off only between whole rounds.
+            return 0.0 if tried else min(0.02 * 2 ** (state.attempt_number // 4), 0.25)
+
+        retrying = AsyncRetrying(
+            stop=stop_after_delay(self.budget_s),
+            wait=wait,
+            retry=retry_if_exception_type(UpstreamError),
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                if attempt.retry_state.attempt_number > 1:
+                    self.counters.inc("connect_retries", upstream=str(ref))
+                member = choose(self._members(ref), self._active, tried, self._rng)
+                if member is None and tried:
+                    tried.clear()  # every candidate failed once: start another round
+                    member = choose(self._members(ref), self._active, tried, self._rng)
+                if member is None:
+                    raise NoUpstream(f"no eligible member in {ref}")
+                tried.add(member.address)
+                remaining = deadline - time.monotonic()
+                await self._attempt(
+                    ref, member.address, session, client, header, await_greeting, remaining
+                )
+
+    async def _attempt(
+        self,
+        ref: UpstreamRef,
+        address: Address,
+        session: Session,
+        client: asyncio.Transport,
+        header: HopHeader | None,
+        await_greeting: bool,
+        remaining_s: float,
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = loop.create_future()
+        dialing = Dialing(ready, address)
+        transport: asyncio.Transport | None = None
+        pool = self._warm.get(ref.name) if ref.kind is UpstreamKind.TIER else None
+        try:
+            transport = pool.take(address) if pool is not None else None
+            if transport is not None:
+                dialing.transport = transport
+                transport.set_protocol(dialing)
+            else:
+                async with asyncio.timeout(max(min(self.connect_s, remaining_s), 0.001)):
+                    transport, _ = await loop.create_connection(
+                        lambda: dialing, address.host, address.port
+                    )
+                set_nodelay(transport)
+            if header is not None:
+                transport.write(header.encode())
+            if await_greeting:
+                async with asyncio.timeout(max(remaining_s, 0.001)):
+                    await ready
+        except (OSError, TimeoutError, ConnectFailed) as exc:
+            if transport is not None:
+                transport.abort()
+            detail = exc.reason if isinstance(exc, ConnectFailed) else describe(exc)
+            self._report(ref, address, detail)
+            raise ConnectFailed(str(address), detail) from None
+        except BaseException:
+            if transport is not None:
+                transport.abort()
+            raise
+        upstream = Half(session, client)
+        upstream.transport = transport
+        session.upstream = upstream
+        session.member = address
+        transport.set_protocol(upstream)
+        if dialing.first:
+            upstream.nbytes += len(dialing.first)
+            client.write(dialing.first)
+        transport.resume_reading()
+        self._report(ref, address, None)
+        if dialing.lost:
+            session.close()

@@ -1,0 +1,1 @@
+"""Backend health: pure rise/fall and passive-ejection state, checks, and their scheduler."""
