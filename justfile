@@ -1,0 +1,27 @@
+# Developer tasks; `./dev` installs what they need on a fresh machine.
+venv := ".venv/bin"
+
+default: check
+
+# ruff lint + format check, mypy --strict, unit tests
+check:
+    {{venv}}/ruff check .
+    {{venv}}/ruff format --check .
+    {{venv}}/mypy
+    {{venv}}/pytest -q tests/unit
+
+# the whole suite: unit + integration against real MariaDB, clients and processes
+test *args:
+    {{venv}}/pytest {{args}}
+
+# the demo: one edge, three middles, two MariaDB servers, client load, a middle stopped
+demo *args:
+    {{venv}}/meshproxy demo {{args}}
+
+# sysbench through direct, HAProxy, meshproxy single hop and chain; writes bench/results/
+bench *args:
+    {{venv}}/python -m bench.run {{args}}
+
+fmt:
+    {{venv}}/ruff check --fix .
+    {{venv}}/ruff format .
