@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import ipaddress
+import math
 import tomllib
 import types
 import typing
@@ -148,6 +149,7 @@ class PoolConfig:
     name: str
     servers: tuple[ServerConfig, ...]
     close_sessions_on_down: bool = False
+    source_ip: str = ""
     check: CheckConfig = field(default_factory=CheckConfig)
     eject: EjectConfig = field(default_factory=EjectConfig)
 
@@ -158,6 +160,7 @@ class TierConfig:
     members: tuple[ServerConfig, ...]
     warm_connections: int = 2
     warm_max_idle_s: int = 30
+    source_ip: str = ""
     check: CheckConfig = field(default_factory=CheckConfig)
     eject: EjectConfig = field(default_factory=EjectConfig)
 
@@ -269,6 +272,8 @@ class _Loader:
             ok = isinstance(raw, int) or (tp is float and isinstance(raw, float))
             if not ok or isinstance(raw, bool):
                 raise self.fail(key, f"expected {_type_name(tp())}, got {_type_name(raw)}")
+            if isinstance(raw, float) and not math.isfinite(raw):
+                raise self.fail(key, f"must be a finite number, got {raw}")
             leaf = key.rsplit(".", 1)[-1]
             minimum = _MINIMUM.get(leaf)
             if minimum is not None and typing.cast(float, raw) < minimum:
@@ -331,9 +336,9 @@ def _check_references(config: Config, loader: _Loader) -> None:
                 raise loader.fail(f"{section}[{i}].name", f"duplicate name {item.name!r}")
             seen.add(item.name)
     for i, pool in enumerate(config.pool):
-        _check_group(loader, f"pool[{i}]", pool.servers, "servers", pool.check)
+        _check_group(loader, f"pool[{i}]", pool.servers, "servers", pool.check, pool.source_ip)
     for i, tier in enumerate(config.tier):
-        _check_group(loader, f"tier[{i}]", tier.members, "members", tier.check)
+        _check_group(loader, f"tier[{i}]", tier.members, "members", tier.check, tier.source_ip)
         if tier.check.type == "mysql":
             raise loader.fail(
                 f"tier[{i}].check.type", "tier members speak the mesh protocol: use 'tcp'"
@@ -366,8 +371,18 @@ def _check_references(config: Config, loader: _Loader) -> None:
 
 
 def _check_group(
-    loader: _Loader, key: str, servers: tuple[ServerConfig, ...], what: str, check: CheckConfig
+    loader: _Loader,
+    key: str,
+    servers: tuple[ServerConfig, ...],
+    what: str,
+    check: CheckConfig,
+    source_ip: str,
 ) -> None:
+    if source_ip:
+        try:
+            ipaddress.ip_address(source_ip)
+        except ValueError:
+            raise loader.fail(f"{key}.source_ip", f"not an IP address: {source_ip!r}") from None
     if not servers:
         raise loader.fail(f"{key}.{what}", "needs at least one server")
     seen: set[Address] = set()

@@ -55,7 +55,11 @@ def _die_with_parent() -> None:
 
 
 def _run_as_mysql_owner(path: Path) -> None:
-    subprocess.run(["chown", "-R", "mysql:mysql", str(path)], check=True)
+    """mariadbd runs as the mysql user, so it must own its data directory."""
+    shutil.chown(path, "mysql", "mysql")
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            shutil.chown(os.path.join(root, name), "mysql", "mysql")
 
 
 class MariaDB:
@@ -112,7 +116,7 @@ class MariaDB:
             args,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 - no threads yet at this point
+            preexec_fn=_die_with_parent,
         )
         self._wait_ready(timeout_s)
 
@@ -121,8 +125,20 @@ class MariaDB:
         if not cert.exists():
             subprocess.run(  # noqa: S603 - fixed argv
                 [  # noqa: S607 - openssl from PATH
-                    "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-                    "-subj", "/CN=meshproxy-test", "-keyout", str(key), "-out", str(cert),
+                    "openssl",
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "rsa:2048",
+                    "-nodes",
+                    "-days",
+                    "2",
+                    "-subj",
+                    "/CN=meshproxy-test",
+                    "-keyout",
+                    str(key),
+                    "-out",
+                    str(cert),
                 ],
                 check=True,
                 capture_output=True,
@@ -130,7 +146,7 @@ class MariaDB:
         return [f"--ssl-cert={cert}", f"--ssl-key={key}", "--ssl=ON"]
 
     def _wait_ready(self, timeout_s: float) -> None:
-        import pymysql  # noqa: PLC0415 - only needed while starting
+        import pymysql
 
         deadline = time.monotonic() + timeout_s
         while True:
@@ -147,7 +163,9 @@ class MariaDB:
                 )
             except pymysql.err.OperationalError:
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"mariadbd {self.name} not ready: {self.error_log()}") from None
+                    raise TimeoutError(
+                        f"mariadbd {self.name} not ready: {self.error_log()}"
+                    ) from None
                 time.sleep(0.05)
             else:
                 conn.close()

@@ -57,8 +57,10 @@ class Group:
         check: CheckConfig,
         eject: EjectConfig,
         close_sessions_on_down: bool,
+        source_ip: str,
     ) -> None:
         self.ref = ref
+        self.source_ip = source_ip
         self.check = check
         self.close_sessions_on_down = close_sessions_on_down
         self.servers = {s.address: s for s in servers}
@@ -81,17 +83,24 @@ class Node:
         for pool in config.pool:
             ref = UpstreamRef(UpstreamKind.POOL, pool.name)
             self.groups[ref] = Group(
-                ref, pool.servers, pool.check, pool.eject, pool.close_sessions_on_down
+                ref,
+                pool.servers,
+                pool.check,
+                pool.eject,
+                pool.close_sessions_on_down,
+                pool.source_ip,
             )
         for tier in config.tier:
             ref = UpstreamRef(UpstreamKind.TIER, tier.name)
-            self.groups[ref] = Group(ref, tier.members, tier.check, tier.eject, False)
+            self.groups[ref] = Group(
+                ref, tier.members, tier.check, tier.eject, False, tier.source_ip
+            )
         self.warm = {tier.name: WarmPool() for tier in config.tier if tier.warm_connections}
         self.active: dict[Address, int] = {}
         self.sessions: dict[Address, set[Session]] = {}
         timeouts = config.timeouts
         self.connector = Connector(
-            members=lambda ref: self.groups[ref].members,
+            groups=self.groups,
             active=self.active,
             report=self._connect_report,
             warm=self.warm,

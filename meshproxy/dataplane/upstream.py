@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+import typing
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_delay
 
@@ -138,12 +139,22 @@ class WarmPool:
                 idle.discard()
 
 
+class UpstreamView(typing.Protocol):
+    """What the connector reads of a pool or tier: the latest members and where to dial from."""
+
+    @property
+    def members(self) -> tuple[Member, ...]: ...
+
+    @property
+    def source_ip(self) -> str: ...
+
+
 class Connector:
     """Opens the upstream side of a session, retrying other candidates within a budget."""
 
     def __init__(
         self,
-        members: Callable[[UpstreamRef], tuple[Member, ...]],
+        groups: Mapping[UpstreamRef, UpstreamView],
         active: dict[Address, int],
         report: ConnectReport,
         warm: dict[str, WarmPool],
@@ -152,7 +163,7 @@ class Connector:
         counters: Counters,
         rng: random.Random | None = None,
     ) -> None:
-        self._members = members
+        self._groups = groups
         self._active = active
         self._report = report
         self._warm = warm
@@ -187,10 +198,11 @@ class Connector:
             with attempt:
                 if attempt.retry_state.attempt_number > 1:
                     self.counters.inc("connect_retries", upstream=str(ref))
-                member = choose(self._members(ref), self._active, tried, self._rng)
+                members = self._groups[ref].members
+                member = choose(members, self._active, tried, self._rng)
                 if member is None and tried:
                     tried.clear()  # every candidate failed once: start another round
-                    member = choose(self._members(ref), self._active, tried, self._rng)
+                    member = choose(members, self._active, tried, self._rng)
                 if member is None:
                     raise NoUpstream(f"no eligible member in {ref}")
                 tried.add(member.address)
@@ -221,8 +233,12 @@ class Connector:
                 transport.set_protocol(dialing)
             else:
                 async with asyncio.timeout(max(min(self.connect_s, remaining_s), 0.001)):
+                    source = self._groups[ref].source_ip
                     transport, _ = await loop.create_connection(
-                        lambda: dialing, address.host, address.port
+                        lambda: dialing,
+                        address.host,
+                        address.port,
+                        local_addr=(source, 0) if source else None,
                     )
                 set_nodelay(transport)
             if header is not None:
