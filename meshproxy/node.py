@@ -30,6 +30,7 @@ from meshproxy.config import (
 from meshproxy.counters import Counters
 from meshproxy.dataplane.hop import HopHeader
 from meshproxy.dataplane.listener import Entrance, Inbound
+from meshproxy.dataplane.mysql import ER_PROXY_NO_UPSTREAM, error_packet
 from meshproxy.dataplane.pump import Session, link
 from meshproxy.dataplane.router import Member
 from meshproxy.dataplane.upstream import Connector, WarmPool
@@ -122,7 +123,11 @@ class Node:
         try:
             for listener in config.listener:
                 entrance = Entrance(
-                    listener.name, False, listener.max_connections, config.timeouts.hop_header_s
+                    listener.name,
+                    mesh=False,
+                    max_connections=listener.max_connections,
+                    header_timeout_s=config.timeouts.hop_header_s,
+                    speaks_mysql=listener.protocol == "mysql",
                 )
                 self.routes[listener.name] = Route(
                     listener.upstream, listener.service, listener.protocol == "mysql"
@@ -220,6 +225,14 @@ class Node:
         except UpstreamError as exc:
             self.counters.inc("connect_failures", upstream=str(route.ref))
             log.warning("upstream_unavailable", client=client, upstream=str(route.ref), error=exc)
+            if entrance.speaks_mysql:
+                # Only where the client itself connected: on a mesh port, closing without a
+                # byte is what tells the previous hop to try another member instead.
+                message = (
+                    f"meshproxy {self.config.node.name}: no upstream reachable for service "
+                    f"{route.service!r} ({route.ref}) within {self.connector.budget_s:g} s"
+                )
+                transport.write(error_packet(ER_PROXY_NO_UPSTREAM, message))
             transport.close()
             return None
         if inbound.lost:  # the client went away while we were connecting

@@ -15,6 +15,7 @@ from typing import Any
 from meshproxy import log
 from meshproxy.counters import Counters
 from meshproxy.dataplane.hop import Decoded, HopDecoder, HopHeader, Rejected
+from meshproxy.dataplane.mysql import ER_CON_COUNT_ERROR, error_packet
 from meshproxy.dataplane.pump import set_nodelay
 
 # Stop reading from a client whose upstream is not connected yet past this many bytes.
@@ -29,6 +30,7 @@ class Entrance:
     mesh: bool
     max_connections: int
     header_timeout_s: float
+    speaks_mysql: bool = False  # may answer a client with a MySQL ERR packet
     active: int = 0
     server: asyncio.Server | None = field(default=None, repr=False)
 
@@ -60,7 +62,12 @@ class Inbound(asyncio.Protocol):
         if entrance.active >= entrance.max_connections:
             self._counters.inc("connections_refused", entrance=entrance.name, reason="limit")
             self.lost = True  # never counted as active
-            self.transport.abort()
+            if entrance.speaks_mysql:
+                message = f"Too many connections (listener {entrance.name!r})"
+                self.transport.write(error_packet(ER_CON_COUNT_ERROR, message))
+                self.transport.close()
+            else:
+                self.transport.abort()
             return
         entrance.active += 1
         self._counters.inc("connections_accepted", entrance=entrance.name)
