@@ -38,8 +38,7 @@ class Address:
         if host.startswith("["):
             if not host.endswith("]"):
                 raise ValueError(f"unbalanced brackets in {text!r}")
-            host = host[1:-1]
-            ipaddress.IPv6Address(host)
+            host = str(ipaddress.IPv6Address(host[1:-1]))  # one spelling per address
         elif ":" in host:
             raise ValueError(f"IPv6 addresses must be bracketed, got {text!r}")
         if not port_text.isdigit() or not 0 < int(port_text) < 65536:

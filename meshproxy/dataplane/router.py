@@ -30,7 +30,11 @@ def choose(
     rng: random.Random,
 ) -> Member | None:
     """The member a new connection should go to, or None when none is eligible."""
-    eligible = [m for m in members if m.state is ServerState.ONLINE and m.address not in exclude]
+    eligible = [
+        m
+        for m in members
+        if m.state is ServerState.ONLINE and m.weight > 0 and m.address not in exclude
+    ]
     if len(eligible) <= 1:
         return eligible[0] if eligible else None
     weights = [m.weight for m in eligible]

@@ -93,7 +93,10 @@ class ServerHealth:
         """Feed one failed data-plane connect; enough in a row eject the server."""
         before = self.state
         self.passive_failures += 1
-        if self.passive_failures < self._eject.consecutive_failures or self.ejected_until:
+        if (
+            self.passive_failures < self._eject.consecutive_failures
+            or self.ejected_until is not None
+        ):
             return None
         self.ejected_until = now + self._eject.backoff_s
         reason = (
