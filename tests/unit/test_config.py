@@ -188,6 +188,13 @@ def test_ipv6_address_parses_and_prints_bracketed(tmp_path: Path) -> None:
     assert str(addr("db.example:3306")) == "db.example:3306"
 
 
+def test_ipv6_spellings_of_one_address_are_duplicates(tmp_path: Path) -> None:
+    """Two spellings of the same IPv6 address in one pool are refused as a duplicate server."""
+    text = edit(MIDDLE, '"127.0.0.1:3307"', '"[::1]:3306", "[0::1]:3306"')
+    with pytest.raises(ConfigError, match=r"servers\[2\]: duplicate server \[::1\]:3306"):
+        load_text(tmp_path, text)
+
+
 def test_float_key_accepts_an_integer(tmp_path: Path) -> None:
     """A float key such as eject.backoff_s also accepts a TOML integer."""
     text = MIDDLE + "\n[pool.eject]\nconsecutive_failures = 5\nbackoff_s = 2\n"

@@ -154,3 +154,11 @@ def test_choice_is_always_an_eligible_member_and_never_the_unique_max(
     loads = sorted(active[m.address] / m.weight for m in eligible)
     if len(loads) >= 2 and loads[-1] > loads[-2]:
         assert active[chosen.address] / chosen.weight < loads[-1]
+
+
+def test_weight_zero_members_take_no_new_connections() -> None:
+    """A member of weight 0 is drained: never chosen, and choosing among only such is None."""
+    rng = random.Random(3)
+    picks = {choose((member(A, weight=0), member(B)), {}, (), rng) for _ in range(100)}
+    assert picks == {member(B)}
+    assert choose((member(A, weight=0), member(C, weight=0)), {}, (), rng) is None
