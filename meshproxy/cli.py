@@ -25,21 +25,27 @@ def install_event_loop_policy() -> str:
 
 
 async def _run_node(cfg: config.Config) -> int:
-    from meshproxy.node import Node  # keeps check-config light
+    from meshproxy.admin.server import AdminServer  # keeps check-config light
+    from meshproxy.node import Node
 
     node = Node(cfg)
+    admin = AdminServer(node)
     try:
         await node.start()
+        await admin.start()
     except OSError as exc:
         log.warning("bind_failed", error=describe(exc))
+        await node.stop()
         return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(admin.reload("SIGHUP")))
     log.event("node_started", role=cfg.node.role)
     await stop.wait()
     log.event("node_stopping")
+    await admin.stop()
     await node.stop()
     log.event("node_stopped")
     return 0

@@ -165,8 +165,15 @@ class TierConfig:
 
 
 @dataclass(frozen=True)
+class AdminConfig:
+    bind: Address = Address("127.0.0.1", 6032)
+    token: str = ""
+
+
+@dataclass(frozen=True)
 class Config:
     node: NodeConfig
+    admin: AdminConfig | None = None
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
     listener: tuple[ListenerConfig, ...] = ()
     service: tuple[ServiceConfig, ...] = ()
@@ -345,6 +352,14 @@ def _check_references(config: Config, loader: _Loader) -> None:
     binds: dict[Address, str] = {}
     if node.mesh_bind is not None:
         binds[node.mesh_bind] = "node.mesh_bind"
+    if config.admin is not None:
+        if len(config.admin.token) < 16:
+            raise loader.fail("admin.token", "required, at least 16 characters")
+        if config.admin.bind in binds:
+            raise loader.fail(
+                "admin.bind", f"{config.admin.bind} is already bound by node.mesh_bind"
+            )
+        binds[config.admin.bind] = "admin.bind"
     for i, listener in enumerate(config.listener):
         key = f"listener[{i}]"
         _check_upstream(config, loader, f"{key}.upstream", listener.upstream)
@@ -367,6 +382,23 @@ def _check_references(config: Config, loader: _Loader) -> None:
             raise loader.fail("service", "a middle needs at least one [[service]]")
     elif not config.listener:
         raise loader.fail("listener", "an edge needs at least one [[listener]]")
+
+
+def to_dict(value: Any) -> Any:
+    """The TOML-shaped plain data a config was (or could have been) parsed from."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        if isinstance(value, Address | UpstreamRef):
+            return str(value)
+        return {
+            f.name: to_dict(getattr(value, f.name))
+            for f in dataclasses.fields(value)
+            if f.name != "source" and getattr(value, f.name) is not None
+        }
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, tuple):
+        return [to_dict(item) for item in value]
+    return value
 
 
 def _check_group(

@@ -47,6 +47,10 @@ def setup(level: str = "info", fmt: str = "text", node: str = "") -> None:
 _node = ""
 
 
+def set_level(level: str) -> None:
+    _logger.setLevel(level.upper())
+
+
 def event(name: str, level: int = logging.INFO, **fields: object) -> None:
     """Log one event with key=value fields."""
     if _logger.isEnabledFor(level):

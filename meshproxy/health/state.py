@@ -53,6 +53,10 @@ class ServerHealth:
         self.ejected_until: float | None = None
         self.last_detail = ""
 
+    def reconfigure(self, check: CheckConfig, eject: EjectConfig) -> None:
+        self._check = check
+        self._eject = eject
+
     @property
     def state(self) -> ServerState:
         if self.admin is AdminState.OFFLINE_HARD:

@@ -1,0 +1,42 @@
+"""Serving the admin API next to a node, and reloading the config file on request."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from meshproxy import config, log
+from meshproxy.admin.api import AdminAPI
+from meshproxy.errors import MeshproxyError
+from meshproxy.node import Node
+
+
+class AdminServer:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        admin = self.node.config.admin
+        if admin is None:
+            return
+        api = AdminAPI(self.node, admin.token)
+        self._runner = web.AppRunner(api.app(), access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, admin.bind.host, admin.bind.port, reuse_address=True)
+        await site.start()
+        log.event("admin_listening", bind=str(admin.bind))
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def reload(self, why: str) -> None:
+        """Re-read the config file and apply the difference, as the admin API would."""
+        try:
+            new = config.load(self.node.config.source)
+            changes = await self.node.apply(new)
+        except MeshproxyError as exc:
+            self.node.counters.inc("reloads_failed")
+            log.warning("reload_failed", trigger=why, error=exc)
+            return
+        log.event("reloaded", trigger=why, changes="; ".join(changes) or "none")

@@ -1,0 +1,204 @@
+"""The data plane of one process: entrances, routes, the connector and the open sessions.
+
+It reads what the control plane publishes (routes, each group's members) and reports back
+only through the connector's ``report`` callback; it never waits on the control plane.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from meshproxy import log
+from meshproxy.config import Address, UpstreamKind, UpstreamRef
+from meshproxy.counters import Counters
+from meshproxy.dataplane.hop import HopHeader
+from meshproxy.dataplane.listener import Entrance, Inbound
+from meshproxy.dataplane.mysql import ER_PROXY_NO_UPSTREAM, error_packet
+from meshproxy.dataplane.pump import Session, link
+from meshproxy.dataplane.upstream import Connector, ConnectReport, UpstreamView, WarmPool
+from meshproxy.errors import UpstreamError
+
+
+@dataclass(frozen=True)
+class Route:
+    """What an entrance does with a client: which group, and which service it asks for."""
+
+    ref: UpstreamRef
+    service: str
+    greeting: bool
+
+
+class DataPlane:
+    def __init__(
+        self,
+        node_name: str,
+        counters: Counters,
+        groups: Mapping[UpstreamRef, UpstreamView],
+        warm: dict[str, WarmPool],
+        report: ConnectReport,
+        connect_s: float,
+        budget_s: float,
+        max_hops: int,
+    ) -> None:
+        self.node_name = node_name
+        self.counters = counters
+        self.max_hops = max_hops
+        self.active: dict[Address, int] = {}
+        self.sessions: dict[Address, set[Session]] = {}
+        # Keyed by listener name, and "service:<name>" for what the mesh port serves.
+        self.routes: dict[str, Route] = {}
+        self.entrances: dict[str, Entrance] = {}
+        self.connector = Connector(
+            groups=groups,
+            active=self.active,
+            report=report,
+            warm=warm,
+            connect_s=connect_s,
+            budget_s=budget_s,
+            counters=counters,
+        )
+
+    # ----------------------------------------------------------------- entrances
+
+    async def bind(self, entrance: Entrance, address: Address, backlog: int) -> None:
+        """Start accepting on ``address`` for ``entrance`` (raises OSError)."""
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            functools.partial(Inbound, entrance, self.serve, self.counters),
+            address.host,
+            address.port,
+            backlog=backlog,
+            reuse_address=True,
+        )
+        previous, entrance.server = entrance.server, server
+        self.entrances[entrance.name] = entrance
+        if previous is not None:
+            previous.close()  # stop accepting there; sessions it accepted carry on
+        log.event("listening", listener=entrance.name, bind=str(address))
+
+    def unbind(self, name: str) -> None:
+        """Stop accepting for ``name``; its established sessions carry on."""
+        entrance = self.entrances.pop(name, None)
+        if entrance is not None and entrance.server is not None:
+            entrance.server.close()
+            log.event("listener_closed", listener=name)
+
+    # ----------------------------------------------------------------- sessions
+
+    async def serve(self, inbound: Inbound, header: HopHeader | None) -> None:
+        """Find the route for a new client, connect its upstream, and start the pump."""
+        entrance = inbound.entrance
+        if header is None:
+            route = self.routes.get(entrance.name)
+            if route is None:
+                return self._refuse(inbound, f"listener {entrance.name!r} was removed")
+            client, hops = inbound.peer, 0
+        else:
+            found = self.routes.get(f"service:{header.service}")
+            if found is None:
+                return self._refuse(inbound, f"unknown service {header.service!r}")
+            if header.hops > self.max_hops:
+                return self._refuse(inbound, f"hop limit exceeded ({header.hops} hops)")
+            route, client, hops = found, header.client, header.hops
+        next_header = (
+            HopHeader(route.service, client, hops + 1)
+            if route.ref.kind is UpstreamKind.TIER
+            else None
+        )
+        session = Session(functools.partial(self._closed, entrance))
+        transport = inbound.transport
+        assert transport is not None
+        try:
+            await self.connector.open(route.ref, session, transport, next_header, route.greeting)
+        except UpstreamError as exc:
+            self.counters.inc("connect_failures", upstream=str(route.ref))
+            log.warning("upstream_unavailable", client=client, upstream=str(route.ref), error=exc)
+            if entrance.speaks_mysql:
+                # Only where the client itself connected: on a mesh port, closing without a
+                # byte is what tells the previous hop to try another member instead.
+                message = (
+                    f"meshproxy {self.node_name}: no upstream reachable for service "
+                    f"{route.service!r} ({route.ref}) within {self.connector.budget_s:g} s"
+                )
+                transport.write(error_packet(ER_PROXY_NO_UPSTREAM, message))
+            transport.close()
+            return None
+        upstream = session.upstream
+        assert upstream is not None
+        if inbound.lost:  # the client went away while we were connecting
+            session.closed = True
+            if upstream.transport is not None:
+                upstream.transport.close()
+            return None
+        inbound.linked = True
+        member = session.member
+        assert member is not None
+        self.active[member] = self.active.get(member, 0) + 1
+        self.sessions.setdefault(member, set()).add(session)
+        session.idle_since = time.monotonic()
+        link(session, transport, bytes(inbound.pending), inbound.eof)
+        return None
+
+    def _refuse(self, inbound: Inbound, reason: str) -> None:
+        self.counters.inc("hops_refused", reason=reason.split(" (", maxsplit=1)[0])
+        log.warning("hop_refused", peer=inbound.peer, reason=reason)
+        if inbound.transport is not None:
+            inbound.transport.abort()
+
+    def _closed(self, entrance: Entrance, session: Session) -> None:
+        entrance.active -= 1
+        member = session.member
+        if member is not None:
+            self.active[member] -= 1
+            self.sessions[member].discard(session)
+        self.count_bytes(session)
+        self.counters.inc("connections_closed", entrance=entrance.name)
+
+    def count_bytes(self, session: Session) -> int:
+        """Add what the session moved since the last call to the counters; return its total."""
+        from_client, from_upstream = session.nbytes()
+        swept_client, swept_upstream = session.swept_nbytes
+        if from_client != swept_client:
+            self.counters.inc("bytes_from_clients", from_client - swept_client)
+        if from_upstream != swept_upstream:
+            self.counters.inc("bytes_from_upstreams", from_upstream - swept_upstream)
+        session.swept_nbytes = (from_client, from_upstream)
+        return from_client + from_upstream
+
+    def close_sessions(self, address: Address) -> int:
+        sessions = list(self.sessions.get(address, ()))
+        for session in sessions:
+            session.close(abort=True)
+        return len(sessions)
+
+    def sweep(self, idle_s: float, now: float) -> None:
+        """Count bytes moved since the last sweep, and close sessions idle for ``idle_s``."""
+        for sessions in list(self.sessions.values()):
+            for session in list(sessions):
+                total = self.count_bytes(session)
+                if total != session.last_nbytes:
+                    session.last_nbytes = total
+                    session.idle_since = now
+                elif now - session.idle_since >= idle_s:
+                    self.counters.inc("idle_timeouts")
+                    log.event("idle_timeout", server=str(session.member))
+                    session.close()
+
+    def session_count(self) -> int:
+        return sum(len(s) for s in self.sessions.values())
+
+    async def close(self) -> None:
+        """Stop accepting everywhere and close every session."""
+        servers = [e.server for e in self.entrances.values() if e.server is not None]
+        for server in servers:
+            server.close()
+        for address in list(self.sessions):
+            for session in list(self.sessions[address]):
+                session.close()
+        for server in servers:
+            await server.wait_closed()
+        self.entrances.clear()
