@@ -8,7 +8,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from meshproxy import __version__, config, log
+from meshproxy import __version__, config, ctl, log
 from meshproxy.errors import ConfigError, describe
 
 EXIT_CONFIG = 2
@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--duration", type=float, default=20.0, help="seconds of load (20)")
     demo.add_argument("--clients", type=int, default=8, help="concurrent clients (8)")
     demo.set_defaults(func=cmd_demo)
+
+    ctl.add_parser(sub)
     return parser
 
 

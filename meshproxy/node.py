@@ -243,8 +243,8 @@ class Node:
                 self._apply(group, address, transition)
             changes += _describe_group_change(ref, before, group)
         self._sync_loops(new)
-        if old is not new and old.timeouts != new.timeouts:
-            changes.append("timeouts changed")
+        if old is not new:
+            changes += _describe_changes(old, new)
         return changes
 
     def _sync_loops(self, config: Config) -> None:
@@ -383,6 +383,25 @@ class Node:
             },
             "counters": self.counters.as_dict(),
         }
+
+
+def _describe_changes(old: Config, new: Config) -> list[str]:
+    """What changed outside the pools, tiers and binds (which describe themselves)."""
+    changes = [
+        f"{section} changed"
+        for section in ("node", "timeouts")
+        if getattr(old, section) != getattr(new, section)
+    ]
+    for section in ("listener", "service"):
+        before = {item.name: item for item in getattr(old, section)}
+        for item in getattr(new, section):
+            if item.name in before and before[item.name] != item:
+                changes.append(f"{section} {item.name} changed")
+            elif item.name not in before and section == "service":
+                changes.append(f"service {item.name} added")
+        removed = set(before) - {item.name for item in getattr(new, section)}
+        changes += [f"service {name} removed" for name in sorted(removed) if section == "service"]
+    return changes
 
 
 def _describe_group_change(

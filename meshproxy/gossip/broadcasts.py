@@ -12,6 +12,9 @@ from meshproxy.gossip.messages import Message
 
 # No message is smaller than this, so a packet with less room left is full.
 _MIN_MESSAGE_BYTES = 4
+# Give up filling a packet after this many entries did not fit: the rest are mostly the
+# same kind of message and would not fit either, and scanning them all costs O(queue).
+_MAX_MISFITS = 8
 
 
 class _Entry:
@@ -56,14 +59,19 @@ class BroadcastQueue:
         """Messages that fit in ``budget`` bytes, and the bytes they use; counts a transmit."""
         taken: list[_Entry] = []
         free = budget
+        misfits = 0
         for tier in self._tiers:
-            if free < _MIN_MESSAGE_BYTES:
+            if free < _MIN_MESSAGE_BYTES or misfits >= _MAX_MISFITS:
                 break
             for entry in reversed(tier.values()):
                 if entry.size <= free:
                     taken.append(entry)
                     free -= entry.size
                     if free < _MIN_MESSAGE_BYTES:
+                        break
+                else:
+                    misfits += 1
+                    if misfits >= _MAX_MISFITS:
                         break
         for entry in taken:
             del self._tiers[entry.transmits][entry.key]

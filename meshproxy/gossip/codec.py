@@ -29,7 +29,6 @@ import struct
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import msgpack
 from cryptography.exceptions import InvalidTag
@@ -47,6 +46,8 @@ SYNC_PREFIX_BYTES = wire.HEADER_BYTES + 4
 MAX_SYNC_BYTES = 8 * 1024 * 1024
 MAX_MESSAGES_PER_PACKET = 256
 DEFAULT_REPLAY_WINDOW_S = 30.0
+# What msgpack raises on malformed input (OutOfData and friends are not ValueErrors).
+_UNPACK_ERRORS = (ValueError, TypeError, msgpack.UnpackException)
 
 
 class RejectReason(enum.StrEnum):
@@ -168,7 +169,15 @@ class Codec:
     def encode_packet(self, messages: Sequence[Message], now_wall: float) -> bytes:
         """One UDP packet; raises GossipError if the messages do not fit (a local bug)."""
         header = self._header(sync=False)
-        body = wire.pack([int(now_wall * 1000), [wire.to_wire(m) for m in messages]])
+        # Concatenated by hand so that each message's cached packing is reused.
+        body = b"".join(
+            [
+                wire.array_header(2),
+                wire.pack(int(now_wall * 1000)),
+                wire.array_header(len(messages)),
+                *(wire.packed(m) for m in messages),
+            ]
+        )
         data = header + self._seal(header, body)
         if len(data) > wire.MAX_PACKET_BYTES:
             raise GossipError(f"gossip packet of {len(data)} bytes exceeds the budget")
@@ -206,8 +215,14 @@ class Codec:
             return Rejected(RejectReason.UNEXPECTED_KEY)
         return None
 
-    def _open(self, aad: bytes, body: bytes, now_wall: float) -> tuple[Any, float] | Rejected:
-        """Decrypt, unpack and check the timestamp: the envelope's payload and send time."""
+    def _open(
+        self, aad: bytes, body: bytes, now_wall: float
+    ) -> tuple[msgpack.Unpacker, bytes, float] | Rejected:
+        """Decrypt and check the envelope's timestamp and nonce.
+
+        Returns an unpacker positioned at the envelope's payload, the plaintext it reads,
+        and the send time.
+        """
         nonce = b""
         if self.keyring is not None:
             if len(body) < wire.NONCE_BYTES + wire.TAG_BYTES:
@@ -217,13 +232,23 @@ class Codec:
             if plaintext is None:
                 return Rejected(RejectReason.AUTH_FAILED)
             body = plaintext
+        unpacker = msgpack.Unpacker(
+            None,
+            raw=False,
+            strict_map_key=True,
+            use_list=False,
+            max_buffer_size=max(len(body), 1),
+        )
+        unpacker.feed(body)
         try:
-            envelope = msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True)
-        except (ValueError, TypeError, msgpack.UnpackException) as exc:
+            if unpacker.read_array_header() != 2:
+                return Rejected(RejectReason.MALFORMED, "envelope")
+            sent_ms = unpacker.unpack()
+        except _UNPACK_ERRORS as exc:
             return Rejected(RejectReason.MALFORMED, type(exc).__name__)
-        if type(envelope) is not list or len(envelope) != 2 or type(envelope[0]) is not int:
-            return Rejected(RejectReason.MALFORMED, "envelope")
-        sent_at = envelope[0] / 1000.0
+        if type(sent_ms) is not int:
+            return Rejected(RejectReason.MALFORMED, "timestamp")
+        sent_at = sent_ms / 1000.0
         if sent_at < now_wall - self.replay_window_s:
             return Rejected(RejectReason.STALE)
         if sent_at > now_wall + self.replay_window_s:
@@ -232,13 +257,13 @@ class Codec:
             nonce, now_wall + 2 * self.replay_window_s, now_wall
         ):
             return Rejected(RejectReason.REPLAY)
-        return envelope[1], sent_at
+        return unpacker, body, sent_at
 
     def decode_packet(self, data: bytes, now_wall: float) -> DecodedPacket | Rejected:
         """A UDP packet's messages, or why it was dropped. Never raises."""
         try:
             return self._decode_packet(data, now_wall)
-        except Exception as exc:  # noqa: BLE001 - a decoder bug must not kill the receive loop
+        except Exception as exc:  # a decoder bug must not kill the receive loop
             return Rejected(RejectReason.DECODER_ERROR, repr(exc))
 
     def _decode_packet(self, data: bytes, now_wall: float) -> DecodedPacket | Rejected:
@@ -251,20 +276,28 @@ class Codec:
         opened = self._open(header, bytes(data[wire.HEADER_BYTES :]), now_wall)
         if isinstance(opened, Rejected):
             return opened
-        payload, sent_at = opened
-        if type(payload) is not list or len(payload) > MAX_MESSAGES_PER_PACKET:
-            return Rejected(RejectReason.MALFORMED, "message list")
+        unpacker, body, sent_at = opened
         messages: list[Message] = []
         unknown = 0
         try:
-            for item in payload:
-                msg = wire.from_wire(item)
+            count = unpacker.read_array_header()
+            if count > MAX_MESSAGES_PER_PACKET:
+                return Rejected(RejectReason.MALFORMED, "too many messages")
+            for _ in range(count):
+                # Skipped, then decoded from its exact bytes, which wire caches by.
+                start = unpacker.tell()
+                unpacker.skip()
+                msg = wire.decode_message(body[start : unpacker.tell()])
                 if msg is None:
                     unknown += 1
                 else:
                     messages.append(msg)
-        except WireErrors as exc:
+        except wire.WireError as exc:
             return Rejected(RejectReason.MALFORMED, str(exc))
+        except _UNPACK_ERRORS as exc:
+            return Rejected(RejectReason.MALFORMED, type(exc).__name__)
+        if unpacker.tell() != len(body):
+            return Rejected(RejectReason.MALFORMED, "trailing bytes")
         return DecodedPacket(tuple(messages), unknown, sent_at)
 
     def sync_frame_length(self, prefix: bytes) -> int | Rejected:
@@ -284,7 +317,7 @@ class Codec:
         """A whole sync frame's push-pull, or why it was dropped. Never raises."""
         try:
             return self._decode_sync(frame, now_wall)
-        except Exception as exc:  # noqa: BLE001 - a decoder bug must not kill the receive loop
+        except Exception as exc:  # a decoder bug must not kill the receive loop
             return Rejected(RejectReason.DECODER_ERROR, repr(exc))
 
     def _decode_sync(self, frame: bytes, now_wall: float) -> DecodedSync | Rejected:
@@ -297,14 +330,13 @@ class Codec:
         opened = self._open(prefix, bytes(frame[SYNC_PREFIX_BYTES:]), now_wall)
         if isinstance(opened, Rejected):
             return opened
-        payload, sent_at = opened
+        unpacker, body, sent_at = opened
         try:
-            message = wire.push_pull_from_wire(payload)
-        except WireErrors as exc:
+            message = wire.push_pull_from_wire(unpacker.unpack())
+        except wire.WireError as exc:
             return Rejected(RejectReason.MALFORMED, str(exc))
+        except _UNPACK_ERRORS as exc:
+            return Rejected(RejectReason.MALFORMED, type(exc).__name__)
+        if unpacker.tell() != len(body):
+            return Rejected(RejectReason.MALFORMED, "trailing bytes")
         return DecodedSync(message, sent_at)
-
-
-# Validators raise WireError; unpacking a fixed-length field list of the wrong length raises
-# plain ValueError before a validator sees it.
-WireErrors = (wire.WireError, ValueError)

@@ -2,23 +2,25 @@
 
 from __future__ import annotations
 
-import enum
 import heapq
+from typing import Final
 
 
-class TimerKind(enum.Enum):
-    PROBE = enum.auto()  # judge the current probe, start the next
-    PROBE_TIMEOUT = enum.auto()  # direct ack overdue: go indirect
-    RELAY = enum.auto()  # an indirect ping we relay got no ack: nack the requester
-    SUSPICION = enum.auto()  # a suspect did not refute in time: declare it dead
-    GOSSIP = enum.auto()
-    PUSH_PULL = enum.auto()
-    REJOIN = enum.auto()
-    REAP = enum.auto()
-    LEAVE = enum.auto()
+class TimerKind:
+    """Timer kinds; plain ints, because keys are hashed on every set and pop."""
+
+    PROBE: Final = 0  # judge the current probe, start the next
+    PROBE_TIMEOUT: Final = 1  # direct ack overdue: go indirect
+    RELAY: Final = 2  # an indirect ping we relay got no ack: nack the requester
+    SUSPICION: Final = 3  # a suspect did not refute in time: declare it dead
+    GOSSIP: Final = 4
+    PUSH_PULL: Final = 5
+    REJOIN: Final = 6
+    REAP: Final = 7
+    LEAVE: Final = 8
 
 
-TimerKey = tuple[TimerKind, str | int]
+TimerKey = tuple[int, str | int]
 
 
 class Timers:

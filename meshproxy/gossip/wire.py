@@ -105,135 +105,195 @@ def pack(obj: Any) -> bytes:
     return data
 
 
+# Packed bytes of recent broadcasts, by identity: a queued broadcast is sized once and
+# then sent up to its retransmit limit, so it is packed once. The entry holds the message
+# itself, so its id cannot be reused while cached. Pings and acks are unique: not cached.
+_PACKED: dict[int, tuple[Message, bytes]] = {}
+# Broadcasts decoded from their exact bytes: a node hears the same broadcast many times.
+_DECODED: dict[bytes, Message] = {}
+_CACHE_ENTRIES = 16384
+
+
+def _remember(msg: Message, data: bytes) -> None:
+    if len(_PACKED) >= _CACHE_ENTRIES:
+        _PACKED.clear()
+    _PACKED[id(msg)] = (msg, data)
+
+
+def packed(msg: Message) -> bytes:
+    """``msg`` as msgpack bytes, ready to be concatenated into a packet's message array."""
+    entry = _PACKED.get(id(msg))
+    if entry is not None and entry[0] is msg:
+        return entry[1]
+    data = pack(to_wire(msg))
+    if isinstance(msg, Alive | Suspect | Dead):
+        _remember(msg, data)
+    return data
+
+
 def message_size(msg: Message) -> int:
     """Bytes ``msg`` adds to a packet's plaintext (the envelope is counted separately)."""
-    return len(pack(to_wire(msg)))
+    return len(packed(msg))
+
+
+def array_header(n: int) -> bytes:
+    """The msgpack header of an array of ``n`` elements."""
+    if n < 16:
+        return bytes((0x90 | n,))
+    if n < 1 << 16:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
 
 
 # ---- decoding --------------------------------------------------------------------------
+#
+# Input comes from ``msgpack.unpackb(..., use_list=False)``: arrays are tuples. The checks
+# are written out inline because a join storm decodes hundreds of thousands of alive
+# messages; ``type(x) is int`` (not isinstance) keeps booleans out of integer fields.
 
 
-def _int(value: Any, what: str, lo: int = 0, hi: int = MAX_INT) -> int:
-    if type(value) is not int or not lo <= value <= hi:
-        raise WireError(f"bad {what}")
+def _bad(what: str) -> WireError:
+    return WireError(f"bad {what}")
+
+
+def _name(value: Any, what: str) -> str:
+    if type(value) is not str or not 0 < len(value) <= MAX_NAME_CHARS:
+        raise _bad(what)
     return value
 
 
-def _bool(value: Any, what: str) -> bool:
-    if type(value) is not bool:
-        raise WireError(f"bad {what}")
+def _uint(value: Any, what: str) -> int:
+    if type(value) is not int or not 0 <= value <= MAX_INT:
+        raise _bad(what)
     return value
 
 
-def _str(value: Any, what: str, max_chars: int = MAX_NAME_CHARS, empty: bool = False) -> str:
-    if type(value) is not str or len(value) > max_chars or (not value and not empty):
-        raise WireError(f"bad {what}")
-    return value
-
-
-def _list(value: Any, what: str, length: int | None = None, max_len: int = 1 << 16) -> list[Any]:
-    if type(value) is not list or len(value) > max_len:
-        raise WireError(f"bad {what}")
-    if length is not None and len(value) != length:
-        raise WireError(f"bad {what}")
+def _fields(value: Any, what: str, length: int) -> tuple[Any, ...]:
+    if type(value) is not tuple or len(value) != length:
+        raise _bad(what)
     return value
 
 
 def _addr(value: Any) -> Addr:
-    host, port = _list(value, "address", 2)
-    return (_str(host, "host", MAX_HOST_CHARS), _int(port, "port", 1, 65535))
+    if type(value) is not tuple or len(value) != 2:
+        raise _bad("address")
+    host, port = value
+    if type(host) is not str or not 0 < len(host) <= MAX_HOST_CHARS:
+        raise _bad("host")
+    if type(port) is not int or not 0 < port <= 65535:
+        raise _bad("port")
+    return (host, port)
 
 
 def _meta_in(value: Any) -> NodeMeta:
-    role, tier, services, active, draining = _list(value, "meta", 5)
+    role, tier, services, active, draining = _fields(value, "meta", 5)
+    if type(role) is not str or len(role) > MAX_NAME_CHARS:
+        raise _bad("role")
+    if type(tier) is not str or len(tier) > MAX_NAME_CHARS:
+        raise _bad("tier")
+    if type(services) is not tuple or len(services) > MAX_SERVICES:
+        raise _bad("services")
     parsed = []
-    for item in _list(services, "services", max_len=MAX_SERVICES):
-        name, healthy, total, down = _list(item, "service", 4)
-        down_names = tuple(
-            _str(b, "backend") for b in _list(down, "down backends", max_len=MAX_DOWN_BACKENDS)
-        )
+    for item in services:
+        name, healthy, total, down = _fields(item, "service", 4)
+        if type(down) is not tuple or len(down) > MAX_DOWN_BACKENDS:
+            raise _bad("down backends")
+        for backend in down:
+            _name(backend, "backend")
         parsed.append(
             ServiceHealth(
-                _str(name, "service name"),
-                _int(healthy, "healthy count"),
-                _int(total, "total count"),
-                down_names,
+                _name(name, "service name"),
+                _uint(healthy, "healthy count"),
+                _uint(total, "total count"),
+                down,
             )
         )
-    return NodeMeta(
-        role=_str(role, "role", empty=True),
-        tier=_str(tier, "tier", empty=True),
-        services=tuple(parsed),
-        active_connections=_int(active, "active connections"),
-        draining=_bool(draining, "draining"),
-    )
+    if type(draining) is not bool:
+        raise _bad("draining")
+    return NodeMeta(role, tier, tuple(parsed), _uint(active, "active connections"), draining)
 
 
 def from_wire(value: Any) -> Message | None:
     """One packet message; None for a well-formed message of a type this version lacks."""
-    items = _list(value, "message")
-    if not items:
-        raise WireError("empty message")
-    kind = _int(items[0], "message type", 0, 255)
-    fields = items[1:]
+    if type(value) is not tuple or not value:
+        raise _bad("message")
+    kind = value[0]
+    if type(kind) is not int:
+        raise _bad("message type")
     if kind == Kind.PING:
-        seq, target = _list(fields, "ping", 2)
-        return Ping(_int(seq, "seq"), _str(target, "target"))
-    if kind == Kind.INDIRECT_PING:
-        seq, target, addr, nack = _list(fields, "indirect ping", 4)
-        return IndirectPing(
-            _int(seq, "seq"), _str(target, "target"), _addr(addr), _bool(nack, "nack")
-        )
+        _, seq, target = _fields(value, "ping", 3)
+        return Ping(_uint(seq, "seq"), _name(target, "target"))
     if kind == Kind.ACK:
-        (seq,) = _list(fields, "ack", 1)
-        return Ack(_int(seq, "seq"))
-    if kind == Kind.NACK:
-        (seq,) = _list(fields, "nack", 1)
-        return Nack(_int(seq, "seq"))
+        _, seq = _fields(value, "ack", 2)
+        return Ack(_uint(seq, "seq"))
     if kind == Kind.ALIVE:
-        name, inc, addr, version, meta = _list(fields, "alive", 5)
+        _, name, inc, addr, version, meta = _fields(value, "alive", 6)
         return Alive(
-            _str(name, "name"),
-            _int(inc, "incarnation"),
+            _name(name, "name"),
+            _uint(inc, "incarnation"),
             _addr(addr),
-            _int(version, "meta version"),
+            _uint(version, "meta version"),
             _meta_in(meta),
         )
-    if kind in (Kind.SUSPECT, Kind.DEAD):
-        name, inc, sender = _list(fields, "suspect/dead", 3)
+    if kind == Kind.SUSPECT or kind == Kind.DEAD:
+        _, name, inc, sender = _fields(value, "suspect/dead", 4)
         cls = Suspect if kind == Kind.SUSPECT else Dead
-        return cls(_str(name, "name"), _int(inc, "incarnation"), _str(sender, "sender"))
+        return cls(_name(name, "name"), _uint(inc, "incarnation"), _name(sender, "sender"))
+    if kind == Kind.INDIRECT_PING:
+        _, seq, target, addr, nack = _fields(value, "indirect ping", 5)
+        if type(nack) is not bool:
+            raise _bad("nack flag")
+        return IndirectPing(_uint(seq, "seq"), _name(target, "target"), _addr(addr), nack)
+    if kind == Kind.NACK:
+        _, seq = _fields(value, "nack", 2)
+        return Nack(_uint(seq, "seq"))
     if kind == Kind.PUSH_PULL:
         raise WireError("push-pull inside a packet")
+    if not 0 <= kind <= 255:
+        raise _bad("message type")
     return None
 
 
-def _state(value: Any) -> State:
-    return State(_int(value, "state", 0, max(State)))
+def decode_message(raw: bytes) -> Message | None:
+    """One message from its exact msgpack bytes (see ``from_wire``); raises WireError or
+    what msgpack raises on malformed bytes.
+
+    Bytes that decoded to a broadcast once decode to the same (immutable) object again, and
+    re-encode to themselves: relaying a broadcast costs neither a decode nor an encode.
+    """
+    msg = _DECODED.get(raw)
+    if msg is not None:
+        return msg
+    msg = from_wire(msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=False))
+    if isinstance(msg, Alive | Suspect | Dead):
+        if len(_DECODED) >= _CACHE_ENTRIES:
+            _DECODED.clear()
+        _DECODED[raw] = msg
+        _remember(msg, raw)
+    return msg
 
 
 def push_pull_from_wire(value: Any) -> PushPull:
-    items = _list(value, "push-pull", 6)
-    kind, sender, addr, join, reply, records = items
-    if kind != Kind.PUSH_PULL:
+    kind, sender, addr, join, reply, records = _fields(value, "push-pull", 6)
+    if kind != Kind.PUSH_PULL or type(kind) is not int:
         raise WireError("not a push-pull")
+    if type(join) is not bool or type(reply) is not bool:
+        raise _bad("push-pull flags")
+    if type(records) is not tuple:
+        raise _bad("members")
     members = []
-    for record in _list(records, "members"):
-        name, raddr, inc, state, version, meta = _list(record, "member", 6)
+    for record in records:
+        name, raddr, inc, state, version, meta = _fields(record, "member", 6)
+        if type(state) is not int or not 0 <= state <= max(State):
+            raise _bad("state")
         members.append(
             MemberRecord(
-                _str(name, "name"),
+                _name(name, "name"),
                 _addr(raddr),
-                _int(inc, "incarnation"),
-                _state(state),
-                _int(version, "meta version"),
+                _uint(inc, "incarnation"),
+                State(state),
+                _uint(version, "meta version"),
                 _meta_in(meta),
             )
         )
-    return PushPull(
-        _str(sender, "sender"),
-        _addr(addr),
-        _bool(join, "join"),
-        _bool(reply, "reply"),
-        tuple(members),
-    )
+    return PushPull(_name(sender, "sender"), _addr(addr), join, reply, tuple(members))

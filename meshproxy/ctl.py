@@ -1,0 +1,197 @@
+"""``meshproxy ctl``: the admin API for people (and shell scripts)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tomllib
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any
+
+from meshproxy import config
+from meshproxy.errors import ConfigError
+
+EXIT_API_ERROR = 1
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        self.status = status
+        super().__init__(message)
+
+
+class Client:
+    def __init__(self, url: str, token: str, timeout_s: float = 10.0) -> None:
+        self.url = url.rstrip("/")
+        self.token = token
+        self.timeout_s = timeout_s
+
+    def call(self, method: str, path: str, body: object = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(  # noqa: S310 - the URL is the operator's admin API
+            self.url + path, data=data, method=method
+        )
+        request.add_header("Authorization", f"Bearer {self.token}")
+        if data is not None:
+            request.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:  # noqa: S310
+                payload = response.read()
+                kind = response.headers.get_content_type()
+        except urllib.error.HTTPError as exc:
+            text = exc.read().decode(errors="replace")
+            try:
+                message = json.loads(text).get("error", text)
+            except json.JSONDecodeError:
+                message = text
+            raise ApiError(exc.code, message) from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise ApiError(0, f"cannot reach {self.url}: {getattr(exc, 'reason', exc)}") from None
+        return json.loads(payload) if kind == "application/json" else payload.decode()
+
+
+def _client(args: argparse.Namespace) -> Client:
+    url = args.url or os.environ.get("MESHPROXY_ADMIN_URL", "")
+    token = args.token or os.environ.get("MESHPROXY_ADMIN_TOKEN", "")
+    if args.config:
+        cfg = config.load(args.config)
+        if cfg.admin is None:
+            raise ConfigError(args.config, "admin", "this node has no [admin] section")
+        url = url or f"http://{cfg.admin.bind}"
+        token = token or cfg.admin.token
+    if not url or not token:
+        raise ConfigError("meshproxy ctl", "", "give -c CONFIG, or --url and --token")
+    return Client(url, token)
+
+
+def _value(text: str) -> object:
+    """A TOML value (``500``, ``true``, ``"x"``); anything else is taken as a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _assignments(pairs: list[str]) -> dict[str, Any]:
+    """``a.b=1 c=x`` -> ``{"a": {"b": 1}, "c": "x"}``."""
+    patch: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError("meshproxy ctl", pair, "expected KEY=VALUE")
+        *parents, leaf = key.split(".")
+        node = patch
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = _value(raw)
+    return patch
+
+
+def _group_path(args: argparse.Namespace) -> str:
+    plural = "tiers" if args.tier else "pools"
+    return f"/{plural}/{urllib.parse.quote(args.group, safe='')}/servers"
+
+
+def _server_fields(args: argparse.Namespace) -> dict[str, object]:
+    fields: dict[str, object] = {}
+    if args.weight is not None:
+        fields["weight"] = args.weight
+    if args.state is not None:
+        fields["state"] = args.state
+    return fields
+
+
+def run(args: argparse.Namespace) -> int:
+    client = _client(args)
+    try:
+        result = _dispatch(client, args)
+    except ApiError as exc:
+        print(f"meshproxy ctl: {exc}", file=sys.stderr)
+        return EXIT_API_ERROR
+    if isinstance(result, str):
+        print(result, end="" if result.endswith("\n") else "\n")
+    else:
+        print(json.dumps(result, indent=2))
+    return 0
+
+
+def _dispatch(client: Client, args: argparse.Namespace) -> Any:
+    action = args.action
+    if action in ("status", "metrics"):
+        return client.call("GET", f"/{action}")
+    if action == "config":
+        return client.call("GET", f"/config?view={'disk' if args.disk else 'running'}")
+    if action == "apply":
+        with open(args.file, "rb") as handle:
+            try:
+                document = tomllib.load(handle)
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(args.file, "", f"invalid TOML: {exc}") from None
+        return client.call("PUT", "/config", document)
+    if action in ("save", "reload"):
+        return client.call("POST", f"/config/{action}")
+    if action == "set":
+        return client.call("PATCH", "/config", _assignments(args.pairs))
+    if action == "server":
+        path = _group_path(args)
+        address = urllib.parse.quote(args.address, safe="")
+        if args.server_action == "add":
+            return client.call("POST", path, {"address": args.address, **_server_fields(args)})
+        if args.server_action == "set":
+            return client.call("PATCH", f"{path}/{address}", _server_fields(args))
+        return client.call("DELETE", f"{path}/{address}")
+    if action == "listener":
+        if args.listener_action == "add":
+            item = {"name": args.name, "bind": args.bind, "upstream": args.upstream}
+            return client.call("POST", "/listeners", item | _assignments(args.pairs))
+        if args.listener_action == "set":
+            return client.call("PATCH", f"/listeners/{args.name}", _assignments(args.pairs))
+        return client.call("DELETE", f"/listeners/{args.name}")
+    raise AssertionError(action)  # pragma: no cover - argparse only offers the above
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    ctl = sub.add_parser("ctl", help="talk to a running node's admin API")
+    ctl.add_argument("-c", "--config", help="the node's config file (for admin.bind and token)")
+    ctl.add_argument("--url", help="admin API URL, e.g. http://127.0.0.1:6032")
+    ctl.add_argument("--token", help="bearer token (or MESHPROXY_ADMIN_TOKEN)")
+    ctl.set_defaults(func=run)
+    actions = ctl.add_subparsers(dest="action", required=True)
+    actions.add_parser("status", help="what the node is doing")
+    actions.add_parser("metrics", help="Prometheus exposition")
+    view = actions.add_parser("config", help="the running config (or --disk)")
+    view.add_argument("--disk", action="store_true", help="the config file on disk instead")
+    apply = actions.add_parser("apply", help="replace the running config with a TOML file")
+    apply.add_argument("file")
+    actions.add_parser("save", help="write the running config to disk (old file kept as .bak)")
+    actions.add_parser("reload", help="apply the config file on disk, like SIGHUP")
+    patch = actions.add_parser("set", help="change keys, e.g. timeouts.connect_ms=500")
+    patch.add_argument("pairs", nargs="+", metavar="KEY=VALUE")
+
+    server = actions.add_parser("server", help="add, change or remove a pool's server")
+    server_actions = server.add_subparsers(dest="server_action", required=True)
+    for name in ("add", "set", "rm"):
+        p = server_actions.add_parser(name)
+        p.add_argument("group", help="pool name (tier name with --tier)")
+        p.add_argument("address", help="host:port")
+        p.add_argument("--tier", action="store_true", help="GROUP is a tier, not a pool")
+        if name != "rm":
+            p.add_argument("--weight", type=int)
+            p.add_argument("--state", choices=[s.value for s in config.AdminState])
+
+    listener = actions.add_parser("listener", help="add, change or remove a listener")
+    listener_actions = listener.add_subparsers(dest="listener_action", required=True)
+    add = listener_actions.add_parser("add")
+    add.add_argument("name")
+    add.add_argument("bind", help="host:port")
+    add.add_argument("upstream", help="pool:NAME or tier:NAME")
+    add.add_argument("pairs", nargs="*", metavar="KEY=VALUE", help="other listener keys")
+    change = listener_actions.add_parser("set")
+    change.add_argument("name")
+    change.add_argument("pairs", nargs="+", metavar="KEY=VALUE")
+    remove = listener_actions.add_parser("rm")
+    remove.add_argument("name")
