@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import sys
 from collections.abc import Sequence
 
 from meshproxy import __version__, config, ctl, log
-from meshproxy.errors import ConfigError, describe
+from meshproxy.errors import ConfigError
 
 EXIT_CONFIG = 2
 
@@ -24,39 +23,37 @@ def install_event_loop_policy() -> str:
     return "uvloop"
 
 
-async def _run_node(cfg: config.Config) -> int:
-    from meshproxy.admin.server import AdminServer  # keeps check-config light
-    from meshproxy.node import Node
-
-    node = Node(cfg)
-    admin = AdminServer(node)
-    try:
-        await node.start()
-        await admin.start()
-    except OSError as exc:
-        log.warning("bind_failed", error=describe(exc))
-        await node.stop()
-        return 1
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(admin.reload("SIGHUP")))
-    log.event("node_started", role=cfg.node.role)
-    await stop.wait()
-    log.event("node_stopping")
-    await admin.stop()
-    await node.stop()
-    log.event("node_stopped")
-    return 0
+def _start(args: argparse.Namespace, role: str) -> config.Config:
+    cfg = config.load(args.config)
+    log.setup(cfg.node.log_level, cfg.node.log_format, cfg.node.name, role)
+    install_event_loop_policy()
+    return cfg
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    cfg = config.load(args.config)
-    log.setup(cfg.node.log_level, cfg.node.log_format, cfg.node.name)
-    flavour = install_event_loop_policy()
-    log.event("event_loop", kind=flavour)
-    return asyncio.run(_run_node(cfg))
+    if args.no_angel:
+        from meshproxy.processes import run_single
+
+        cfg = _start(args, "")
+        return asyncio.run(run_single(cfg))
+    from meshproxy.angel import Angel
+
+    cfg = _start(args, "angel")
+    return Angel(args.config, cfg).run()
+
+
+def cmd_control(args: argparse.Namespace) -> int:
+    from meshproxy.processes import run_control
+
+    cfg = _start(args, "control")
+    return asyncio.run(run_control(cfg, args.channel, args.heartbeat_fd))
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from meshproxy.processes import run_worker
+
+    cfg = _start(args, f"worker-{args.index}")
+    return asyncio.run(run_worker(cfg, args.channel, args.index, args.heartbeat_fd))
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -76,9 +73,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"meshproxy {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run a node in the foreground")
+    run = sub.add_parser("run", help="run a node in the foreground, under its angel")
     run.add_argument("-c", "--config", required=True, help="node config file (TOML)")
+    run.add_argument(
+        "--no-angel", action="store_true", help="one process: no supervisor, no workers"
+    )
     run.set_defaults(func=cmd_run)
+
+    # The angel's children; not for people.
+    for name, func in (("_control", cmd_control), ("_worker", cmd_worker)):
+        child = sub.add_parser(name)
+        child.add_argument("-c", "--config", required=True)
+        child.add_argument("--channel", required=True)
+        child.add_argument("--heartbeat-fd", type=int)
+        child.add_argument("--index", type=int, default=0)
+        child.set_defaults(func=func)
 
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("config", help="node config file (TOML)")

@@ -12,6 +12,7 @@ import dataclasses
 import enum
 import ipaddress
 import math
+import os
 import tomllib
 import types
 import typing
@@ -91,6 +92,18 @@ class NodeConfig:
     mesh_max_connections: int = 20000
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    workers: int | Literal["auto"] = 1
+    drain_timeout_s: float = 30.0
+
+    def worker_count(self) -> int:
+        return (os.cpu_count() or 1) if self.workers == "auto" else self.workers
+
+
+@dataclass(frozen=True)
+class AngelConfig:
+    watchdog_s: float = 3.0
+    fast_crash_s: float = 10.0
+    max_fast_crashes: int = 5
 
 
 @dataclass(frozen=True)
@@ -174,6 +187,7 @@ class AdminConfig:
 class Config:
     node: NodeConfig
     admin: AdminConfig | None = None
+    angel: AngelConfig = field(default_factory=AngelConfig)
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
     listener: tuple[ListenerConfig, ...] = ()
     service: tuple[ServiceConfig, ...] = ()
@@ -191,6 +205,11 @@ class Config:
 # Lower bounds for numeric keys, by field name; a value below is refused with the bound.
 _MINIMUM: dict[str, int] = {
     "max_hops": 1,
+    "workers": 1,
+    "drain_timeout_s": 0,
+    "watchdog_s": 1,
+    "fast_crash_s": 0,
+    "max_fast_crashes": 1,
     "connect_ms": 1,
     "connect_budget_ms": 1,
     "idle_s": 1,
@@ -242,9 +261,15 @@ class _Loader:
 
     def value(self, tp: Any, raw: object, key: str) -> Any:
         origin = typing.get_origin(tp)
-        if origin is types.UnionType:  # only ``X | None`` occurs
-            (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
-            return self.value(inner, raw, key)
+        if origin in (types.UnionType, typing.Union):
+            options = [a for a in typing.get_args(tp) if a is not type(None)]
+            reasons = []
+            for option in options:
+                try:
+                    return self.value(option, raw, key)
+                except ConfigError as exc:
+                    reasons.append(exc.reason)
+            raise self.fail(key, " or ".join(reasons))
         if origin is Literal:
             allowed = typing.get_args(tp)
             if raw not in allowed:

@@ -34,17 +34,18 @@ def _quote(value: object) -> str:
     return json.dumps(text) if not text or any(c in text for c in ' ="') else text
 
 
-def setup(level: str = "info", fmt: str = "text", node: str = "") -> None:
+def setup(level: str = "info", fmt: str = "text", node: str = "", process: str = "") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_JsonFormatter() if fmt == "json" else _TextFormatter())
     _logger.handlers[:] = [handler]
     _logger.setLevel(level.upper())
     _logger.propagate = False
-    global _node  # one node per process, set once at start-up
-    _node = node
+    global _node, _process  # one node per process, set once at start-up
+    _node, _process = node, process
 
 
 _node = ""
+_process = ""
 
 
 def set_level(level: str) -> None:
@@ -55,7 +56,7 @@ def event(name: str, level: int = logging.INFO, **fields: object) -> None:
     """Log one event with key=value fields."""
     if _logger.isEnabledFor(level):
         if _node:
-            fields = {"node": _node, **fields}
+            fields = {"node": _node, **({"proc": _process} if _process else {}), **fields}
         _logger.log(level, name, extra={"fields": fields})
 
 

@@ -1,21 +1,21 @@
-"""One node: its control plane (health, ejection, warm pools, runtime changes) wired to its
-data plane.
+"""The control plane of a node: health of every upstream server, runtime changes, status.
 
-The control plane owns the mutable health state and publishes, per upstream group, an
-immutable tuple of members; the data plane only reads the latest tuple. Every background
-loop runs under ``_supervised``, which logs a crash and restarts the loop. ``apply`` puts a
-new, already validated config into effect without a restart and without touching
-established sessions (except where an operator asked for OFFLINE_HARD).
+It owns the mutable health state and publishes, per upstream group, an immutable tuple of
+members to every data plane it is linked to (``PlaneLink``: the one in this process, or
+one per worker process); data planes only read the latest tuple and report connect
+outcomes back. ``apply`` puts a new, already validated config into effect without a
+restart and without touching established sessions (except where an operator asked for
+OFFLINE_HARD).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
+import socket
 import time
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections import Counter
+from typing import Any, Protocol
 
 from meshproxy import log
 from meshproxy.config import (
@@ -23,21 +23,17 @@ from meshproxy.config import (
     CheckConfig,
     Config,
     EjectConfig,
-    ListenerConfig,
     ServerConfig,
     UpstreamKind,
     UpstreamRef,
 )
 from meshproxy.counters import Counters
-from meshproxy.dataplane.listener import Entrance
-from meshproxy.dataplane.plane import DataPlane, Route
+from meshproxy.dataplane.host import PlaneHost, binds
 from meshproxy.dataplane.router import Member
-from meshproxy.dataplane.upstream import WarmPool
 from meshproxy.errors import MeshproxyError, describe
 from meshproxy.health.checks import run_check
 from meshproxy.health.state import ServerHealth, ServerState, Transition
-
-MESH = "mesh"
+from meshproxy.supervise import Supervisor
 
 
 class ApplyError(MeshproxyError):
@@ -113,122 +109,100 @@ def _group_settings(config: Config) -> dict[UpstreamRef, tuple[Any, ...]]:
     return settings
 
 
+class PlaneLink(Protocol):
+    """How the control plane reaches one data plane, in this process or in a worker."""
+
+    async def apply_config(self, new: Config) -> None: ...
+
+    def members(self, ref: UpstreamRef, members: tuple[Member, ...]) -> None: ...
+
+    def close_sessions(self, address: Address) -> None: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+    def counters(self) -> Counters: ...
+
+
+class LocalLink:
+    """A data plane in the control process itself (``--no-angel``, or tests)."""
+
+    def __init__(self, host: PlaneHost) -> None:
+        self.host = host
+
+    async def apply_config(self, new: Config) -> None:
+        await self.host.apply_config(new)
+
+    def members(self, ref: UpstreamRef, members: tuple[Member, ...]) -> None:
+        self.host.apply_members(ref, members)
+
+    def close_sessions(self, address: Address) -> None:
+        closed = self.host.plane.close_sessions(address)
+        if closed:
+            log.event("sessions_closed", server=str(address), count=closed)
+
+    def stats(self) -> dict[str, Any]:
+        return self.host.stats()
+
+    def counters(self) -> Counters:
+        return self.host.counters
+
+
 class Node:
+    """The control plane: health of every upstream server, runtime changes, status."""
+
     def __init__(self, config: Config) -> None:
         self.config = config
         self.counters = Counters()
         self.groups: dict[UpstreamRef, Group] = {}
-        self.warm: dict[str, WarmPool] = {}
-        timeouts = config.timeouts
-        self.plane = DataPlane(
-            node_name=config.node.name,
-            counters=self.counters,
-            groups=self.groups,
-            warm=self.warm,
-            report=self._connect_report,
-            connect_s=timeouts.connect_ms / 1000,
-            budget_s=timeouts.connect_budget_ms / 1000,
-            max_hops=config.node.max_hops,
-        )
-        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self.links: list[PlaneLink] = []
+        self.retired = Counters()  # counters of data planes that have gone away
+        self.tasks = Supervisor()
         self.started = time.monotonic()
+
+    def add_link(self, link: PlaneLink) -> None:
+        """Attach a data plane and bring it up to date with every group's members."""
+        self.links.append(link)
+        for ref, group in self.groups.items():
+            link.members(ref, group.members)
+
+    def remove_link(self, link: PlaneLink) -> None:
+        self.links.remove(link)
+        for name, labels, value in link.counters().items():
+            self.retired.inc(name, value, **labels)
 
     # ----------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
-        """Bind every port and start the background loops; raises OSError if a bind fails."""
-        try:
-            self.plane.routes = _routes(self.config)
-            await self._bind_changed({}, self.config)
-        except OSError:
-            await self.plane.close()
-            raise
+        """Configure the groups and start the health loops."""
         self._take(self.config)
-        self._spawn("ejection expiry", self._expiry_loop)
-        self._spawn("idle sweeper", self._sweep_loop)
+        self.tasks.spawn("ejection expiry", self._expiry_loop)
 
     async def stop(self) -> None:
-        for task in self._tasks.values():
-            task.cancel()
-        for task in self._tasks.values():
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks.clear()
-        for pool in self.warm.values():
-            pool.close()
-        await self.plane.close()
-
-    def _spawn(self, name: str, fn: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> None:
-        self._cancel(name)
-        loop = asyncio.get_running_loop()
-        self._tasks[name] = loop.create_task(_supervised(name, fn, *args), name=name)
-
-    def _cancel(self, name: str) -> None:
-        task = self._tasks.pop(name, None)
-        if task is not None:
-            task.cancel()
+        await self.tasks.stop()
 
     # ----------------------------------------------------------------- runtime changes
 
     async def apply(self, new: Config) -> list[str]:
         """Put a validated config into effect; on ApplyError nothing has changed."""
         old = self.config
-        for key in ("name", "role"):
+        for key in ("name", "role", "workers"):
             if getattr(old.node, key) != getattr(new.node, key):
                 raise ApplyError(f"node.{key} cannot change at runtime: restart the node")
         old_admin = old.admin.bind if old.admin else None
         if old_admin != (new.admin.bind if new.admin else None):
             raise ApplyError("admin.bind cannot change at runtime: restart the node")
-        # New listeners must find their route from their first client on.
-        self.plane.routes = {**self.plane.routes, **_routes(new)}
+        probe_binds(old, new)
         try:
-            changes = await self._bind_changed(_binds(old), new)
+            for link in self.links:
+                await link.apply_config(new)
         except OSError as exc:
             raise ApplyError(f"cannot bind: {describe(exc)}") from None
-        changes += self._take(new)
-        return changes
-
-    async def _bind_changed(self, before: dict[str, tuple[Address, int]], new: Config) -> list[str]:
-        """Bind what is new or moved first: the one step that can fail. Undo it on failure."""
-        wanted = _binds(new)
-        listeners = {listener.name: listener for listener in new.listener}
-        changes = []
-        bound: list[str] = []
-        try:
-            for name, (address, backlog) in wanted.items():
-                if before.get(name, (None, 0))[0] == address and name in self.plane.entrances:
-                    continue
-                entrance = self.plane.entrances.get(name) or Entrance(
-                    name, mesh=name == MESH, max_connections=1, header_timeout_s=1.0
-                )
-                _configure_entrance(entrance, new, listeners.get(name))
-                await self.plane.bind(entrance, address, backlog)
-                bound.append(name)
-                changes.append(f"listener {name} bound to {address}")
-        except OSError:
-            for name in bound:
-                if name not in before:
-                    self.plane.unbind(name)
-            raise
-        for name in set(self.plane.entrances) - set(wanted):
-            self.plane.unbind(name)
-            changes.append(f"listener {name} removed")
-        return changes
+        return _describe_binds(old, new) + self._take(new)
 
     def _take(self, new: Config) -> list[str]:
-        """Everything after binding; none of it can fail."""
         old, self.config = self.config, new
-        changes = []
-        plane = self.plane
-        plane.max_hops = new.node.max_hops
-        plane.node_name = new.node.name
-        plane.connector.connect_s = new.timeouts.connect_ms / 1000
-        plane.connector.budget_s = new.timeouts.connect_budget_ms / 1000
         log.set_level(new.node.log_level)
-        listeners = {listener.name: listener for listener in new.listener}
-        for name, entrance in plane.entrances.items():
-            _configure_entrance(entrance, new, listeners.get(name))
-        plane.routes = _routes(new)
+        changes = _describe_changes(old, new) if old is not new else []
         settings = _group_settings(new)
         for ref in set(self.groups) - set(settings):
             del self.groups[ref]
@@ -239,41 +213,26 @@ class Node:
                 group = self.groups[ref] = Group(ref)
                 changes.append(f"{ref} added")
             before = (dict(group.servers), group.check, group.eject)
-            for address, transition in group.configure(*args):
+            transitions = group.configure(*args)
+            self._publish(group)
+            for address, transition in transitions:
                 self._apply(group, address, transition)
             changes += _describe_group_change(ref, before, group)
-        self._sync_loops(new)
-        if old is not new:
-            changes += _describe_changes(old, new)
-        return changes
-
-    def _sync_loops(self, config: Config) -> None:
-        """Run exactly the check and warm-pool loops the config asks for, with its settings."""
-        wanted: dict[str, tuple[Callable[..., Coroutine[Any, Any, None]], tuple[Any, ...]]] = {}
+        wanted = {}
         for ref, group in self.groups.items():
             if group.check.type != "none":
                 for address in group.health:
-                    key = f"check {ref} {address} {id(group)} {group.check}"
-                    wanted[key] = (self._check_loop, (group, address))
-        for tier in config.tier:
-            if tier.warm_connections:
-                self.warm.setdefault(tier.name, WarmPool())
-                key = f"warm {tier.name} {tier.warm_connections} {tier.warm_max_idle_s}"
-                wanted[key] = (self._warm_loop, (tier.name,))
-        for name in list(self.warm):
-            if not any(t.name == name and t.warm_connections for t in config.tier):
-                self.warm.pop(name).close()
-        for key in [
-            k for k in self._tasks if k.startswith(("check ", "warm ")) and k not in wanted
-        ]:
-            self._cancel(key)
-        for key, (fn, args) in wanted.items():
-            if key not in self._tasks:
-                self._spawn(key, fn, *args)
+                    wanted[f"check {ref} {address} {id(group)} {group.check}"] = (group, address)
+        self.tasks.keep_only("check ", set(wanted))
+        for key, (group, address) in wanted.items():
+            if key not in self.tasks:
+                self.tasks.spawn(key, self._check_loop, group, address)
+        return changes
 
     # ----------------------------------------------------------------- health
 
-    def _connect_report(self, ref: UpstreamRef, address: Address, error: str | None) -> None:
+    def connect_report(self, ref: UpstreamRef, address: Address, error: str | None) -> None:
+        """A data plane's connect outcome: failures feed passive ejection."""
         group = self.groups.get(ref)
         health = group.health.get(address) if group is not None else None
         if group is None or health is None:
@@ -285,11 +244,16 @@ class Node:
         log.event("connect_failed", upstream=str(ref), server=str(address), error=error)
         self._apply(group, address, health.connect_failed(error, time.monotonic()))
 
+    def _publish(self, group: Group) -> None:
+        group.publish()
+        for link in self.links:
+            link.members(group.ref, group.members)
+
     def _apply(self, group: Group, address: Address, transition: Transition | None) -> None:
         """Publish a state change: log it, count it, and act on the sessions it concerns."""
         if transition is None:
             return
-        group.publish()
+        self._publish(group)
         self.counters.inc("health_transitions", upstream=str(group.ref), to=transition.new)
         if "ejected" in transition.reason:
             self.counters.inc("ejections", upstream=str(group.ref))
@@ -304,9 +268,8 @@ class Node:
         hard = transition.new is ServerState.OFFLINE_HARD
         down = transition.new is ServerState.SHUNNED and group.close_sessions_on_down
         if hard or down:
-            closed = self.plane.close_sessions(address)
-            if closed:
-                log.event("sessions_closed", server=str(address), count=closed)
+            for link in self.links:
+                link.close_sessions(address)
 
     async def _check_loop(self, group: Group, address: Address) -> None:
         interval = group.check.interval_ms / 1000
@@ -330,58 +293,46 @@ class Node:
                 for address, health in list(group.health.items()):
                     self._apply(group, address, health.tick(now))
 
-    async def _sweep_loop(self) -> None:
-        while True:
-            idle_s = self.config.timeouts.idle_s
-            await asyncio.sleep(min(max(idle_s / 8, 0.1), 5.0))
-            self.plane.sweep(idle_s, time.monotonic())
-
-    async def _warm_loop(self, tier_name: str) -> None:
-        tier = self.config.tiers()[tier_name]
-        group = self.groups[UpstreamRef(UpstreamKind.TIER, tier_name)]
-        pool = self.warm[tier_name]
-        while True:
-            connect_s = self.config.timeouts.connect_ms / 1000
-            eligible = {m.address for m in group.members if m.state is ServerState.ONLINE}
-            pool.recycle(tier.warm_max_idle_s, eligible)
-            for address in eligible:
-                for _ in range(tier.warm_connections - pool.count(address)):
-                    try:
-                        await pool.fill(address, connect_s)
-                    except (OSError, TimeoutError) as exc:
-                        self._connect_report(group.ref, address, describe(exc))
-                        break
-            pool.wanted.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(1.0):
-                    await pool.wanted.wait()
-
     # ----------------------------------------------------------------- status
 
+    def total_counters(self) -> Counters:
+        """This process's counters plus every data plane's, live and retired."""
+        total = Counters()
+        for source in (self.counters, self.retired, *(link.counters() for link in self.links)):
+            for name, labels, value in source.items():
+                total.inc(name, value, **labels)
+        return total
+
     def status(self) -> dict[str, Any]:
+        stats = [link.stats() for link in self.links]
+        entrances: dict[str, dict[str, int]] = {}
+        active: Counter[str] = Counter()
+        for stat in stats:
+            for name, (count, limit) in stat["entrances"].items():
+                entry = entrances.setdefault(name, {"active": 0, "max_connections": limit})
+                entry["active"] += count
+            active.update(stat["active"])
         return {
             "node": self.config.node.name,
             "role": self.config.node.role,
             "uptime_s": round(time.monotonic() - self.started, 3),
-            "sessions": self.plane.session_count(),
-            "entrances": {
-                name: {"active": e.active, "max_connections": e.max_connections}
-                for name, e in self.plane.entrances.items()
-            },
+            "data_planes": len(self.links),
+            "sessions": sum(stat["sessions"] for stat in stats),
+            "entrances": entrances,
             "upstreams": {
                 str(ref): [
                     {
                         "server": str(m.address),
                         "state": m.state.value,
                         "weight": m.weight,
-                        "active": self.plane.active.get(m.address, 0),
+                        "active": active[str(m.address)],
                         "last_check": group.health[m.address].last_detail,
                     }
                     for m in group.members
                 ]
                 for ref, group in self.groups.items()
             },
-            "counters": self.counters.as_dict(),
+            "counters": self.total_counters().as_dict(),
         }
 
 
@@ -425,46 +376,28 @@ def _describe_group_change(
     return changes
 
 
-def _routes(config: Config) -> dict[str, Route]:
-    routes = {
-        listener.name: Route(listener.upstream, listener.service, listener.protocol == "mysql")
-        for listener in config.listener
-    }
-    for service in config.service:
-        routes[f"service:{service.name}"] = Route(
-            service.upstream, service.name, service.protocol == "mysql"
-        )
-    return routes
+def _describe_binds(old: Config, new: Config) -> list[str]:
+    before, after = binds(old), binds(new)
+    changes = [
+        f"listener {name} bound to {address}"
+        for name, (address, _) in after.items()
+        if before.get(name, (None, 0))[0] != address
+    ]
+    return changes + [f"listener {name} removed" for name in before if name not in after]
 
 
-def _binds(config: Config) -> dict[str, tuple[Address, int]]:
-    binds = {listener.name: (listener.bind, listener.backlog) for listener in config.listener}
-    if config.node.mesh_bind is not None:
-        binds[MESH] = (config.node.mesh_bind, 1024)
-    return binds
-
-
-def _configure_entrance(
-    entrance: Entrance, config: Config, listener: ListenerConfig | None
-) -> None:
-    entrance.header_timeout_s = config.timeouts.hop_header_s
-    if listener is None:  # the mesh port
-        entrance.max_connections = config.node.mesh_max_connections
-        entrance.speaks_mysql = False
-    else:
-        entrance.max_connections = listener.max_connections
-        entrance.speaks_mysql = listener.protocol == "mysql"
-
-
-async def _supervised(name: str, fn: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> None:
-    """Run a background loop until it returns; a crash is logged and the loop restarted."""
-    while True:
+def probe_binds(old: Config, new: Config) -> None:
+    """Try each new or moved address before any data plane binds it, so that a port that
+    cannot be bound rejects the whole change instead of leaving workers half-configured."""
+    before = binds(old)
+    for name, (address, _) in binds(new).items():
+        if before.get(name, (None, 0))[0] == address:
+            continue
+        family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
         try:
-            await fn(*args)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.warning("task_crashed", task=name, error=repr(exc))
-            await asyncio.sleep(1.0)
-        else:
-            return
+            infos = socket.getaddrinfo(address.host, address.port, family, socket.SOCK_STREAM)
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(infos[0][4])
+        except OSError as exc:
+            raise ApplyError(f"listener {name}: cannot bind {address}: {describe(exc)}") from None

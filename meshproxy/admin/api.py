@@ -42,6 +42,8 @@ class Control(Protocol):
     @property
     def counters(self) -> Counters: ...
 
+    def total_counters(self) -> Counters: ...
+
     def status(self) -> dict[str, Any]: ...
 
     async def apply(self, new: Config) -> list[str]: ...
@@ -59,7 +61,7 @@ class AdminAPI:
         self.control = control
         self._token = token.encode()
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(NodeCollector(lambda: control.counters, control.status))
+        self.registry.register(NodeCollector(control.total_counters, control.status))
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._guard], client_max_size=MAX_BODY)

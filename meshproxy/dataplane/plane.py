@@ -49,6 +49,9 @@ class DataPlane:
         self.max_hops = max_hops
         self.active: dict[Address, int] = {}
         self.sessions: dict[Address, set[Session]] = {}
+        self.open_sessions = 0
+        self.no_sessions = asyncio.Event()  # set whenever open_sessions drops to zero
+        self.no_sessions.set()
         # Keyed by listener name, and "service:<name>" for what the mesh port serves.
         self.routes: dict[str, Route] = {}
         self.entrances: dict[str, Entrance] = {}
@@ -64,8 +67,14 @@ class DataPlane:
 
     # ----------------------------------------------------------------- entrances
 
-    async def bind(self, entrance: Entrance, address: Address, backlog: int) -> None:
-        """Start accepting on ``address`` for ``entrance`` (raises OSError)."""
+    async def bind(
+        self, entrance: Entrance, address: Address, backlog: int, reuse_port: bool
+    ) -> None:
+        """Start accepting on ``address`` for ``entrance`` (raises OSError).
+
+        With ``reuse_port`` every worker binds the same address and the kernel spreads
+        new connections over them.
+        """
         loop = asyncio.get_running_loop()
         server = await loop.create_server(
             functools.partial(Inbound, entrance, self.serve, self.counters),
@@ -73,6 +82,7 @@ class DataPlane:
             address.port,
             backlog=backlog,
             reuse_address=True,
+            reuse_port=reuse_port,
         )
         previous, entrance.server = entrance.server, server
         self.entrances[entrance.name] = entrance
@@ -139,6 +149,8 @@ class DataPlane:
         assert member is not None
         self.active[member] = self.active.get(member, 0) + 1
         self.sessions.setdefault(member, set()).add(session)
+        self.open_sessions += 1
+        self.no_sessions.clear()
         session.idle_since = time.monotonic()
         link(session, transport, bytes(inbound.pending), inbound.eof)
         return None
@@ -155,6 +167,9 @@ class DataPlane:
         if member is not None:
             self.active[member] -= 1
             self.sessions[member].discard(session)
+            self.open_sessions -= 1
+            if not self.open_sessions:
+                self.no_sessions.set()
         self.count_bytes(session)
         self.counters.inc("connections_closed", entrance=entrance.name)
 
@@ -187,9 +202,6 @@ class DataPlane:
                     self.counters.inc("idle_timeouts")
                     log.event("idle_timeout", server=str(session.member))
                     session.close()
-
-    def session_count(self) -> int:
-        return sum(len(s) for s in self.sessions.values())
 
     async def close(self) -> None:
         """Stop accepting everywhere and close every session."""

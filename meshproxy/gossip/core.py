@@ -347,6 +347,8 @@ class Membership:
                 self._on_reap_timer()
             elif kind == K.LEAVE:
                 self._complete_leave()
+            elif kind == K.RECHECK:
+                self._on_recheck(str(arg))
 
     def _on_stall(self, gap: float) -> None:
         """This node was stalled for ``gap`` seconds (paused, starved): distrust its timers.
@@ -565,10 +567,22 @@ class Membership:
         if node.suspicion is not None:
             node.suspicion = None
             self._timers.cancel((TimerKind.SUSPICION, node.name))
+            self._timers.cancel((TimerKind.RECHECK, node.name))
+
+    def _answer_stale_accusation(self, src: Addr | None) -> None:
+        """An accusation older than our refutation reached us: its sender may have missed the
+        refutation (gossip is probabilistic), so it gets our alive message directly."""
+        if src is not None and not self._leaving:
+            self.stats["stale_accusations_answered"] += 1
+            self._send(src, [self._alive_message()])
 
     def _on_suspect(self, msg: Suspect, src: Addr | None) -> None:
         node = self._nodes.get(msg.name)
-        if node is None or msg.incarnation < node.incarnation:
+        if node is None:
+            return
+        if msg.incarnation < node.incarnation:
+            if node is self._me:
+                self._answer_stale_accusation(src)
             return
         if node is self._me:
             if not self._leaving:
@@ -589,12 +603,26 @@ class Membership:
             msg.sender, timeouts.confirmations, timeouts.min_s, timeouts.max_s, self._now
         )
         self._timers.set((TimerKind.SUSPICION, node.name), node.suspicion.deadline)
+        self._timers.set((TimerKind.RECHECK, node.name), self._now + timeouts.min_s / 2)
         self._broadcast(msg.name, msg)
         self._set_state(node, State.SUSPECT, f"suspected by {msg.sender}")
         if msg.sender == self.name:
             # Buddy system, at once: a suspect that is merely behind a lossy link gets the
             # whole suspicion timeout to refute instead of waiting to be probed again.
             self._send(node.addr, [msg])
+
+    def _on_recheck(self, name: str) -> None:
+        """Halfway into a suspicion, tell the suspect once more, straight from here.
+
+        The refutation reaches us by gossip, which every so often misses a node; a suspect
+        that already refuted answers this stale accusation with its alive message directly
+        (``_answer_stale_accusation``). One packet per suspicion, and no effect on how fast a
+        really dead member is declared.
+        """
+        node = self._nodes.get(name)
+        if node is not None and node.state is State.SUSPECT and not self._leaving:
+            self.stats["suspicion_rechecks"] += 1
+            self._send(node.addr, [Suspect(name, node.incarnation, self.name)])
 
     def _on_suspicion_timeout(self, name: str) -> None:
         node = self._nodes.get(name)
@@ -605,7 +633,13 @@ class Membership:
 
     def _on_dead(self, msg: Dead, src: Addr | None) -> None:
         node = self._nodes.get(msg.name)
-        if node is None or msg.incarnation < node.incarnation or node.state in _GONE:
+        if node is None:
+            return
+        if msg.incarnation < node.incarnation:
+            if node is self._me:
+                self._answer_stale_accusation(src)
+            return
+        if node.state in _GONE:
             return
         if node is self._me:
             if not self._leaving:

@@ -18,6 +18,7 @@ class TimerKind:
     REJOIN: Final = 6
     REAP: Final = 7
     LEAVE: Final = 8
+    RECHECK: Final = 9  # halfway into a suspicion: ask the suspect once more
 
 
 TimerKey = tuple[int, str | int]

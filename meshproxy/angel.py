@@ -1,0 +1,224 @@
+"""The angel: a small supervisor that keeps a node's processes running.
+
+It starts the control process and the workers, and restarts any of them that exits
+non-zero, is killed, or stops heartbeating (a hung event loop, SIGSTOP). A restart is
+immediate; only crashes that repeat within ``angel.fast_crash_s`` of a start back off
+exponentially, and after ``angel.max_fast_crashes`` of those in a row the angel gives up,
+says so and stops the node. A child that exits 0 on its own stops the angel. On SIGTERM or
+SIGINT it drains: workers first (they stop accepting and let sessions finish), then the
+control process. SIGHUP goes to the control process, which reloads the config file.
+
+It is deliberately synchronous and tiny: no event loop of its own to get stuck.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+from meshproxy import log
+from meshproxy.config import Config
+
+TICK_S = 0.1
+STARTUP_GRACE_S = 15.0  # first heartbeat: interpreter start-up plus imports, on a busy host
+MAX_BACKOFF_S = 5.0
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    process: subprocess.Popen[bytes] | None = None
+    beats: int = -1  # read end of the heartbeat pipe
+    last_beat: float = 0.0
+    beat_seen: bool = False
+    started: float = 0.0
+    fast_crashes: int = 0
+    restart_at: float | None = None
+    restarts: int = 0
+    stopping: bool = field(default=False)
+
+
+def _child_setup() -> None:
+    # Die (gracefully) with the angel, and stay out of the terminal's process group so that
+    # Ctrl-C reaches only the angel, which then drains the children in order.
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGTERM, 0, 0, 0)
+
+
+class Angel:
+    def __init__(self, config_path: str, cfg: Config) -> None:
+        self.cfg = cfg
+        self.runtime = tempfile.mkdtemp(prefix="meshproxy-")
+        channel = os.path.join(self.runtime, "control.sock")
+        base = [sys.executable, "-m", "meshproxy"]
+        self.children = [
+            Child("control", [*base, "_control", "-c", config_path, "--channel", channel])
+        ]
+        for index in range(cfg.node.worker_count()):
+            argv = [
+                *base,
+                "_worker",
+                "-c",
+                config_path,
+                "--channel",
+                channel,
+                "--index",
+                str(index),
+            ]
+            self.children.append(Child(f"worker-{index}", argv))
+        self.selector = selectors.DefaultSelector()
+        self.signals: list[int] = []
+        self.exit_code: int | None = None
+
+    # ----------------------------------------------------------------- children
+
+    def spawn(self, child: Child) -> None:
+        read_end, write_end = os.pipe()
+        os.set_blocking(read_end, False)
+        argv = [*child.argv, "--heartbeat-fd", str(write_end)]
+        child.process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+            argv, pass_fds=(write_end,), preexec_fn=_child_setup, start_new_session=True
+        )
+        os.close(write_end)
+        if child.beats >= 0:
+            self.selector.unregister(child.beats)
+            os.close(child.beats)
+        child.beats = read_end
+        self.selector.register(read_end, selectors.EVENT_READ, child)
+        child.started = child.last_beat = time.monotonic()
+        child.beat_seen = False
+        child.restart_at = None
+        log.event("angel_started_child", child=child.name, pid=child.process.pid)
+
+    def _exited(self, child: Child, how: str, code: int | None) -> None:
+        now = time.monotonic()
+        child.process = None
+        if child.stopping:
+            return
+        if code == 0:
+            log.event("angel_child_exited_cleanly", child=child.name, action="stopping the node")
+            self.exit_code = 0
+            return
+        lived = now - child.started
+        child.fast_crashes = child.fast_crashes + 1 if lived < self.cfg.angel.fast_crash_s else 1
+        if child.fast_crashes > self.cfg.angel.max_fast_crashes:
+            log.warning(
+                "angel_giving_up",
+                child=child.name,
+                reason=f"{child.fast_crashes - 1} crashes in a row, each within "
+                f"{self.cfg.angel.fast_crash_s:g}s of its start",
+            )
+            self.exit_code = 1
+            return
+        delay = (
+            0.0
+            if child.fast_crashes <= 1
+            else min(0.1 * 2 ** (child.fast_crashes - 2), MAX_BACKOFF_S)
+        )
+        child.restart_at = now + delay
+        child.restarts += 1
+        log.warning(
+            "angel_restarting",
+            child=child.name,
+            why=how,
+            after_s=f"{delay:.2f}",
+            lived_s=f"{lived:.1f}",
+        )
+
+    def _watch(self, now: float) -> None:
+        for child in self.children:
+            process = child.process
+            if process is None:
+                if child.restart_at is not None and now >= child.restart_at:
+                    self.spawn(child)
+                continue
+            code = process.poll()
+            if code is not None:
+                how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+                self._exited(child, how, code)
+                continue
+            limit = self.cfg.angel.watchdog_s if child.beat_seen else STARTUP_GRACE_S
+            if now - child.last_beat > limit:
+                log.warning(
+                    "angel_watchdog", child=child.name, silent_s=f"{now - child.last_beat:.1f}"
+                )
+                process.kill()
+                process.wait()
+                self._exited(child, "no heartbeat", None)
+
+    def _read_beats(self, timeout: float) -> None:
+        for key, _ in self.selector.select(timeout):
+            child: Child = key.data
+            with contextlib.suppress(BlockingIOError):
+                if os.read(key.fd, 4096):
+                    child.last_beat = time.monotonic()
+                    child.beat_seen = True
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def run(self) -> int:
+        for handled in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(handled, lambda s, _f: self.signals.append(s))
+        try:
+            for child in self.children:
+                self.spawn(child)
+            while self.exit_code is None:
+                self._read_beats(TICK_S)
+                while self.signals:
+                    signum = self.signals.pop(0)
+                    if signum == signal.SIGHUP:
+                        self._signal_control(signal.SIGHUP)
+                    else:
+                        log.event("angel_stopping", signal=signal.Signals(signum).name)
+                        self.exit_code = 0
+                self._watch(time.monotonic())
+        finally:
+            self.stop()
+        return self.exit_code
+
+    def _signal_control(self, signum: int) -> None:
+        control = self.children[0].process
+        if control is not None and control.poll() is None:
+            control.send_signal(signum)
+
+    def stop(self) -> None:
+        """Workers drain first, then the control process stops; nothing is left behind."""
+        workers = [c for c in self.children[1:] if c.process is not None]
+        self._terminate(workers, self.cfg.node.drain_timeout_s + 5.0)
+        control = [c for c in self.children[:1] if c.process is not None]
+        self._terminate(control, 10.0)
+        for child in self.children:
+            if child.beats >= 0:
+                self.selector.unregister(child.beats)
+                os.close(child.beats)
+                child.beats = -1
+        shutil.rmtree(self.runtime, ignore_errors=True)
+        log.event("angel_stopped")
+
+    @staticmethod
+    def _terminate(children: list[Child], timeout_s: float) -> None:
+        for child in children:
+            child.stopping = True
+            assert child.process is not None
+            with contextlib.suppress(ProcessLookupError):
+                child.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for child in children:
+            assert child.process is not None
+            try:
+                child.process.wait(max(deadline - time.monotonic(), 0.0))
+            except subprocess.TimeoutExpired:
+                log.warning("angel_killing", child=child.name, reason="did not stop in time")
+                child.process.kill()
+                child.process.wait()
+            child.process = None

@@ -1,0 +1,252 @@
+"""One process's data plane runtime: it applies configs and member snapshots it is given.
+
+A host binds the entrances a config names, keeps routes and timeouts current, keeps warm
+sockets to tier members, sweeps idle sessions and drains on request. It learns everything
+from the control plane through ``apply_config`` and ``apply_members`` and reports connect
+outcomes back through ``report``; the same host runs inside the control process (one
+process, ``--no-angel``) or in each worker process (``workers = N``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from meshproxy import log
+from meshproxy.config import Address, Config, ListenerConfig, UpstreamKind, UpstreamRef
+from meshproxy.counters import Counters
+from meshproxy.dataplane.listener import Entrance
+from meshproxy.dataplane.plane import DataPlane, Route
+from meshproxy.dataplane.router import Member
+from meshproxy.dataplane.upstream import ConnectReport, WarmPool
+from meshproxy.errors import describe
+from meshproxy.health.state import ServerState
+from meshproxy.supervise import Supervisor
+
+MESH = "mesh"
+
+
+@dataclass
+class GroupView:
+    """The data plane's read-only view of one pool or tier."""
+
+    members: tuple[Member, ...] = ()
+    source_ip: str = ""
+
+
+class PlaneHost:
+    def __init__(
+        self, config: Config, counters: Counters, report: ConnectReport, reuse_port: bool = False
+    ) -> None:
+        self.config = config
+        self.reuse_port = reuse_port
+        self.counters = counters
+        self.groups: dict[UpstreamRef, GroupView] = {}
+        self.warm: dict[str, WarmPool] = {}
+        self.plane = DataPlane(
+            node_name=config.node.name,
+            counters=counters,
+            groups=self.groups,
+            warm=self.warm,
+            report=report,
+            connect_s=config.timeouts.connect_ms / 1000,
+            budget_s=config.timeouts.connect_budget_ms / 1000,
+            max_hops=config.node.max_hops,
+        )
+        self._report = report
+        self.tasks = Supervisor()
+        self.draining = False
+        self._sync_groups(config)  # member snapshots may arrive before start()
+
+    # ----------------------------------------------------------------- config
+
+    async def start(self) -> None:
+        """Bind what the config names and start the loops; raises OSError if a bind fails."""
+        self.plane.routes = routes(self.config)
+        self._sync_groups(self.config)
+        try:
+            await self.bind(set(), self.config)
+        except OSError:
+            await self.plane.close()
+            raise
+        self.take(self.config)
+        self.tasks.spawn("idle sweeper", self._sweep_loop)
+
+    async def bind(self, keep: set[str], new: Config) -> list[str]:
+        """Bind entrances that are new or moved; on OSError undo what this call bound.
+
+        ``keep`` names the entrances whose address did not change and stay bound.
+        """
+        wanted = binds(new)
+        listeners = {listener.name: listener for listener in new.listener}
+        # New listeners must find their route from their first client on.
+        self.plane.routes = {**self.plane.routes, **routes(new)}
+        changes = []
+        bound: list[str] = []
+        try:
+            for name, (address, backlog) in wanted.items():
+                if name in keep and name in self.plane.entrances:
+                    continue
+                entrance = self.plane.entrances.get(name) or Entrance(
+                    name, mesh=name == MESH, max_connections=1, header_timeout_s=1.0
+                )
+                configure_entrance(entrance, new, listeners.get(name))
+                existed = name in self.plane.entrances
+                await self.plane.bind(entrance, address, backlog, self.reuse_port)
+                if not existed:
+                    bound.append(name)
+                changes.append(f"listener {name} bound to {address}")
+        except OSError:
+            for name in bound:
+                self.plane.unbind(name)
+            raise
+        for name in set(self.plane.entrances) - set(wanted):
+            self.plane.unbind(name)
+            changes.append(f"listener {name} removed")
+        return changes
+
+    def take(self, new: Config) -> None:
+        """Apply everything of ``new`` except binding; none of it can fail."""
+        self.config = new
+        plane = self.plane
+        plane.max_hops = new.node.max_hops
+        plane.node_name = new.node.name
+        plane.connector.connect_s = new.timeouts.connect_ms / 1000
+        plane.connector.budget_s = new.timeouts.connect_budget_ms / 1000
+        listeners = {listener.name: listener for listener in new.listener}
+        for name, entrance in plane.entrances.items():
+            configure_entrance(entrance, new, listeners.get(name))
+        plane.routes = routes(new)
+        self._sync_groups(new)
+        self._sync_warm(new)
+
+    async def apply_config(self, new: Config) -> list[str]:
+        """Bind, then take the rest (raises OSError with nothing changed if a bind fails)."""
+        before = binds(self.config)
+        keep = {name for name, spec in binds(new).items() if before.get(name) == spec}
+        changes = await self.bind(keep, new)
+        self.take(new)
+        return changes
+
+    def _sync_groups(self, config: Config) -> None:
+        sources = {UpstreamRef(UpstreamKind.POOL, p.name): p.source_ip for p in config.pool}
+        sources |= {UpstreamRef(UpstreamKind.TIER, t.name): t.source_ip for t in config.tier}
+        for ref in set(self.groups) - set(sources):
+            del self.groups[ref]
+        for ref, source_ip in sources.items():
+            self.groups.setdefault(ref, GroupView()).source_ip = source_ip
+
+    def apply_members(self, ref: UpstreamRef, members: tuple[Member, ...]) -> None:
+        view = self.groups.get(ref)
+        if view is not None:
+            view.members = members
+            pool = self.warm.get(ref.name) if ref.kind is UpstreamKind.TIER else None
+            if pool is not None:
+                pool.wanted.set()
+
+    # ----------------------------------------------------------------- loops
+
+    def _sync_warm(self, config: Config) -> None:
+        wanted = {}
+        for tier in config.tier:
+            if tier.warm_connections:
+                self.warm.setdefault(tier.name, WarmPool())
+                key = f"warm {tier.name} {tier.warm_connections} {tier.warm_max_idle_s}"
+                wanted[key] = tier.name
+        for name in list(self.warm):
+            if name not in wanted.values():
+                self.warm.pop(name).close()
+        self.tasks.keep_only("warm ", set(wanted))
+        for key, name in wanted.items():
+            if key not in self.tasks:
+                self.tasks.spawn(key, self._warm_loop, name)
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            idle_s = self.config.timeouts.idle_s
+            await asyncio.sleep(min(max(idle_s / 8, 0.1), 5.0))
+            self.plane.sweep(idle_s, time.monotonic())
+
+    async def _warm_loop(self, tier_name: str) -> None:
+        tier = self.config.tiers()[tier_name]
+        ref = UpstreamRef(UpstreamKind.TIER, tier_name)
+        pool = self.warm[tier_name]
+        while not self.draining:
+            group = self.groups.get(ref, GroupView())
+            connect_s = self.config.timeouts.connect_ms / 1000
+            eligible = {m.address for m in group.members if m.state is ServerState.ONLINE}
+            pool.recycle(tier.warm_max_idle_s, eligible)
+            for address in eligible:
+                for _ in range(tier.warm_connections - pool.count(address)):
+                    try:
+                        await pool.fill(address, connect_s)
+                    except (OSError, TimeoutError) as exc:
+                        self._report(ref, address, describe(exc))
+                        break
+            pool.wanted.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await pool.wanted.wait()
+
+    # ----------------------------------------------------------------- shutdown
+
+    async def drain(self, timeout_s: float) -> int:
+        """Stop accepting and let sessions finish for up to ``timeout_s``; return those left."""
+        self.draining = True
+        for name in list(self.plane.entrances):
+            self.plane.unbind(name)
+        for pool in self.warm.values():
+            pool.close()
+        log.event("draining", sessions=self.plane.open_sessions, timeout_s=timeout_s)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await self.plane.no_sessions.wait()
+        return self.plane.open_sessions
+
+    async def stop(self) -> None:
+        await self.tasks.stop()
+        for pool in self.warm.values():
+            pool.close()
+        await self.plane.close()
+
+    def stats(self) -> dict[str, Any]:
+        """What the control plane sums across hosts for status and metrics."""
+        return {
+            "sessions": self.plane.open_sessions,
+            "entrances": {
+                name: [e.active, e.max_connections] for name, e in self.plane.entrances.items()
+            },
+            "active": {str(a): n for a, n in self.plane.active.items() if n},
+        }
+
+
+def routes(config: Config) -> dict[str, Route]:
+    table = {
+        listener.name: Route(listener.upstream, listener.service, listener.protocol == "mysql")
+        for listener in config.listener
+    }
+    for service in config.service:
+        table[f"service:{service.name}"] = Route(
+            service.upstream, service.name, service.protocol == "mysql"
+        )
+    return table
+
+
+def binds(config: Config) -> dict[str, tuple[Address, int]]:
+    table = {listener.name: (listener.bind, listener.backlog) for listener in config.listener}
+    if config.node.mesh_bind is not None:
+        table[MESH] = (config.node.mesh_bind, 1024)
+    return table
+
+
+def configure_entrance(entrance: Entrance, config: Config, listener: ListenerConfig | None) -> None:
+    entrance.header_timeout_s = config.timeouts.hop_header_s
+    if listener is None:  # the mesh port
+        entrance.max_connections = config.node.mesh_max_connections
+        entrance.speaks_mysql = False
+    else:
+        entrance.max_connections = listener.max_connections
+        entrance.speaks_mysql = listener.protocol == "mysql"

@@ -1,0 +1,265 @@
+"""The processes a node runs as: one alone (``--no-angel``), or a control process and
+workers under the angel.
+
+- single: control plane and data plane in one process.
+- control: health checks, admin API, runtime changes; pushes configs and member snapshots
+  to the workers over the control channel and sums their counters.
+- worker: a data plane; accepts on the node's ports through SO_REUSEPORT and pumps bytes.
+
+Each of them heartbeats to the angel from its event loop, so a stuck loop is noticed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from typing import Any
+
+from meshproxy import channel, config, log
+from meshproxy.channel import Message, Peer
+from meshproxy.config import Address, Config, UpstreamRef
+from meshproxy.counters import Counters
+from meshproxy.dataplane.host import PlaneHost
+from meshproxy.dataplane.router import Member
+from meshproxy.errors import ConfigError, describe
+from meshproxy.node import LocalLink, Node
+from meshproxy.supervise import Supervisor
+
+HEARTBEAT_S = 0.25
+STATS_S = 1.0
+
+
+def start_heartbeat(fd: int | None) -> None:
+    """Write a byte to the angel's pipe every HEARTBEAT_S, from the event loop itself."""
+    if fd is None:
+        return
+    os.set_blocking(fd, False)
+    loop = asyncio.get_running_loop()
+
+    def beat() -> None:
+        with contextlib.suppress(BlockingIOError, BrokenPipeError):
+            os.write(fd, b".")
+        loop.call_later(HEARTBEAT_S, beat)
+
+    beat()
+
+
+def _signals(stop: asyncio.Event, reload: Any) -> None:
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reload("SIGHUP")))
+
+
+# --------------------------------------------------------------------- single process
+
+
+async def run_single(cfg: Config) -> int:
+    # Imported here: aiohttp takes a while to import, and workers never need it.
+    from meshproxy.admin.server import AdminServer
+
+    node = Node(cfg)
+    host = PlaneHost(cfg, Counters(), node.connect_report)
+    node.add_link(LocalLink(host))
+    admin = AdminServer(node)
+    await node.start()
+    try:
+        await host.start()
+        await admin.start()
+    except OSError as exc:
+        log.warning("bind_failed", error=describe(exc))
+        await host.stop()
+        await node.stop()
+        return 1
+    stop = asyncio.Event()
+    _signals(stop, admin.reload)
+    log.event("node_started", role=cfg.node.role, mode="single")
+    await stop.wait()
+    left = await host.drain(node.config.node.drain_timeout_s)
+    log.event("node_stopping", sessions_cut=left)
+    await admin.stop()
+    await host.stop()
+    await node.stop()
+    log.event("node_stopped")
+    return 0
+
+
+# --------------------------------------------------------------------- control process
+
+
+class RemoteLink:
+    """The control process's handle on one worker."""
+
+    def __init__(self, peer: Peer) -> None:
+        self.peer = peer
+        self.index = -1
+        self._stats: dict[str, Any] = {"sessions": 0, "entrances": {}, "active": {}}
+        self._counters = Counters()
+
+    async def apply_config(self, new: Config) -> None:
+        self.peer.send(channel.config_message(new))
+
+    def members(self, ref: UpstreamRef, members: tuple[Member, ...]) -> None:
+        self.peer.send(channel.members_message(ref, members))
+
+    def close_sessions(self, address: Address) -> None:
+        self.peer.send({"t": "close", "addr": str(address)})
+
+    def stats(self) -> dict[str, Any]:
+        return self._stats
+
+    def counters(self) -> Counters:
+        return self._counters
+
+    def update(self, message: Message) -> None:
+        self._stats = message["stats"]
+        self._counters = channel.counters_from_rows(message["counters"])
+
+
+async def run_control(cfg: Config, channel_path: str, heartbeat_fd: int | None) -> int:
+    from meshproxy.admin.server import AdminServer
+
+    node = Node(cfg)
+    admin = AdminServer(node)
+    await node.start()
+
+    async def serve_worker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        link = RemoteLink(Peer(writer))
+        link.peer.send(channel.config_message(node.config))
+        node.add_link(link)
+
+        def handle(message: Message) -> None:
+            kind = message.get("t")
+            if kind == "hello":
+                link.index = int(message["index"])
+                log.event("worker_connected", worker=link.index, pid=message.get("pid"))
+            elif kind == "report":
+                ref, address = UpstreamRef.parse(message["ref"]), Address.parse(message["addr"])
+                node.connect_report(ref, address, message.get("err"))
+            elif kind == "stats":
+                link.update(message)
+
+        try:
+            await channel.read_messages(reader, handle)
+        finally:
+            node.remove_link(link)
+            await channel.close_writer(writer)
+            log.event("worker_disconnected", worker=link.index)
+
+    try:
+        server = await asyncio.start_unix_server(serve_worker, path=channel_path)
+        await admin.start()
+    except OSError as exc:
+        log.warning("bind_failed", error=describe(exc))
+        await node.stop()
+        return 1
+    start_heartbeat(heartbeat_fd)
+    stop = asyncio.Event()
+    _signals(stop, admin.reload)
+    log.event("node_started", role=cfg.node.role, mode="control")
+    await stop.wait()
+    server.close()
+    await admin.stop()
+    await node.stop()
+    log.event("node_stopped")
+    return 0
+
+
+# --------------------------------------------------------------------- worker process
+
+
+class WorkerChannel:
+    """A worker's connection to the control process; reconnects, never blocks the pump."""
+
+    def __init__(self, path: str, index: int) -> None:
+        self.path = path
+        self.index = index
+        self.peer: Peer | None = None
+        self.host: PlaneHost | None = None
+        self.first_config: asyncio.Future[Config] = asyncio.get_running_loop().create_future()
+
+    def report(self, ref: UpstreamRef, address: Address, error: str | None) -> None:
+        if self.peer is not None:
+            self.peer.send({"t": "report", "ref": str(ref), "addr": str(address), "err": error})
+
+    async def run(self) -> None:
+        """Stay connected to the control process; on loss, retry every 200 ms."""
+        while True:
+            try:
+                reader, writer = await asyncio.open_unix_connection(self.path)
+            except OSError:
+                await asyncio.sleep(0.2)
+                continue
+            self.peer = Peer(writer)
+            self.peer.send({"t": "hello", "index": self.index, "pid": os.getpid()})
+            try:
+                await channel.read_messages(reader, self._handle)
+            finally:
+                self.peer = None
+                await channel.close_writer(writer)
+            await asyncio.sleep(0.2)
+
+    async def _handle(self, message: Message) -> None:
+        kind = message.get("t")
+        host = self.host
+        if kind == "config":
+            try:
+                new = config.parse(message["doc"], str(message.get("source", "control")))
+            except ConfigError as exc:
+                log.warning("config_rejected", error=exc)
+                return
+            if not self.first_config.done():
+                self.first_config.set_result(new)
+            elif host is not None:
+                try:
+                    await host.apply_config(new)
+                except OSError as exc:
+                    log.warning("bind_failed", error=describe(exc))
+        elif kind == "members" and host is not None:
+            host.apply_members(*channel.parse_members(message))
+        elif kind == "close" and host is not None:
+            closed = host.plane.close_sessions(Address.parse(message["addr"]))
+            if closed:
+                log.event("sessions_closed", server=message["addr"], count=closed)
+
+    async def send_stats(self) -> None:
+        while True:
+            await asyncio.sleep(STATS_S)
+            if self.peer is not None and self.host is not None:
+                counters = channel.counters_rows(self.host.counters)
+                self.peer.send({"t": "stats", "stats": self.host.stats(), "counters": counters})
+
+
+async def run_worker(cfg: Config, channel_path: str, index: int, heartbeat_fd: int | None) -> int:
+    start_heartbeat(heartbeat_fd)
+    link = WorkerChannel(channel_path, index)
+    tasks = Supervisor()
+    tasks.spawn("control channel", link.run)
+    # Prefer the running config (it may differ from the file after admin changes), but
+    # serve from the file when the control process is not there to say.
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(1.0):
+            cfg = await link.first_config
+    host = PlaneHost(cfg, Counters(), link.report, reuse_port=True)
+    link.host = host
+    try:
+        await host.start()
+    except OSError as exc:
+        log.warning("bind_failed", error=describe(exc))
+        await tasks.stop()
+        return 1
+    tasks.spawn("stats", link.send_stats)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: None)  # the control process reloads
+    log.event("worker_started", worker=index)
+    await stop.wait()
+    left = await host.drain(host.config.node.drain_timeout_s)
+    log.event("worker_stopping", worker=index, sessions_cut=left)
+    await tasks.stop()
+    await host.stop()
+    return 0

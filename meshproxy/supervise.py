@@ -1,0 +1,59 @@
+"""Supervised background loops: a crash is logged and the loop restarted, never lost."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from meshproxy import log
+
+Loop = Callable[..., Coroutine[Any, Any, None]]
+
+
+class Supervisor:
+    """Named background tasks; spawning a name again replaces the task of that name."""
+
+    def __init__(self, restart_delay_s: float = 1.0) -> None:
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._restart_delay_s = restart_delay_s
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._tasks
+
+    def spawn(self, name: str, fn: Loop, *args: Any) -> None:
+        self.cancel(name)
+        loop = asyncio.get_running_loop()
+        self._tasks[name] = loop.create_task(self._run(name, fn, *args), name=name)
+
+    def cancel(self, name: str) -> None:
+        task = self._tasks.pop(name, None)
+        if task is not None:
+            task.cancel()
+
+    def keep_only(self, prefix: str, names: set[str]) -> None:
+        """Cancel the tasks whose name starts with ``prefix`` and is not in ``names``."""
+        for name in [n for n in self._tasks if n.startswith(prefix) and n not in names]:
+            self.cancel(name)
+
+    async def stop(self) -> None:
+        tasks = list(self._tasks.values())
+        self._tasks.clear()
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _run(self, name: str, fn: Loop, *args: Any) -> None:
+        while True:
+            try:
+                await fn(*args)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a crashed loop must never end the process
+                log.warning("task_crashed", task=name, error=repr(exc))
+                await asyncio.sleep(self._restart_delay_s)
+            else:
+                return
