@@ -178,6 +178,8 @@ class WorkerChannel:
         self.index = index
         self.peer: Peer | None = None
         self.host: PlaneHost | None = None
+        # Snapshots that arrive before the host exists are kept for it.
+        self.members: dict[UpstreamRef, tuple[Member, ...]] = {}
         self.first_config: asyncio.Future[Config] = asyncio.get_running_loop().create_future()
 
     def report(self, ref: UpstreamRef, address: Address, error: str | None) -> None:
@@ -217,8 +219,11 @@ class WorkerChannel:
                     await host.apply_config(new)
                 except OSError as exc:
                     log.warning("bind_failed", error=describe(exc))
-        elif kind == "members" and host is not None:
-            host.apply_members(*channel.parse_members(message))
+        elif kind == "members":
+            ref, members = channel.parse_members(message)
+            self.members[ref] = members
+            if host is not None:
+                host.apply_members(ref, members)
         elif kind == "close" and host is not None:
             closed = host.plane.close_sessions(Address.parse(message["addr"]))
             if closed:
@@ -243,6 +248,8 @@ async def run_worker(cfg: Config, channel_path: str, index: int, heartbeat_fd: i
         async with asyncio.timeout(1.0):
             cfg = await link.first_config
     host = PlaneHost(cfg, Counters(), link.report, reuse_port=True)
+    for ref, members in link.members.items():
+        host.apply_members(ref, members)
     link.host = host
     try:
         await host.start()

@@ -132,12 +132,23 @@ class PlaneHost:
         return changes
 
     def _sync_groups(self, config: Config) -> None:
-        sources = {UpstreamRef(UpstreamKind.POOL, p.name): p.source_ip for p in config.pool}
-        sources |= {UpstreamRef(UpstreamKind.TIER, t.name): t.source_ip for t in config.tier}
-        for ref in set(self.groups) - set(sources):
+        groups = {
+            UpstreamRef(UpstreamKind.POOL, p.name): (p.servers, p.source_ip) for p in config.pool
+        }
+        groups |= {
+            UpstreamRef(UpstreamKind.TIER, t.name): (t.members, t.source_ip) for t in config.tier
+        }
+        for ref in set(self.groups) - set(groups):
             del self.groups[ref]
-        for ref, source_ip in sources.items():
-            self.groups.setdefault(ref, GroupView()).source_ip = source_ip
+        for ref, (servers, source_ip) in groups.items():
+            view = self.groups.get(ref)
+            if view is None:
+                # Until the control plane says otherwise, servers are as configured, like
+                # the control plane's own starting view.
+                view = self.groups[ref] = GroupView(
+                    tuple(Member(s.address, s.weight, ServerState(s.state.value)) for s in servers)
+                )
+            view.source_ip = source_ip
 
     def apply_members(self, ref: UpstreamRef, members: tuple[Member, ...]) -> None:
         view = self.groups.get(ref)
