@@ -2,8 +2,10 @@
 
 memberlist's ``TransmitLimitedQueue``: one entry per member name (a newer message about a
 member replaces the older one, which would only be overridden on arrival anyway); every
-packet takes the least-transmitted entries that fit, newest first among equals, and an entry
-is dropped once sent ``limit`` times, ``limit = mult * ceil(log10(n + 1))``.
+packet takes the least-transmitted entries that fit, and an entry is dropped once sent
+``limit`` times, ``limit = mult * ceil(log10(n + 1))``. Among never-sent entries the newest
+goes first (fresh news first, as memberlist); among entries sent equally often, the one that
+has waited longest goes first, so retransmissions take turns.
 """
 
 from __future__ import annotations
@@ -60,10 +62,10 @@ class BroadcastQueue:
         taken: list[_Entry] = []
         free = budget
         misfits = 0
-        for tier in self._tiers:
+        for transmits, tier in enumerate(self._tiers):
             if free < _MIN_MESSAGE_BYTES or misfits >= _MAX_MISFITS:
                 break
-            for entry in reversed(tier.values()):
+            for entry in reversed(tier.values()) if transmits == 0 else iter(tier.values()):
                 if entry.size <= free:
                     taken.append(entry)
                     free -= entry.size

@@ -176,7 +176,7 @@ class Membership:
         self._started = False
         self._leaving = False
         self._stopped = False
-        self._last_now: float | None = None
+        self._wake_at: float | None = None  # the deadline we last asked the shell to Tick at
         self._now = 0.0
         self._out: list[Command] = []
         self.stats: Counter[str] = Counter()
@@ -191,9 +191,9 @@ class Membership:
         self._now = now
         if self._stopped and not isinstance(event, Join):
             return out
-        if self._last_now is not None and now - self._last_now > self.settings.stall_threshold_s:
-            self._on_stall(now - self._last_now)
-        self._last_now = now
+        # Woken much later than asked: this process was stopped or starved meanwhile.
+        if self._wake_at is not None and now - self._wake_at > self.settings.stall_threshold_s:
+            self._on_stall(now - self._wake_at)
         if not self._started:
             self._start()
         match event:
@@ -210,10 +210,14 @@ class Membership:
                 self._on_leave()
             case LocalMetaChanged(meta):
                 self._on_local_meta(meta)
+        self._wake_at = self._timers.next_deadline()
         return out
 
     def next_deadline(self) -> float | None:
-        """When the shell must next deliver ``Tick``; None when there is nothing to time."""
+        """When the shell must next deliver ``Tick``; None when there is nothing to time.
+
+        Re-read it after every ``handle``: any event can move it earlier.
+        """
         return self._timers.next_deadline()
 
     def members(self) -> list[Member]:
@@ -255,7 +259,6 @@ class Membership:
         self._me.since = now
         # Random phases, so that nodes started together do not probe and gossip in lockstep.
         self._timers.set((TimerKind.PROBE, 0), now + rng.uniform(0, s.probe_interval_s))
-        self._timers.set((TimerKind.GOSSIP, 0), now + rng.uniform(0, s.gossip_interval_s))
         self._timers.set(
             (TimerKind.PUSH_PULL, 0), now + rng.uniform(0.5, 1.5) * s.push_pull_interval_s
         )
@@ -281,6 +284,10 @@ class Membership:
 
     def _broadcast(self, about: str, message: Message) -> None:
         self._broadcasts.put(about, message, self._sizer(message))
+        # The gossip timer runs only while there is something to gossip: an idle node wakes
+        # for its probes alone.
+        if self._timers.deadline((TimerKind.GOSSIP, 0)) is None:
+            self._timers.set((TimerKind.GOSSIP, 0), self._now + self.settings.gossip_interval_s)
 
     def _emit(self, node: _Node, old: State | None, new: State | None, reason: str) -> None:
         self._out.append(MemberChanged(node.snapshot(), old, new, reason))
@@ -680,32 +687,34 @@ class Membership:
 
     def _on_rejoin_timer(self) -> None:
         s = self.settings
-        live_addrs = {n.addr for n in self._nodes.values() if n.state in _LIVE}
-        seeds = [seed for seed in self._seeds if seed not in live_addrs and seed != self.addr]
         if self._live_count <= 1:
-            # Alone: keep knocking on every seed, often.
-            self._timers.set((TimerKind.REJOIN, 0), self._now + s.join_retry_s)
-            targets = seeds
+            # Alone: knock often, on every seed.
+            next_s = s.join_retry_s
         else:
-            jitter = self._rng.uniform(0.8, 1.2)
-            self._timers.set((TimerKind.REJOIN, 0), self._now + jitter * s.rejoin_interval_s)
-            targets = seeds
-            # A dead member may only be on the far side of a partition: ask it too (Serf's
-            # reconnect), since gossip no longer goes there.
-            dead = [n.addr for n in self._nodes.values() if n.state is State.DEAD]
-            if dead:
-                targets = [*seeds, self._rng.choice(dead)]
-        if not self._leaving:
-            for target in targets:
-                self._sync_to(target, join=True)
+            next_s = self._rng.uniform(0.8, 1.2) * s.rejoin_interval_s
+        self._timers.set((TimerKind.REJOIN, 0), self._now + next_s)
+        if self._leaving:
+            return
+        live_addrs = {n.addr for n in self._nodes.values() if n.state in _LIVE}
+        targets = [seed for seed in self._seeds if seed not in live_addrs and seed != self.addr]
+        # A dead member may only be on the far side of a partition, or paused for longer than
+        # we gossip to the dead: ask it too (Serf's reconnect), as gossip no longer goes there.
+        dead = [n.addr for n in self._nodes.values() if n.state is State.DEAD]
+        if dead:
+            targets.append(self._rng.choice(dead))
+        for target in dict.fromkeys(targets):
+            self._sync_to(target, join=True)
 
     # ---- dissemination -----------------------------------------------------------------
 
     def _on_gossip_timer(self) -> None:
         s = self.settings
-        self._timers.set((TimerKind.GOSSIP, 0), self._now + s.gossip_interval_s)
+        if self._leaving and self.name not in self._broadcasts:
+            self._complete_leave()
+            return
         if not self._broadcasts:
             return
+        self._timers.set((TimerKind.GOSSIP, 0), self._now + s.gossip_interval_s)
         horizon = self._now - s.gossip_to_dead_s
         targets = self._random_nodes(
             s.gossip_fanout,
@@ -718,8 +727,6 @@ class Membership:
                 break
             self._out.append(SendPacket(node.addr, tuple(messages)))
             self.stats["packets_sent"] += 1
-        if self._leaving and self.name not in self._broadcasts:
-            self._complete_leave()
 
     def _on_reap_timer(self) -> None:
         self._timers.set((TimerKind.REAP, 0), self._now + _REAP_PERIOD_S)

@@ -47,7 +47,11 @@ class SyncReceived:
 
 @dataclass(frozen=True, slots=True)
 class Tick:
-    """Fire every timer due at ``now``; call it at ``Membership.next_deadline()``."""
+    """Fire every timer due at ``now``; deliver it at ``Membership.next_deadline()``.
+
+    A Tick arriving more than ``stall_threshold_s`` after that deadline tells the core its
+    process was stalled (see ``Membership._on_stall``).
+    """
 
 
 Event = Join | Leave | LocalMetaChanged | PacketReceived | SyncReceived | Tick

@@ -72,6 +72,7 @@ class SimNode:
     membership: Membership
     codec: Codec
     seeds: tuple[str, ...]
+    keys: tuple[bytes, ...] | None
     lives: int = 1
     running: bool = True
     paused: bool = False
@@ -110,6 +111,8 @@ class Simulation:
         self._seq = 0
         self._by_addr: dict[Addr, str] = {}
         self.on_change: Callable[[Change], None] | None = None
+        # Sees every packet put on the wire: (sender, receiver, bytes), for replay tests.
+        self.tap: Callable[[str, str, bytes], None] | None = None
 
     # ---- building ----------------------------------------------------------------------
 
@@ -117,16 +120,28 @@ class Simulation:
         rng = random.Random(f"node:{self.seed}:{name}:{lives}")
         return Membership(name, addr, self.settings, rng, meta=meta)
 
-    def _codec(self, name: str, lives: int) -> Codec:
+    def _codec(self, name: str, lives: int, keys: tuple[bytes, ...] | None) -> Codec:
         rng = random.Random(f"nonce:{self.seed}:{name}:{lives}")
-        keyring = Keyring(self.keys) if self.keys is not None else None
+        keyring = Keyring(keys) if keys is not None else None
         return Codec(keyring, allow_plaintext=keyring is None, random_bytes=rng.randbytes)
 
-    def add(self, name: str, seeds: Sequence[str] = (), *, meta: NodeMeta | None = None) -> SimNode:
-        """Create a node and join it through ``seeds`` (names of nodes added before)."""
+    def add(
+        self,
+        name: str,
+        seeds: Sequence[str] = (),
+        *,
+        meta: NodeMeta | None = None,
+        keys: Sequence[bytes] | None = None,
+    ) -> SimNode:
+        """Create a node and join it through ``seeds`` (names of nodes added before).
+
+        ``keys`` gives it a keyring of its own instead of the simulation's.
+        """
         index = len(self._by_addr)
         addr = (f"10.{index // 250 // 250}.{index // 250 % 250}.{index % 250 + 1}", _GOSSIP_PORT)
-        node = SimNode(name, addr, self._make(name, addr, 1, meta), self._codec(name, 1), ())
+        own_keys = tuple(keys) if keys is not None else self.keys
+        membership = self._make(name, addr, 1, meta)
+        node = SimNode(name, addr, membership, self._codec(name, 1, own_keys), (), own_keys)
         self.nodes[name] = node
         self._by_addr[addr] = name
         self.join(name, seeds)
@@ -169,7 +184,7 @@ class Simulation:
         node = self.nodes[name]
         node.lives += 1
         node.membership = self._make(name, node.addr, node.lives, node.membership.local_meta)
-        node.codec = self._codec(name, node.lives)
+        node.codec = self._codec(name, node.lives, node.keys)
         node.running, node.paused, node.left = True, False, False
         self.join(name, node.seeds if seeds is None else seeds)
 
@@ -361,6 +376,8 @@ class Simulation:
             self.stats["dropped_unreachable"] += 1
             return
         link, rng = self.link, self._rng
+        if self.tap is not None and kind == _PACKET:
+            self.tap(node.name, dst, data)
         if kind == _SYNC:
             # TCP: no loss, but a handshake and a round trip more.
             self._push(self.now + 3 * link.delay_s, kind, dst, node.addr, data)

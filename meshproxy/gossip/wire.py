@@ -92,16 +92,26 @@ def to_wire(msg: Message | PushPull) -> list[Any]:
             return [Kind.DEAD, name, inc, sender]
         case PushPull(sender, addr, join, reply, members):
             records = [
-                [m.name, list(m.addr), m.incarnation, int(m.state), m.meta_version]
-                + [_meta_out(m.meta)]
+                [
+                    m.name,
+                    list(m.addr),
+                    m.incarnation,
+                    int(m.state),
+                    m.meta_version,
+                    _meta_out(m.meta),
+                ]
                 for m in members
             ]
             return [Kind.PUSH_PULL, sender, list(addr), join, reply, records]
     raise TypeError(f"not a gossip message: {msg!r}")  # pragma: no cover - exhaustive
 
 
+# One reusable packer: msgpack.packb builds a new one on every call.
+_PACKER = msgpack.Packer(use_bin_type=True, autoreset=True)
+
+
 def pack(obj: Any) -> bytes:
-    data: bytes = msgpack.packb(obj, use_bin_type=True)
+    data: bytes = _PACKER.pack(obj)
     return data
 
 
@@ -109,8 +119,8 @@ def pack(obj: Any) -> bytes:
 # then sent up to its retransmit limit, so it is packed once. The entry holds the message
 # itself, so its id cannot be reused while cached. Pings and acks are unique: not cached.
 _PACKED: dict[int, tuple[Message, bytes]] = {}
-# Broadcasts decoded from their exact bytes: a node hears the same broadcast many times.
-_DECODED: dict[bytes, Message] = {}
+# Broadcasts decoded before, by unpacked value: a node hears the same broadcast many times.
+_DECODED: dict[Any, Message] = {}
 _CACHE_ENTRIES = 16384
 
 
@@ -254,23 +264,30 @@ def from_wire(value: Any) -> Message | None:
     return None
 
 
-def decode_message(raw: bytes) -> Message | None:
-    """One message from its exact msgpack bytes (see ``from_wire``); raises WireError or
-    what msgpack raises on malformed bytes.
+_BROADCAST_KINDS = (Kind.ALIVE, Kind.SUSPECT, Kind.DEAD)
 
-    Bytes that decoded to a broadcast once decode to the same (immutable) object again, and
-    re-encode to themselves: relaying a broadcast costs neither a decode nor an encode.
+
+def decode_message(value: Any) -> Message | None:
+    """``from_wire`` with a cache for broadcasts, which a node hears many times over.
+
+    The cache is keyed by the unpacked value; a hit means an equal value was validated
+    before. (Equality lets 1 stand for True or 1.0 for 1 on a hit, which yields the very
+    message a valid encoding would: harmless, and only a key holder can send either.)
     """
-    msg = _DECODED.get(raw)
-    if msg is not None:
+    if type(value) is tuple and value and value[0] in _BROADCAST_KINDS:
+        try:
+            cached = _DECODED.get(value)
+        except TypeError:  # unhashable (a map inside): not a valid message anyway
+            cached = None
+        if cached is not None:
+            return cached
+        msg = from_wire(value)
+        if msg is not None:
+            if len(_DECODED) >= _CACHE_ENTRIES:
+                _DECODED.clear()
+            _DECODED[value] = msg
         return msg
-    msg = from_wire(msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=False))
-    if isinstance(msg, Alive | Suspect | Dead):
-        if len(_DECODED) >= _CACHE_ENTRIES:
-            _DECODED.clear()
-        _DECODED[raw] = msg
-        _remember(msg, raw)
-    return msg
+    return from_wire(value)
 
 
 def push_pull_from_wire(value: Any) -> PushPull:
