@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import shutil
 import signal
 import socket
@@ -47,6 +48,15 @@ class Tally:
 def _die_with_parent() -> None:
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     libc.prctl(1, signal.SIGKILL, 0, 0, 0)
+
+
+def _descendants(pid: int) -> list[int]:
+    children_file = Path(f"/proc/{pid}/task/{pid}/children")
+    try:
+        children = [int(c) for c in children_file.read_text().split()]
+    except OSError:
+        return []
+    return [d for child in children for d in (*_descendants(child), child)]
 
 
 def _wait_port(port: int, process: subprocess.Popen[bytes], timeout_s: float = 15.0) -> None:
@@ -146,8 +156,12 @@ class Cluster:
         _wait_port(port, process)
 
     def kill(self, name: str) -> None:
-        self.nodes[name].send_signal(signal.SIGKILL)
-        self.nodes[name].wait()
+        """SIGKILL a node's angel and every process under it at once, as a crash would."""
+        process = self.nodes[name]
+        for pid in [*_descendants(process.pid), process.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        process.wait()
 
     def close(self) -> None:
         for process in self.nodes.values():

@@ -8,7 +8,6 @@ that they die with the process that started them, leaving nothing behind.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
 import shutil
@@ -54,14 +53,6 @@ def _die_with_parent() -> None:
     libc.prctl(1, signal.SIGKILL, 0, 0, 0)
 
 
-def _run_as_mysql_owner(path: Path) -> None:
-    """mariadbd runs as the mysql user, so it must own its data directory."""
-    shutil.chown(path, "mysql", "mysql")
-    for root, dirs, files in os.walk(path):
-        for name in dirs + files:
-            shutil.chown(os.path.join(root, name), "mysql", "mysql")
-
-
 class MariaDB:
     """One mariadbd process with its own data directory under ``workdir``."""
 
@@ -100,7 +91,9 @@ class MariaDB:
             f"--log-error={self.dir / 'error.log'}",
             f"--init-file={init}",
             "--bind-address=127.0.0.1",
-            "--user=mysql",
+            # As root, not the mysql user: the kernel forgets the die-with-parent request
+            # when a process changes its credentials, and these servers must not outlive us.
+            "--user=root",
             "--skip-name-resolve",
             "--max-connections=4000",
             "--max-allowed-packet=1G",
@@ -111,7 +104,6 @@ class MariaDB:
         ]
         if self.tls:
             args += self._tls_args()
-        _run_as_mysql_owner(self.dir)
         self.process = subprocess.Popen(  # noqa: S603 - fixed argv
             args,
             stdout=subprocess.DEVNULL,
@@ -198,14 +190,13 @@ def make_template(workdir: Path) -> Path:
     if (template / "mysql").exists():
         return template
     template.mkdir(parents=True, exist_ok=True)
-    _run_as_mysql_owner(workdir)
     installer = shutil.which("mariadb-install-db") or "/usr/bin/mariadb-install-db"
     result = subprocess.run(  # noqa: S603 - fixed argv
         [
             installer,
             "--no-defaults",
             f"--datadir={template}",
-            "--user=mysql",
+            "--user=root",
             "--auth-root-authentication-method=socket",
             "--skip-test-db",
         ],
@@ -218,8 +209,6 @@ def make_template(workdir: Path) -> Path:
 
 
 def prepare_workdir(path: Path) -> Path:
-    """Make a directory the mysql user can enter (temporary dirs are 0700 by default)."""
+    """The directory that will hold the servers' data directories, created if need be."""
     path.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(OSError):
-        path.chmod(0o755)
     return path
