@@ -1,0 +1,112 @@
+"""Running sysbench 1.0.20 and reading its report."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from meshproxy import localdb
+
+TABLES = 4
+TABLE_SIZE = 10_000
+STORM_SCRIPT = Path(__file__).with_name("connect_storm.lua")
+
+# The storm is not a built-in test: sysbench takes a path to our Lua script instead.
+WORKLOADS = ("oltp_point_select", "oltp_read_only")
+STORM = "connect_storm"
+
+
+@dataclass(frozen=True)
+class Sample:
+    """What one sysbench run measured."""
+
+    events: int  # transactions; for the storm, connections
+    events_per_s: float
+    queries: int
+    queries_per_s: float
+    p95_ms: float
+    errors: int
+
+
+class SysbenchError(RuntimeError):
+    pass
+
+
+def _connection_args(port: int) -> list[str]:
+    return [
+        "--db-driver=mysql",
+        "--mysql-host=127.0.0.1",
+        f"--mysql-port={port}",
+        f"--mysql-user={localdb.APP_USER}",
+        f"--mysql-password={localdb.APP_PASSWORD}",
+        f"--mysql-db={localdb.DATABASE}",
+        f"--tables={TABLES}",
+        f"--table-size={TABLE_SIZE}",
+    ]
+
+
+def _test_arg(workload: str) -> str:
+    return str(STORM_SCRIPT) if workload == STORM else workload
+
+
+def prepare(port: int) -> None:
+    """Create and fill the sbtest tables (4 tables x 10k rows)."""
+    argv = ["sysbench", "oltp_read_only", *_connection_args(port), "--threads=4", "prepare"]
+    _run(argv, timeout_s=300)
+
+
+def run(workload: str, port: int, threads: int, duration_s: float) -> Sample:
+    """One timed run of ``workload`` against 127.0.0.1:port."""
+    argv = [
+        "sysbench",
+        _test_arg(workload),
+        *_connection_args(port),
+        f"--threads={threads}",
+        f"--time={max(round(duration_s), 1)}",
+        "--percentile=95",
+        "--report-interval=0",
+        "run",
+    ]
+    return parse(_run(argv, timeout_s=duration_s + 60))
+
+
+def _run(argv: list[str], timeout_s: float) -> str:
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, check=False)
+    if result.returncode != 0:
+        detail = (result.stderr or result.stdout)[-2000:]
+        raise SysbenchError(f"{' '.join(argv[:2])} failed ({result.returncode}): {detail}")
+    return result.stdout
+
+
+_EVENTS = re.compile(r"transactions:\s+(\d+)")
+_TPS = re.compile(r"transactions:\s+\d+\s+\(([\d.]+) per sec\.\)")
+_QUERIES = re.compile(r"queries:\s+(\d+)")
+_QPS = re.compile(r"queries:\s+\d+\s+\(([\d.]+) per sec\.\)")
+_P95 = re.compile(r"95th percentile:\s+([\d.]+)")
+_ERRORS = re.compile(r"ignored errors:\s+(\d+)")
+
+
+def parse(report: str) -> Sample:
+    """Read the figures we need from a sysbench 1.0.20 report."""
+    return Sample(
+        events=int(_number(_EVENTS, report)),
+        events_per_s=_number(_TPS, report),
+        queries=int(_number(_QUERIES, report)),
+        queries_per_s=_number(_QPS, report),
+        p95_ms=_number(_P95, report),
+        errors=int(_number(_ERRORS, report)),
+    )
+
+
+def _number(pattern: re.Pattern[str], report: str) -> float:
+    match = pattern.search(report)
+    if match is None:
+        raise SysbenchError(f"no {pattern.pattern!r} in the sysbench report:\n{report[-2000:]}")
+    return float(match.group(1))
+
+
+def version() -> str:
+    out = subprocess.run(["sysbench", "--version"], capture_output=True, text=True, check=False)
+    return out.stdout.strip()
