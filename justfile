@@ -22,6 +22,10 @@ demo *args:
 bench *args:
     {{venv}}/python -m bench.run {{args}}
 
+# gossip failure detection: meshproxy vs Serf (local, lan), N = 5 and 20; writes bench/results/
+bench-gossip *args:
+    {{venv}}/python -m bench.gossip {{args}}
+
 fmt:
     {{venv}}/ruff check --fix .
     {{venv}}/ruff format .

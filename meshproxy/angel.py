@@ -29,6 +29,9 @@ from meshproxy import log
 from meshproxy.config import Config
 
 TICK_S = 0.1
+# A gap this long between two of the angel's own rounds means it was stopped or starved
+# itself (SIGSTOP of the whole node): its children were too, so their silence proves nothing.
+STALL_S = 1.0
 STARTUP_GRACE_S = 15.0  # first heartbeat: interpreter start-up plus imports, on a busy host
 MAX_BACKOFF_S = 5.0
 
@@ -79,6 +82,7 @@ class Angel:
         self.selector = selectors.DefaultSelector()
         self.signals: list[int] = []
         self.exit_code: int | None = None
+        self._last_watch: float | None = None
 
     # ----------------------------------------------------------------- children
 
@@ -115,7 +119,7 @@ class Angel:
             log.warning(
                 "angel_giving_up",
                 child=child.name,
-                reason=f"{child.fast_crashes - 1} crashes in a row, each within "
+                reason=f"{child.fast_crashes} crashes in a row, each within "
                 f"{self.cfg.angel.fast_crash_s:g}s of its start",
             )
             self.exit_code = 1
@@ -136,6 +140,11 @@ class Angel:
         )
 
     def _watch(self, now: float) -> None:
+        if self._last_watch is not None and now - self._last_watch > STALL_S:
+            log.warning("angel_stalled", gap_s=f"{now - self._last_watch:.1f}")
+            for child in self.children:
+                child.last_beat = max(child.last_beat, now)
+        self._last_watch = now
         for child in self.children:
             process = child.process
             if process is None:

@@ -1,9 +1,10 @@
-"""The ``meshproxy`` command: run, check-config, demo."""
+"""The ``meshproxy`` command: run, check-config, members, ctl, demo."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 from collections.abc import Sequence
 
@@ -62,6 +63,22 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_members(args: argparse.Namespace) -> int:
+    from meshproxy import meshview
+
+    client = ctl.client(args)
+    try:
+        document = client.call("GET", "/members")
+    except ctl.ApiError as exc:
+        print(f"meshproxy members: {exc}", file=sys.stderr)
+        return ctl.EXIT_API_ERROR
+    if args.json:
+        print(json.dumps(document, indent=2))
+    else:
+        print(meshview.format_members(document["members"]), end="")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from meshproxy.demo import run_demo  # pulls in client libraries
 
@@ -97,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--duration", type=float, default=20.0, help="seconds of load (20)")
     demo.add_argument("--clients", type=int, default=8, help="concurrent clients (8)")
     demo.set_defaults(func=cmd_demo)
+
+    members = sub.add_parser("members", help="the gossip membership as a running node sees it")
+    ctl.add_connection_args(members)
+    members.add_argument("--json", action="store_true", help="the admin API's JSON document")
+    members.set_defaults(func=cmd_members)
 
     ctl.add_parser(sub)
     return parser

@@ -8,6 +8,8 @@ exist, duplicate names) are checked after the tree is built.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import enum
 import ipaddress
@@ -19,9 +21,12 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from meshproxy.errors import ConfigError
+from meshproxy.errors import ConfigError, MeshproxyError
+
+if TYPE_CHECKING:
+    from meshproxy.gossip.settings import GossipSettings
 
 
 @dataclass(frozen=True, order=True)
@@ -94,6 +99,10 @@ class NodeConfig:
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     workers: int | Literal["auto"] = 1
     drain_timeout_s: float = 30.0
+    # The tier a middle serves in, as edges name it in [[tier]]: gossip tells them its members.
+    tier: str = ""
+    # The mesh address other nodes should dial, when node.mesh_bind is a wildcard address.
+    mesh_advertise: Address | None = None
 
     def worker_count(self) -> int:
         return (os.cpu_count() or 1) if self.workers == "auto" else self.workers
@@ -101,7 +110,7 @@ class NodeConfig:
 
 @dataclass(frozen=True)
 class AngelConfig:
-    watchdog_s: float = 3.0
+    watchdog_s: float = 5.0
     fast_crash_s: float = 10.0
     max_fast_crashes: int = 5
 
@@ -169,7 +178,9 @@ class PoolConfig:
 @dataclass(frozen=True)
 class TierConfig:
     name: str
-    members: tuple[ServerConfig, ...]
+    # Required without [gossip]; with it, the tier's members come from gossip and these
+    # entries only bootstrap routing and set weights and admin states (see the README).
+    members: tuple[ServerConfig, ...] = ()
     warm_connections: int = 2
     warm_max_idle_s: int = 30
     source_ip: str = ""
@@ -184,6 +195,59 @@ class AdminConfig:
 
 
 @dataclass(frozen=True)
+class GossipConfig:
+    """SWIM membership over UDP (and TCP push-pull on the same port number)."""
+
+    bind: Address
+    advertise: Address | None = None  # default: bind
+    seeds: tuple[Address, ...] = ()
+    keys: tuple[str, ...] = ()  # base64 AES keys of 16, 24 or 32 bytes; the first encrypts
+    allow_plaintext: bool = False
+    discovery: Literal["static", "mdns"] = "static"
+    probe_interval_ms: int = 200
+    probe_timeout_ms: int = 80
+    indirect_checks: int = 3
+    suspicion_mult: float = 3.0
+    suspicion_max_mult: float = 6.0
+    gossip_interval_ms: int = 100
+    gossip_fanout: int = 3
+    retransmit_mult: int = 4
+    push_pull_interval_s: float = 15.0
+    rejoin_interval_s: float = 10.0
+    dead_gossip_s: float = 15.0
+    reap_after_s: float = 300.0
+    leave_timeout_s: float = 2.0
+    meta_refresh_s: float = 2.0
+
+    def advertised(self) -> Address:
+        return self.advertise or self.bind
+
+    def key_bytes(self) -> tuple[bytes, ...]:
+        """The keys, decoded (the config check has made sure they decode)."""
+        return tuple(base64.b64decode(key, validate=True) for key in self.keys)
+
+    def settings(self) -> GossipSettings:
+        """The membership protocol's tuning; raises GossipError for inconsistent values."""
+        from meshproxy.gossip.settings import GossipSettings  # keeps workers' imports light
+
+        return GossipSettings(
+            probe_interval_s=self.probe_interval_ms / 1000,
+            probe_timeout_s=self.probe_timeout_ms / 1000,
+            indirect_checks=self.indirect_checks,
+            suspicion_mult=self.suspicion_mult,
+            suspicion_max_mult=self.suspicion_max_mult,
+            gossip_interval_s=self.gossip_interval_ms / 1000,
+            gossip_fanout=self.gossip_fanout,
+            retransmit_mult=self.retransmit_mult,
+            push_pull_interval_s=self.push_pull_interval_s,
+            rejoin_interval_s=self.rejoin_interval_s,
+            gossip_to_dead_s=self.dead_gossip_s,
+            reap_after_s=self.reap_after_s,
+            leave_timeout_s=self.leave_timeout_s,
+        )
+
+
+@dataclass(frozen=True)
 class Config:
     node: NodeConfig
     admin: AdminConfig | None = None
@@ -193,6 +257,7 @@ class Config:
     service: tuple[ServiceConfig, ...] = ()
     pool: tuple[PoolConfig, ...] = ()
     tier: tuple[TierConfig, ...] = ()
+    gossip: GossipConfig | None = None
     source: str = field(default="<memory>", compare=False)
 
     def pools(self) -> dict[str, PoolConfig]:
@@ -226,6 +291,20 @@ _MINIMUM: dict[str, int] = {
     "weight": 1,
     "warm_connections": 0,
     "warm_max_idle_s": 1,
+    "probe_interval_ms": 10,
+    "probe_timeout_ms": 1,
+    "indirect_checks": 0,
+    "suspicion_mult": 1,
+    "suspicion_max_mult": 1,
+    "gossip_interval_ms": 10,
+    "gossip_fanout": 1,
+    "retransmit_mult": 1,
+    "push_pull_interval_s": 1,
+    "rejoin_interval_s": 1,
+    "dead_gossip_s": 0,
+    "reap_after_s": 1,
+    "leave_timeout_s": 0,
+    "meta_refresh_s": 0,
 }
 
 # Key paths whose value may be a bare string standing for the table's first field.
@@ -263,6 +342,8 @@ class _Loader:
         origin = typing.get_origin(tp)
         if origin in (types.UnionType, typing.Union):
             options = [a for a in typing.get_args(tp) if a is not type(None)]
+            if len(options) == 1:  # an optional section: its own errors name their keys
+                return self.value(options[0], raw, key)
             reasons = []
             for option in options:
                 try:
@@ -369,7 +450,11 @@ def _check_references(config: Config, loader: _Loader) -> None:
     for i, pool in enumerate(config.pool):
         _check_group(loader, f"pool[{i}]", pool.servers, "servers", pool.check, pool.source_ip)
     for i, tier in enumerate(config.tier):
-        _check_group(loader, f"tier[{i}]", tier.members, "members", tier.check, tier.source_ip)
+        # With gossip a tier's members come from gossip: an empty static list is fine.
+        allow_empty = config.gossip is not None
+        _check_group(
+            loader, f"tier[{i}]", tier.members, "members", tier.check, tier.source_ip, allow_empty
+        )
         if tier.check.type == "mysql":
             raise loader.fail(
                 f"tier[{i}].check.type", "tier members speak the mesh protocol: use 'tcp'"
@@ -385,6 +470,14 @@ def _check_references(config: Config, loader: _Loader) -> None:
                 "admin.bind", f"{config.admin.bind} is already bound by node.mesh_bind"
             )
         binds[config.admin.bind] = "admin.bind"
+    if config.gossip is not None:
+        if config.gossip.bind in binds:
+            raise loader.fail(
+                "gossip.bind",
+                f"{config.gossip.bind} is already bound by {binds[config.gossip.bind]}",
+            )
+        binds[config.gossip.bind] = "gossip.bind"
+        _check_gossip(config, loader)
     for i, listener in enumerate(config.listener):
         key = f"listener[{i}]"
         _check_upstream(config, loader, f"{key}.upstream", listener.upstream)
@@ -400,13 +493,72 @@ def _check_references(config: Config, loader: _Loader) -> None:
             "timeouts.connect_budget_ms",
             f"must be at least timeouts.connect_ms ({config.timeouts.connect_ms})",
         )
+    # With gossip, a node that serves nothing is a gossip-only member (a seed, a witness).
+    gossip_only = config.gossip is not None and not config.service and not config.listener
     if node.role == "middle":
-        if node.mesh_bind is None:
+        if node.mesh_bind is None and not gossip_only:
             raise loader.fail("node.mesh_bind", "a middle needs a mesh port to accept hops on")
-        if not config.service:
+        if not config.service and not gossip_only:
             raise loader.fail("service", "a middle needs at least one [[service]]")
-    elif not config.listener:
+    elif not config.listener and not gossip_only:
         raise loader.fail("listener", "an edge needs at least one [[listener]]")
+
+
+def _check_gossip(config: Config, loader: _Loader) -> None:
+    gossip = config.gossip
+    assert gossip is not None
+    for i, key in enumerate(gossip.keys):
+        try:
+            raw = base64.b64decode(key, validate=True)
+        except (binascii.Error, ValueError):
+            raise loader.fail(f"gossip.keys[{i}]", "not valid base64") from None
+        if len(raw) not in (16, 24, 32):
+            raise loader.fail(
+                f"gossip.keys[{i}]",
+                f"decodes to {len(raw)} bytes; an AES key is 16, 24 or 32 bytes "
+                "(make one with: head -c 32 /dev/urandom | base64)",
+            )
+    if not gossip.keys and not gossip.allow_plaintext:
+        raise loader.fail(
+            "gossip.keys",
+            "gossip needs at least one key (base64 of 16, 24 or 32 random bytes), "
+            "or allow_plaintext = true to run unauthenticated",
+        )
+    if gossip.advertise is None and _wildcard(gossip.bind.host):
+        raise loader.fail(
+            "gossip.advertise", f"required when gossip.bind is a wildcard address ({gossip.bind})"
+        )
+    if _wildcard(gossip.advertised().host):
+        raise loader.fail("gossip.advertise", "must be an address other nodes can reach")
+    if gossip.probe_timeout_ms >= gossip.probe_interval_ms:
+        raise loader.fail("gossip.probe_timeout_ms", "must be shorter than probe_interval_ms")
+    if gossip.reap_after_s < gossip.dead_gossip_s:
+        raise loader.fail("gossip.reap_after_s", "must be at least gossip.dead_gossip_s")
+    try:
+        gossip.settings()
+    except MeshproxyError as exc:  # GossipError, for a combination not caught above
+        raise loader.fail("gossip", str(exc)) from None
+    node = config.node
+    if node.role == "middle" and config.service:
+        if not node.tier:
+            raise loader.fail(
+                "node.tier",
+                "a middle in a gossip mesh names the tier it serves in "
+                "(edges take the members of their [[tier]] of that name from gossip)",
+            )
+        mesh = node.mesh_advertise or node.mesh_bind
+        if mesh is not None and _wildcard(mesh.host):
+            raise loader.fail(
+                "node.mesh_advertise",
+                f"required when node.mesh_bind is a wildcard address ({node.mesh_bind})",
+            )
+
+
+def _wildcard(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
 
 
 def to_dict(value: Any) -> Any:
@@ -433,13 +585,14 @@ def _check_group(
     what: str,
     check: CheckConfig,
     source_ip: str,
+    allow_empty: bool = False,
 ) -> None:
     if source_ip:
         try:
             ipaddress.ip_address(source_ip)
         except ValueError:
             raise loader.fail(f"{key}.source_ip", f"not an IP address: {source_ip!r}") from None
-    if not servers:
+    if not servers and not allow_empty:
         raise loader.fail(f"{key}.{what}", "needs at least one server")
     seen: set[Address] = set()
     for j, server in enumerate(servers):

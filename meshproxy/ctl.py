@@ -54,7 +54,7 @@ class Client:
         return json.loads(payload) if kind == "application/json" else payload.decode()
 
 
-def _client(args: argparse.Namespace) -> Client:
+def client(args: argparse.Namespace) -> Client:
     url = args.url or os.environ.get("MESHPROXY_ADMIN_URL", "")
     token = args.token or os.environ.get("MESHPROXY_ADMIN_TOKEN", "")
     if args.config:
@@ -106,9 +106,9 @@ def _server_fields(args: argparse.Namespace) -> dict[str, object]:
 
 
 def run(args: argparse.Namespace) -> int:
-    client = _client(args)
+    api = client(args)
     try:
-        result = _dispatch(client, args)
+        result = _dispatch(api, args)
     except ApiError as exc:
         print(f"meshproxy ctl: {exc}", file=sys.stderr)
         return EXIT_API_ERROR
@@ -154,11 +154,16 @@ def _dispatch(client: Client, args: argparse.Namespace) -> Any:
     raise AssertionError(action)  # pragma: no cover - argparse only offers the above
 
 
+def add_connection_args(parser: argparse.ArgumentParser) -> None:
+    """-c CONFIG, or --url and --token: how a command finds a node's admin API."""
+    parser.add_argument("-c", "--config", help="the node's config file (for admin.bind and token)")
+    parser.add_argument("--url", help="admin API URL, e.g. http://127.0.0.1:6032")
+    parser.add_argument("--token", help="bearer token (or MESHPROXY_ADMIN_TOKEN)")
+
+
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ctl = sub.add_parser("ctl", help="talk to a running node's admin API")
-    ctl.add_argument("-c", "--config", help="the node's config file (for admin.bind and token)")
-    ctl.add_argument("--url", help="admin API URL, e.g. http://127.0.0.1:6032")
-    ctl.add_argument("--token", help="bearer token (or MESHPROXY_ADMIN_TOKEN)")
+    add_connection_args(ctl)
     ctl.set_defaults(func=run)
     actions = ctl.add_subparsers(dest="action", required=True)
     actions.add_parser("status", help="what the node is doing")

@@ -11,11 +11,12 @@ OFFLINE_HARD).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import socket
 import time
 from collections import Counter
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from meshproxy import log
 from meshproxy.config import (
@@ -35,6 +36,12 @@ from meshproxy.health.checks import run_check
 from meshproxy.health.state import ServerHealth, ServerState, Transition
 from meshproxy.supervise import Supervisor
 
+if TYPE_CHECKING:
+    from meshproxy.meshgossip import MeshGossip
+
+
+QUICK_RECHECK_S = 0.1
+
 
 class ApplyError(MeshproxyError):
     """A valid config could not be put into effect; nothing of it was applied."""
@@ -52,6 +59,9 @@ class Group:
         self.servers: dict[Address, ServerConfig] = {}
         self.health: dict[Address, ServerHealth] = {}
         self.members: tuple[Member, ...] = ()
+        # Tier members gossip rules out (suspect, draining, no healthy backend), with why:
+        # routing sees them SHUNNED while their own health history carries on underneath.
+        self.blocked: dict[Address, str] = {}
 
     def configure(
         self,
@@ -83,9 +93,15 @@ class Group:
 
     def publish(self) -> None:
         self.members = tuple(
-            Member(address, self.servers[address].weight, health.state)
+            Member(address, self.servers[address].weight, self._state(address, health))
             for address, health in self.health.items()
         )
+
+    def _state(self, address: Address, health: ServerHealth) -> ServerState:
+        state = health.state
+        if state is ServerState.ONLINE and address in self.blocked:
+            return ServerState.SHUNNED
+        return state
 
 
 def _group_settings(config: Config) -> dict[UpstreamRef, tuple[Any, ...]]:
@@ -158,6 +174,11 @@ class Node:
         self.retired = Counters()  # counters of data planes that have gone away
         self.tasks = Supervisor()
         self.started = time.monotonic()
+        self.gossip: MeshGossip | None = None
+        # Health checks that gossip asked to run now (another middle saw the server down),
+        # and how many quick re-checks each still gets.
+        self._recheck: dict[tuple[UpstreamRef, Address], asyncio.Event] = {}
+        self._quick_checks: dict[tuple[UpstreamRef, Address], int] = {}
 
     def add_link(self, link: PlaneLink) -> None:
         """Attach a data plane and bring it up to date with every group's members."""
@@ -177,7 +198,25 @@ class Node:
         self._take(self.config)
         self.tasks.spawn("ejection expiry", self._expiry_loop)
 
+    async def start_gossip(self) -> None:
+        """Join the gossip mesh if the config has [gossip] (raises OSError if it cannot bind)."""
+        if self.config.gossip is None:
+            return
+        from meshproxy.meshgossip import MeshGossip  # pulls in the codec's crypto
+
+        gossip = MeshGossip(self, self.config.gossip)
+        await gossip.start()
+        self.gossip = gossip
+
+    def set_draining(self) -> None:
+        """Shutdown began: tell the mesh, so that edges stop sending new connections here."""
+        if self.gossip is not None:
+            self.gossip.set_draining()
+
     async def stop(self) -> None:
+        if self.gossip is not None:
+            await self.gossip.stop()  # a graceful leave first: others see "left", not "dead"
+            self.gossip = None
         await self.tasks.stop()
 
     # ----------------------------------------------------------------- runtime changes
@@ -191,6 +230,8 @@ class Node:
         old_admin = old.admin.bind if old.admin else None
         if old_admin != (new.admin.bind if new.admin else None):
             raise ApplyError("admin.bind cannot change at runtime: restart the node")
+        if old.gossip != new.gossip:
+            raise ApplyError("the [gossip] section cannot change at runtime: restart the node")
         probe_binds(old, new)
         try:
             for link in self.links:
@@ -213,11 +254,21 @@ class Node:
                 group = self.groups[ref] = Group(ref)
                 changes.append(f"{ref} added")
             before = (dict(group.servers), group.check, group.eject)
+            if self.gossip is not None and ref.kind is UpstreamKind.TIER:
+                # With gossip, a tier's members are the middles gossip knows for it.
+                args = (self.gossip.tier_servers(group, new), *args[1:])
             transitions = group.configure(*args)
             self._publish(group)
             for address, transition in transitions:
                 self._apply(group, address, transition)
             changes += _describe_group_change(ref, before, group)
+        self.sync_checks()
+        if self.gossip is not None:
+            self.gossip.health_changed()  # services, tier or mesh address may have changed
+        return changes
+
+    def sync_checks(self) -> None:
+        """Run one check loop per checked server of every group, and no other."""
         wanted = {}
         for ref, group in self.groups.items():
             if group.check.type != "none":
@@ -227,7 +278,10 @@ class Node:
         for key, (group, address) in wanted.items():
             if key not in self.tasks:
                 self.tasks.spawn(key, self._check_loop, group, address)
-        return changes
+        checked = {(group.ref, address) for group, address in wanted.values()}
+        for stale in set(self._recheck) - checked:
+            del self._recheck[stale]
+            self._quick_checks.pop(stale, None)
 
     # ----------------------------------------------------------------- health
 
@@ -248,6 +302,8 @@ class Node:
         group.publish()
         for link in self.links:
             link.members(group.ref, group.members)
+        if self.gossip is not None:
+            self.gossip.health_changed()
 
     def _apply(self, group: Group, address: Address, transition: Transition | None) -> None:
         """Publish a state change: log it, count it, and act on the sessions it concerns."""
@@ -273,8 +329,9 @@ class Node:
 
     async def _check_loop(self, group: Group, address: Address) -> None:
         interval = group.check.interval_ms / 1000
+        key = (group.ref, address)
         # Spread the checks of many servers over the interval instead of bursting.
-        await asyncio.sleep(random.uniform(0, interval))
+        await self._pause(key, random.uniform(0, interval))
         while True:
             health = group.health.get(address)
             if health is None:
@@ -283,7 +340,34 @@ class Node:
             self.counters.inc("health_checks", upstream=str(group.ref), ok=str(result.ok).lower())
             transition = health.check_result(result.ok, result.detail, time.monotonic())
             self._apply(group, address, transition)
-            await asyncio.sleep(interval)
+            delay = interval
+            quick = self._quick_checks.pop(key, 0) - 1
+            if quick > 0 and not result.ok and health.state is ServerState.ONLINE:
+                # Another middle sees it down: confirm (or not) within `fall` quick checks.
+                self._quick_checks[key] = quick
+                delay = min(interval, QUICK_RECHECK_S)
+            await self._pause(key, delay)
+
+    async def _pause(self, key: tuple[UpstreamRef, Address], delay: float) -> None:
+        """Sleep until the next check, or until gossip asks for this server now."""
+        wake = self._recheck.setdefault(key, asyncio.Event())
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay):
+                await wake.wait()
+        wake.clear()
+
+    def recheck(self, ref: UpstreamRef, address: Address) -> bool:
+        """Check a server at once (another middle reports it down); False if not checked."""
+        group = self.groups.get(ref)
+        health = group.health.get(address) if group is not None else None
+        if group is None or health is None or group.check.type == "none":
+            return False
+        if health.state is not ServerState.ONLINE:
+            return False
+        key = (ref, address)
+        self._quick_checks[key] = group.check.fall
+        self._recheck.setdefault(key, asyncio.Event()).set()
+        return True
 
     async def _expiry_loop(self) -> None:
         while True:
@@ -327,13 +411,23 @@ class Node:
                         "weight": m.weight,
                         "active": active[str(m.address)],
                         "last_check": group.health[m.address].last_detail,
+                        "gossip": group.blocked.get(m.address, ""),
                     }
                     for m in group.members
                 ]
                 for ref, group in self.groups.items()
             },
             "counters": self.total_counters().as_dict(),
+            "gossip": self.gossip.summary() if self.gossip is not None else None,
         }
+
+    def active_sessions(self) -> int:
+        """Sessions open on every data plane (as of their last report)."""
+        return sum(int(link.stats()["sessions"]) for link in self.links)
+
+    def members(self) -> dict[str, Any] | None:
+        """The gossip membership as this node sees it; None without [gossip]."""
+        return self.gossip.members_document() if self.gossip is not None else None
 
 
 def _describe_changes(old: Config, new: Config) -> list[str]:

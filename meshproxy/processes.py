@@ -68,8 +68,10 @@ async def run_single(cfg: Config) -> int:
     try:
         await host.start()
         await admin.start()
+        await node.start_gossip()
     except OSError as exc:
         log.warning("bind_failed", error=describe(exc))
+        await admin.stop()
         await host.stop()
         await node.stop()
         return 1
@@ -77,6 +79,7 @@ async def run_single(cfg: Config) -> int:
     _signals(stop, admin.reload)
     log.event("node_started", role=cfg.node.role, mode="single")
     await stop.wait()
+    node.set_draining()
     left = await host.drain(node.config.node.drain_timeout_s)
     log.event("node_stopping", sessions_cut=left)
     await admin.stop()
@@ -140,6 +143,8 @@ async def run_control(cfg: Config, channel_path: str, heartbeat_fd: int | None) 
                 node.connect_report(ref, address, message.get("err"))
             elif kind == "stats":
                 link.update(message)
+            elif kind == "draining":
+                node.set_draining()
 
         try:
             await channel.read_messages(reader, handle)
@@ -151,8 +156,10 @@ async def run_control(cfg: Config, channel_path: str, heartbeat_fd: int | None) 
     try:
         server = await asyncio.start_unix_server(serve_worker, path=channel_path)
         await admin.start()
+        await node.start_gossip()
     except OSError as exc:
         log.warning("bind_failed", error=describe(exc))
+        await admin.stop()
         await node.stop()
         return 1
     start_heartbeat(heartbeat_fd)
@@ -178,11 +185,21 @@ class WorkerChannel:
         self.index = index
         self.peer: Peer | None = None
         self.host: PlaneHost | None = None
+        self.failed: set[Address] = set()  # members whose last connect from here failed
+        self.pending_config: Config | None = None
         # Snapshots that arrive before the host exists are kept for it.
         self.members: dict[UpstreamRef, tuple[Member, ...]] = {}
         self.first_config: asyncio.Future[Config] = asyncio.get_running_loop().create_future()
 
     def report(self, ref: UpstreamRef, address: Address, error: str | None) -> None:
+        # A success only matters to the control plane after a failure (it resets the
+        # consecutive-failure count); sending every one would cost a message per connect.
+        if error is None:
+            if address not in self.failed:
+                return
+            self.failed.discard(address)
+        else:
+            self.failed.add(address)
         if self.peer is not None:
             self.peer.send({"t": "report", "ref": str(ref), "addr": str(address), "err": error})
 
@@ -214,11 +231,10 @@ class WorkerChannel:
                 return
             if not self.first_config.done():
                 self.first_config.set_result(new)
-            elif host is not None:
-                try:
-                    await host.apply_config(new)
-                except OSError as exc:
-                    log.warning("bind_failed", error=describe(exc))
+            elif host is None:
+                self.pending_config = new  # the host is being built: it takes this next
+            else:
+                await self.apply(new)
         elif kind == "members":
             ref, members = channel.parse_members(message)
             self.members[ref] = members
@@ -228,6 +244,13 @@ class WorkerChannel:
             closed = host.plane.close_sessions(Address.parse(message["addr"]))
             if closed:
                 log.event("sessions_closed", server=message["addr"], count=closed)
+
+    async def apply(self, new: Config) -> None:
+        assert self.host is not None
+        try:
+            await self.host.apply_config(new)
+        except OSError as exc:
+            log.warning("bind_failed", error=describe(exc))
 
     async def send_stats(self) -> None:
         while True:
@@ -250,13 +273,18 @@ async def run_worker(cfg: Config, channel_path: str, index: int, heartbeat_fd: i
     host = PlaneHost(cfg, Counters(), link.report, reuse_port=True)
     for ref, members in link.members.items():
         host.apply_members(ref, members)
-    link.host = host
     try:
         await host.start()
     except OSError as exc:
         log.warning("bind_failed", error=describe(exc))
         await tasks.stop()
         return 1
+    # What arrived while the host was binding (kept by the channel) applies now.
+    link.host = host
+    for ref, members in link.members.items():
+        host.apply_members(ref, members)
+    if link.pending_config is not None:
+        await link.apply(link.pending_config)
     tasks.spawn("stats", link.send_stats)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -265,6 +293,8 @@ async def run_worker(cfg: Config, channel_path: str, index: int, heartbeat_fd: i
     loop.add_signal_handler(signal.SIGHUP, lambda: None)  # the control process reloads
     log.event("worker_started", worker=index)
     await stop.wait()
+    if link.peer is not None:
+        link.peer.send({"t": "draining"})  # the control process tells the mesh
     left = await host.drain(host.config.node.drain_timeout_s)
     log.event("worker_stopping", worker=index, sessions_cut=left)
     await tasks.stop()

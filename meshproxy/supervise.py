@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -38,13 +37,15 @@ class Supervisor:
             self.cancel(name)
 
     async def stop(self) -> None:
-        tasks = list(self._tasks.values())
+        pending = set(self._tasks.values())
         self._tasks.clear()
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # Cancel until each task has ended: on Python 3.11, asyncio.wait_for (which aiomysql's
+        # connect uses) swallows a cancel that arrives as its inner future completes, and a
+        # health check loop cancelled only once would then run on and hang the shutdown.
+        while pending:
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=0.2)
 
     async def _run(self, name: str, fn: Loop, *args: Any) -> None:
         while True:

@@ -46,6 +46,8 @@ class Control(Protocol):
 
     def status(self) -> dict[str, Any]: ...
 
+    def members(self) -> dict[str, Any] | None: ...
+
     async def apply(self, new: Config) -> list[str]: ...
 
 
@@ -68,6 +70,7 @@ class AdminAPI:
         r = app.router
         r.add_get("/status", self.status)
         r.add_get("/metrics", self.metrics)
+        r.add_get("/members", self.members)
         r.add_get("/config", self.get_config)
         r.add_put("/config", self.put_config)
         r.add_patch("/config", self.patch_config)
@@ -122,6 +125,12 @@ class AdminAPI:
 
     async def status(self, request: web.Request) -> web.Response:
         return web.json_response(self.control.status())
+
+    async def members(self, request: web.Request) -> web.Response:
+        document = self.control.members()
+        if document is None:
+            raise edits.NotFound("this node has no [gossip] section: it keeps no membership")
+        return web.json_response(document)
 
     async def metrics(self, request: web.Request) -> web.Response:
         body = generate_latest(self.registry)

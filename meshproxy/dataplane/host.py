@@ -111,6 +111,8 @@ class PlaneHost:
     def take(self, new: Config) -> None:
         """Apply everything of ``new`` except binding; none of it can fail."""
         self.config = new
+        # A worker process has no Node of its own to set its log level: the host does.
+        log.set_level(new.node.log_level)
         plane = self.plane
         plane.max_hops = new.node.max_hops
         plane.node_name = new.node.name
@@ -153,7 +155,14 @@ class PlaneHost:
     def apply_members(self, ref: UpstreamRef, members: tuple[Member, ...]) -> None:
         view = self.groups.get(ref)
         if view is not None:
+            gone = {m.address for m in view.members} - {m.address for m in members}
             view.members = members
+            # Connects still waiting for a member that is no longer eligible move on now.
+            for address in gone:
+                self.plane.connector.abandon(address, "no longer a member")
+            for member in members:
+                if member.state is not ServerState.ONLINE:
+                    self.plane.connector.abandon(member.address, f"{member.state} now")
             pool = self.warm.get(ref.name) if ref.kind is UpstreamKind.TIER else None
             if pool is not None:
                 pool.wanted.set()

@@ -38,6 +38,12 @@ class Dialing(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.first = b""
         self.lost = False
+        self.abandoned = False
+
+    def abandon(self, reason: str) -> None:
+        """Give up waiting for this member (the control plane ruled it out): retry another."""
+        self.abandoned = True
+        self._fail(reason)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -171,6 +177,17 @@ class Connector:
         self.budget_s = budget_s
         self._rng = rng or random.Random()
         self.counters = counters
+        # Attempts still waiting for a connect or a greeting, by member.
+        self._dialing: dict[Address, set[Dialing]] = {}
+
+    def abandon(self, address: Address, reason: str) -> int:
+        """Fail the attempts to ``address`` that have not seen a greeting yet, so that they
+        move on to another member at once (a SIGSTOPped middle accepts, then never greets:
+        without this they would wait out the whole connect budget)."""
+        dialings = list(self._dialing.get(address, ()))
+        for dialing in dialings:
+            dialing.abandon(reason)
+        return len(dialings)
 
     async def open(
         self,
@@ -184,32 +201,44 @@ class Connector:
         tried: set[Address] = set()
         deadline = time.monotonic() + self.budget_s
 
+        async def attempt_one() -> None:
+            members = self._groups[ref].members
+            member = choose(members, self._active, tried, self._rng)
+            if member is None and tried:
+                tried.clear()  # every candidate failed once: start another round
+                member = choose(members, self._active, tried, self._rng)
+            if member is None:
+                raise NoUpstream(f"no eligible member in {ref}")
+            tried.add(member.address)
+            remaining = deadline - time.monotonic()
+            await self._attempt(
+                ref, member.address, session, client, header, await_greeting, remaining
+            )
+
+        # The first attempt goes without the retry machinery: it is the common case, and a
+        # connection storm pays for every allocation on this path.
+        try:
+            await attempt_one()
+        except UpstreamError:
+            if time.monotonic() >= deadline:
+                raise
+        else:
+            return
+
         def wait(state: RetryCallState) -> float:
             # Straight on to an untried member; back off only between whole rounds.
             return 0.0 if tried else min(0.02 * 2 ** (state.attempt_number // 4), 0.25)
 
         retrying = AsyncRetrying(
-            stop=stop_after_delay(self.budget_s),
+            stop=stop_after_delay(max(deadline - time.monotonic(), 0.0)),
             wait=wait,
             retry=retry_if_exception_type(UpstreamError),
             reraise=True,
         )
         async for attempt in retrying:
             with attempt:
-                if attempt.retry_state.attempt_number > 1:
-                    self.counters.inc("connect_retries", upstream=str(ref))
-                members = self._groups[ref].members
-                member = choose(members, self._active, tried, self._rng)
-                if member is None and tried:
-                    tried.clear()  # every candidate failed once: start another round
-                    member = choose(members, self._active, tried, self._rng)
-                if member is None:
-                    raise NoUpstream(f"no eligible member in {ref}")
-                tried.add(member.address)
-                remaining = deadline - time.monotonic()
-                await self._attempt(
-                    ref, member.address, session, client, header, await_greeting, remaining
-                )
+                self.counters.inc("connect_retries", upstream=str(ref))
+                await attempt_one()
 
     async def _attempt(
         self,
@@ -226,6 +255,8 @@ class Connector:
         dialing = Dialing(ready, address)
         transport: asyncio.Transport | None = None
         pool = self._warm.get(ref.name) if ref.kind is UpstreamKind.TIER else None
+        waiting = self._dialing.setdefault(address, set())
+        waiting.add(dialing)
         try:
             transport = pool.take(address) if pool is not None else None
             if transport is not None:
@@ -250,12 +281,19 @@ class Connector:
             if transport is not None:
                 transport.abort()
             detail = exc.reason if isinstance(exc, ConnectFailed) else describe(exc)
-            self._report(ref, address, detail)
+            if not dialing.abandoned:  # the control plane's verdict is no connect failure
+                self._report(ref, address, detail)
             raise ConnectFailed(str(address), detail) from None
         except BaseException:
             if transport is not None:
                 transport.abort()
             raise
+        finally:
+            waiting.discard(dialing)
+            if not waiting:
+                self._dialing.pop(address, None)
+            if ready.done() and not ready.cancelled():
+                ready.exception()  # retrieved: a failure after another failure is no news
         upstream = Half(session, client)
         upstream.transport = transport
         session.upstream = upstream

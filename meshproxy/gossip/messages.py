@@ -46,6 +46,8 @@ class NodeMeta:
     services: tuple[ServiceHealth, ...] = ()
     active_connections: int = 0
     draining: bool = False
+    # Where the node accepts hops from other mesh nodes ("host:port"); "" when it has none.
+    mesh: str = ""
 
 
 # ---- messages carried in UDP packets ---------------------------------------------------

@@ -47,6 +47,7 @@ MAX_HOST_CHARS = 253
 MAX_INT = 2**63 - 1
 MAX_SERVICES = 32
 MAX_DOWN_BACKENDS = 32
+MAX_META_FIELDS = 16
 # An alive message must leave room for a ping and a little gossip in its packet.
 MAX_ALIVE_BYTES = 600
 
@@ -71,7 +72,7 @@ class Kind(enum.IntEnum):
 
 def _meta_out(meta: NodeMeta) -> list[Any]:
     services = [[s.name, s.healthy, s.total, list(s.down)] for s in meta.services]
-    return [meta.role, meta.tier, services, meta.active_connections, meta.draining]
+    return [meta.role, meta.tier, services, meta.active_connections, meta.draining, meta.mesh]
 
 
 def to_wire(msg: Message | PushPull) -> list[Any]:
@@ -196,7 +197,14 @@ def _addr(value: Any) -> Addr:
 
 
 def _meta_in(value: Any) -> NodeMeta:
-    role, tier, services, active, draining = _fields(value, "meta", 5)
+    # Five fields in the first version, the mesh address since; fields a newer peer appends
+    # are ignored, so metadata can grow without a new wire version.
+    if type(value) is not tuple or not 5 <= len(value) <= MAX_META_FIELDS:
+        raise _bad("meta")
+    role, tier, services, active, draining = value[:5]
+    mesh = value[5] if len(value) > 5 else ""
+    if type(mesh) is not str or len(mesh) > MAX_HOST_CHARS + 8:
+        raise _bad("mesh address")
     if type(role) is not str or len(role) > MAX_NAME_CHARS:
         raise _bad("role")
     if type(tier) is not str or len(tier) > MAX_NAME_CHARS:
@@ -220,7 +228,7 @@ def _meta_in(value: Any) -> NodeMeta:
         )
     if type(draining) is not bool:
         raise _bad("draining")
-    return NodeMeta(role, tier, tuple(parsed), _uint(active, "active connections"), draining)
+    return NodeMeta(role, tier, tuple(parsed), _uint(active, "active connections"), draining, mesh)
 
 
 def from_wire(value: Any) -> Message | None:

@@ -1,0 +1,134 @@
+"""Fixtures of the integration suite: MariaDB servers, node processes and the common chain.
+
+Everything runs on loopback: MariaDB servers started from one template data directory,
+``meshproxy run`` processes with their stderr captured to files, and real clients.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable, Generator, Iterator
+from pathlib import Path
+
+import pytest
+
+from meshproxy import localdb
+from tests.integration.harness import (
+    Chain,
+    MariaDBFarm,
+    NodeFactory,
+    edge_config,
+    free_port,
+    middle_config,
+)
+
+MariaDBFactory = Callable[..., localdb.MariaDB]
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Remember each phase's report on the item, so fixtures can tell that a test failed."""
+    report = yield
+    setattr(item, f"report_{report.when}", report)
+    return report
+
+
+@pytest.fixture(scope="session")
+def mariadb_farm() -> Iterator[MariaDBFarm]:
+    """A template data directory made once, and the servers started from it this session."""
+    if localdb.mariadbd_path() is None:
+        pytest.skip("mariadbd is not installed (apt-get install mariadb-server)")
+    # Not under pytest's basetemp: that is mode 0700 and mariadbd runs as the mysql user.
+    workdir = localdb.prepare_workdir(Path(tempfile.mkdtemp(prefix="meshproxy-it-")))
+    farm = MariaDBFarm(workdir, localdb.make_template(workdir))
+    try:
+        yield farm
+    finally:
+        farm.stop_all()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def mariadb_factory(mariadb_farm: MariaDBFarm) -> Iterator[MariaDBFactory]:
+    """Start MariaDB servers for one test (own datadir, free port); stopped at its end."""
+    started: list[localdb.MariaDB] = []
+
+    def start(tls: bool = False) -> localdb.MariaDB:
+        server = mariadb_farm.start(tls=tls)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        mariadb_farm.stop(server)
+
+
+@pytest.fixture(scope="session")
+def shared_mariadb(mariadb_farm: MariaDBFarm) -> localdb.MariaDB:
+    """One TLS-capable MariaDB server for the tests that neither kill nor break it."""
+    return mariadb_farm.start(tls=True)
+
+
+def _print_logs(factory: NodeFactory) -> None:
+    for node in factory.nodes:
+        print(f"----- log of node {node.name} ({node.log_path})\n{node.text()[-8000:]}")
+
+
+def _failed(request: pytest.FixtureRequest) -> bool:
+    call = getattr(request.node, "report_call", None)
+    return call is not None and bool(call.failed)
+
+
+@pytest.fixture
+def nodes(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[NodeFactory]:
+    """Start ``meshproxy run`` processes; at the end SIGTERM them and check they exited
+    cleanly, left no process behind, and logged no traceback or crashed task."""
+    factory = NodeFactory(tmp_path)
+    yield factory
+    problems = factory.stop_all()
+    if _failed(request):
+        _print_logs(factory)
+    if problems:
+        pytest.fail("\n".join(problems))
+
+
+def _start_chain(factory: NodeFactory, backend: localdb.MariaDB) -> Chain:
+    mesh_port, edge_port = free_port(), free_port()
+    middle = factory.start(middle_config("middle1", mesh_port, servers=[backend.port]))
+    edge = factory.start(edge_config("edge1", edge_port, [mesh_port]))
+    return Chain(edge, middle, edge_port, backend)
+
+
+@pytest.fixture
+def chain(nodes: NodeFactory, shared_mariadb: localdb.MariaDB) -> Chain:
+    """client -> edge -> middle -> the shared MariaDB server, for this test alone."""
+    return _start_chain(nodes, shared_mariadb)
+
+
+@pytest.fixture(scope="module")
+def _module_chain(
+    tmp_path_factory: pytest.TempPathFactory, shared_mariadb: localdb.MariaDB
+) -> Iterator[tuple[NodeFactory, Chain]]:
+    factory = NodeFactory(tmp_path_factory.mktemp("chain"))
+    try:
+        yield factory, _start_chain(factory, shared_mariadb)
+    finally:
+        problems = factory.stop_all()
+        if problems:
+            _print_logs(factory)
+            pytest.fail("\n".join(problems))
+
+
+@pytest.fixture
+def shared_chain(
+    request: pytest.FixtureRequest, _module_chain: tuple[NodeFactory, Chain]
+) -> Iterator[Chain]:
+    """client -> edge -> middle -> the shared MariaDB server, shared by the tests of a module
+    that leave the chain as they found it (it is checked for problems when they are done)."""
+    factory, chain = _module_chain
+    yield chain
+    if _failed(request):
+        _print_logs(factory)
