@@ -17,6 +17,7 @@ class Supervisor:
     def __init__(self, restart_delay_s: float = 1.0) -> None:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._restart_delay_s = restart_delay_s
+        self._reapers: set[asyncio.Task[None]] = set()
 
     def __contains__(self, name: str) -> bool:
         return name in self._tasks
@@ -29,7 +30,9 @@ class Supervisor:
     def cancel(self, name: str) -> None:
         task = self._tasks.pop(name, None)
         if task is not None:
-            task.cancel()
+            reaper = asyncio.get_running_loop().create_task(_cancel_until_done({task}))
+            self._reapers.add(reaper)
+            reaper.add_done_callback(self._reapers.discard)
 
     def keep_only(self, prefix: str, names: set[str]) -> None:
         """Cancel the tasks whose name starts with ``prefix`` and is not in ``names``."""
@@ -37,15 +40,9 @@ class Supervisor:
             self.cancel(name)
 
     async def stop(self) -> None:
-        pending = set(self._tasks.values())
+        pending = set(self._tasks.values()) | self._reapers
         self._tasks.clear()
-        # Cancel until each task has ended: on Python 3.11, asyncio.wait_for (which aiomysql's
-        # connect uses) swallows a cancel that arrives as its inner future completes, and a
-        # health check loop cancelled only once would then run on and hang the shutdown.
-        while pending:
-            for task in pending:
-                task.cancel()
-            _, pending = await asyncio.wait(pending, timeout=0.2)
+        await _cancel_until_done(pending)
 
     async def _run(self, name: str, fn: Loop, *args: Any) -> None:
         while True:
@@ -58,3 +55,14 @@ class Supervisor:
                 await asyncio.sleep(self._restart_delay_s)
             else:
                 return
+
+
+async def _cancel_until_done(tasks: set[asyncio.Task[None]]) -> None:
+    """Cancel until each task has ended: on Python 3.11, asyncio.wait_for (which aiomysql's
+    connect uses) swallows a cancel that arrives as its inner future completes, and a
+    health check loop cancelled only once would then run on (and hang a shutdown)."""
+    pending = set(tasks)
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.2)

@@ -45,6 +45,13 @@ class Dialing(asyncio.Protocol):
         self.abandoned = True
         self._fail(reason)
 
+    async def greeted(self) -> None:
+        """Wait for the server's first bytes; a server gone right after them failed too
+        (the client has seen nothing yet, so another member can still be tried)."""
+        await self.ready
+        if self.lost:
+            raise ConnectFailed(str(self.address), "closed right after its greeting")
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
@@ -276,7 +283,7 @@ class Connector:
                 transport.write(header.encode())
             if await_greeting:
                 async with asyncio.timeout(max(remaining_s, 0.001)):
-                    await ready
+                    await dialing.greeted()
         except (OSError, TimeoutError, ConnectFailed) as exc:
             if transport is not None:
                 transport.abort()
@@ -304,5 +311,3 @@ class Connector:
             client.write(dialing.first)
         transport.resume_reading()
         self._report(ref, address, None)
-        if dialing.lost:
-            session.close()
