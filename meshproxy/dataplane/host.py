@@ -64,16 +64,42 @@ class PlaneHost:
     # ----------------------------------------------------------------- config
 
     async def start(self) -> None:
-        """Bind what the config names and start the loops; raises OSError if a bind fails."""
+        """Bind what the config names and start the loops.
+
+        A port that cannot be bound is reported and the rest serves (a later reload tries
+        it again); only when nothing at all could be bound does this raise OSError.
+        """
         self.plane.routes = routes(self.config)
         self._sync_groups(self.config)
-        try:
-            await self.bind(set(), self.config)
-        except OSError:
+        wanted = binds(self.config)
+        failure: OSError | None = None
+        for name, (address, backlog) in wanted.items():
+            failure = await self._bind_reporting(name, address, backlog, self.config) or failure
+        if wanted and not self.plane.entrances:
             await self.plane.close()
-            raise
+            raise failure or OSError("nothing could be bound")
         self.take(self.config)
         self.tasks.spawn("idle sweeper", self._sweep_loop)
+
+    async def _bind_reporting(
+        self, name: str, address: Address, backlog: int, new: Config
+    ) -> OSError | None:
+        """Bind, or log and count why not; the other entrances carry on either way."""
+        try:
+            await self._bind_one(name, address, backlog, new)
+        except OSError as exc:
+            self.counters.inc("bind_failures", entrance=name)
+            log.warning("bind_failed", listener=name, bind=str(address), error=describe(exc))
+            return exc
+        return None
+
+    async def _bind_one(self, name: str, address: Address, backlog: int, new: Config) -> None:
+        listener = next((item for item in new.listener if item.name == name), None)
+        entrance = self.plane.entrances.get(name) or Entrance(
+            name, mesh=name == MESH, max_connections=1, header_timeout_s=1.0
+        )
+        configure_entrance(entrance, new, listener)
+        await self.plane.bind(entrance, address, backlog, self.reuse_port)
 
     async def bind(self, keep: set[str], new: Config) -> list[str]:
         """Bind entrances that are new or moved; on OSError undo what this call bound.
@@ -81,21 +107,18 @@ class PlaneHost:
         ``keep`` names the entrances whose address did not change and stay bound.
         """
         wanted = binds(new)
-        listeners = {listener.name: listener for listener in new.listener}
         # New listeners must find their route from their first client on.
         self.plane.routes = {**self.plane.routes, **routes(new)}
         changes = []
         bound: list[str] = []
         try:
             for name, (address, backlog) in wanted.items():
-                if name in keep and name in self.plane.entrances:
+                if name in keep:
+                    if name not in self.plane.entrances:  # failed at start: try again
+                        await self._bind_reporting(name, address, backlog, new)
                     continue
-                entrance = self.plane.entrances.get(name) or Entrance(
-                    name, mesh=name == MESH, max_connections=1, header_timeout_s=1.0
-                )
-                configure_entrance(entrance, new, listeners.get(name))
                 existed = name in self.plane.entrances
-                await self.plane.bind(entrance, address, backlog, self.reuse_port)
+                await self._bind_one(name, address, backlog, new)
                 if not existed:
                     bound.append(name)
                 changes.append(f"listener {name} bound to {address}")

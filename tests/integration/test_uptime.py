@@ -546,6 +546,31 @@ def test_sigterm_lets_running_query_finish(nodes: NodeFactory, backends: Backend
     assert node.events("angel_stopped")
 
 
+def test_unbindable_listener_is_reported_and_the_rest_serves(
+    nodes: NodeFactory, backends: Backends
+) -> None:
+    """A listener whose port is taken is logged as bind_failed while the other listener
+    serves; once the port is free, a SIGHUP reload binds it without a restart."""
+    held = socket.socket()
+    held.bind((HOST, 0))
+    held.listen(1)
+    spare_port = held.getsockname()[1]
+    doc = uptime_config("ub", [backends[0].port], free_port(), free_port(), workers=1)
+    doc["listener"].append({"name": "spare", "bind": addr(spare_port), "upstream": "pool:main"})
+    try:
+        node = start_node(nodes, doc)
+        node.wait_for_event("bind_failed", listener="spare")
+        app_port = int(doc["listener"][0]["bind"].rsplit(":", 1)[1])
+        assert query(app_port, "SELECT 1") == [(1,)]
+        pids = worker_pids(node)
+    finally:
+        held.close()
+    node.reload(doc)
+    node.wait_for_event("listening", listener="spare")
+    assert query(spare_port, "SELECT 1") == [(1,)]
+    assert worker_pids(node) == pids
+
+
 def test_sighup_reloads_without_restart(nodes: NodeFactory, backends: Backends) -> None:
     """After the config file gains a server and changes a weight, SIGHUP to the angel puts both
     into effect (GET /status, new connections reach the new server) with the same processes;
@@ -776,9 +801,10 @@ def test_angel_gives_up_after_fast_crashes(tmp_path: Path, backends: Backends) -
     with ``angel.max_fast_crashes = 2`` the angel logs ``angel_giving_up`` after the third
     crash and exits 1, leaving no process behind."""
     max_fast_crashes = 2
-    busy = socket.socket()
-    busy.bind((HOST, 0))
-    busy.listen(1)
+    busy, busy_mesh = socket.socket(), socket.socket()
+    for held in (busy, busy_mesh):
+        held.bind((HOST, 0))
+        held.listen(1)
     port = busy.getsockname()[1]
     doc = uptime_config(
         "gu",
@@ -788,6 +814,8 @@ def test_angel_gives_up_after_fast_crashes(tmp_path: Path, backends: Backends) -
         workers=1,
         angel={"max_fast_crashes": max_fast_crashes, "fast_crash_s": 30},
     )
+    # Every port held: a worker with nothing to serve exits (one bad port alone would not).
+    doc["node"]["mesh_bind"] = addr(busy_mesh.getsockname()[1])
     config_path = tmp_path / "gu.toml"
     config_path.write_text(to_toml(doc))
     log_path = tmp_path / "gu.log"
@@ -810,9 +838,10 @@ def test_angel_gives_up_after_fast_crashes(tmp_path: Path, backends: Backends) -
                     process.wait()
     finally:
         busy.close()
+        busy_mesh.close()
     text = log_path.read_text(errors="replace")
     assert code == 1, text
     assert " angel_giving_up " in text, text
-    assert len(re.findall(r" bind_failed ", text)) == max_fast_crashes + 1, text
+    assert len(re.findall(r" bind_failed .*listener=app", text)) == max_fast_crashes + 1, text
     assert "Traceback" not in text, text
     wait_until(lambda: not processes_with(str(config_path)), 10, "the node's processes to exit")
