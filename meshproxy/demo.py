@@ -1,16 +1,19 @@
 """``meshproxy demo``: the whole chain on loopback, under load, losing a middle halfway.
 
-One edge, three middles and two MariaDB servers run as real processes. Client threads
-connect through the edge, run a few queries per connection and reconnect, so new
-connections keep flowing. Each middle dials the backends from its own loopback address
-(127.0.0.2, .3, .4), which lets a client see which middle carried its session: MariaDB
-reports the connecting address in ``USER()``. Halfway, one middle is killed with SIGKILL.
+One edge, three middles and two MySQL servers run as real processes: MariaDB when
+``mariadbd`` is installed, else the embedded mysql-mimic server of :mod:`meshproxy.embeddeddb`
+(``MESHPROXY_DEMO_BACKEND=embedded`` or ``=mariadb`` chooses). Client threads connect
+through the edge, run a few queries per connection and reconnect, so new connections keep
+flowing. Each middle dials the backends from its own loopback address (127.0.0.2, .3, .4),
+which lets a client see which middle carried its session: both servers report the
+connecting address in ``USER()``. Halfway, one middle is killed with SIGKILL.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib.util
 import os
 import shutil
 import signal
@@ -23,10 +26,12 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import pymysql
 
 from meshproxy import localdb
+from meshproxy.config import Address
 
 MIDDLES = {"p2": "127.0.0.2", "p3": "127.0.0.3", "p4": "127.0.0.4"}
 VICTIM = "p3"
@@ -119,21 +124,85 @@ backoff_s = 5
 """
 
 
+class Backend(Protocol):
+    """One of the demo's MySQL servers: where the middles reach it, and how to stop it
+    (harmless if it never started or has already stopped)."""
+
+    @property
+    def address(self) -> Address: ...
+
+    def stop(self) -> None: ...
+
+
+class BackendKind(Protocol):
+    """How to start the demo's MySQL servers; ``label`` names them in the demo's output."""
+
+    label: str
+
+    def unavailable(self) -> str | None:
+        """Why these servers cannot run here, or None if they can."""
+
+    def start(self, workdir: Path, names: list[str], into: list[Backend]) -> None:
+        """Start one server per name, appending each to ``into`` before it starts, so
+        that whoever owns ``into`` can stop even a server whose start failed halfway."""
+
+
+class MariaDBBackends:
+    label = "MariaDB servers"
+
+    def unavailable(self) -> str | None:
+        if localdb.mariadbd_path() is None:
+            return "mariadbd is not installed: apt-get install mariadb-server"
+        return None
+
+    def start(self, workdir: Path, names: list[str], into: list[Backend]) -> None:
+        template = localdb.make_template(workdir)
+        for name in names:
+            server = localdb.MariaDB(workdir, name)
+            into.append(server)
+            server.start(template)
+
+
+class EmbeddedBackends:
+    label = "embedded MySQL-protocol servers (mysql-mimic)"
+
+    def unavailable(self) -> str | None:
+        if importlib.util.find_spec("mysql_mimic") is None:
+            return (
+                "neither mariadbd nor mysql-mimic is installed:"
+                " apt-get install mariadb-server, or pip install 'meshproxy[demo]'"
+            )
+        return None
+
+    def start(self, workdir: Path, names: list[str], into: list[Backend]) -> None:
+        from meshproxy.embeddeddb import EmbeddedDB  # imports mysql-mimic and sqlglot
+
+        for name in names:
+            server = EmbeddedDB(workdir, name)
+            into.append(server)
+            server.start()
+
+
+def choose_backends() -> BackendKind:
+    """MariaDB when installed, else embedded; MESHPROXY_DEMO_BACKEND=embedded|mariadb decides."""
+    wanted = os.environ.get("MESHPROXY_DEMO_BACKEND", "")
+    if wanted == "embedded" or (wanted != "mariadb" and localdb.mariadbd_path() is None):
+        return EmbeddedBackends()
+    return MariaDBBackends()
+
+
 class Cluster:
     """The demo's processes and files; ``close`` removes every trace of them."""
 
-    def __init__(self) -> None:
+    def __init__(self, backend_kind: BackendKind) -> None:
         self.dir = localdb.prepare_workdir(Path(tempfile.mkdtemp(prefix="meshproxy-demo-")))
-        self.backends: list[localdb.MariaDB] = []
+        self.backend_kind = backend_kind
+        self.backends: list[Backend] = []
         self.nodes: dict[str, subprocess.Popen[bytes]] = {}
         self.edge_port = localdb.free_port()
 
     def start(self) -> None:
-        template = localdb.make_template(self.dir)
-        for name in ("b1", "b2"):
-            backend = localdb.MariaDB(self.dir, name)
-            backend.start(template)
-            self.backends.append(backend)
+        self.backend_kind.start(self.dir, ["b1", "b2"], self.backends)
         backends = [str(b.address) for b in self.backends]
         mesh_ports = []
         for name, source_ip in MIDDLES.items():
@@ -239,14 +308,15 @@ class Progress:
 
 
 def run_demo(duration_s: float = 20.0, clients: int = 8) -> int:
-    if localdb.mariadbd_path() is None:
-        print("meshproxy demo needs mariadbd: apt-get install mariadb-server", file=sys.stderr)
+    kind = choose_backends()
+    if problem := kind.unavailable():
+        print(f"meshproxy demo: {problem}", file=sys.stderr)
         return 1
-    cluster = Cluster()
+    cluster = Cluster(kind)
     stop = threading.Event()
     threads: list[threading.Thread] = []
     try:
-        print(f"starting 2 MariaDB servers, 3 middles {list(MIDDLES)} and edge p1 in {cluster.dir}")
+        print(f"starting 2 {kind.label}, 3 middles {list(MIDDLES)} and edge p1 in {cluster.dir}")
         cluster.start()
         print(f"edge p1 listens on 127.0.0.1:{cluster.edge_port}; {clients} clients start now\n")
         tally = Tally()

@@ -51,7 +51,7 @@ def _substring_index(text: str | None, delimiter: str | None, count: int | None)
 ENV.setdefault("SUBSTRINGINDEX", _substring_index)
 
 
-class _Users(IdentityProvider):
+class _Users(IdentityProvider):  # type: ignore[misc] # mysql-mimic ships no types
     """The fixed demo users, each with its password checked by mysql_native_password."""
 
     async def get_user(self, username: str) -> User | None:
@@ -65,7 +65,7 @@ class _Users(IdentityProvider):
         )
 
 
-class _Session(Session):  # type: ignore[misc] # mysql-mimic ships no type information
+class _Session(Session):  # type: ignore[misc] # mysql-mimic ships no types
     def __init__(self) -> None:
         super().__init__(SessionVariables(GlobalVariables(_VARIABLES)))
         # After the middleware that substitutes USER(), @@variables and the like.
