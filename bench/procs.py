@@ -8,9 +8,7 @@ them (SIGTERM, then SIGKILL after a grace period) in the reverse order of their 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
-import signal
 import socket
 import subprocess
 import time
@@ -18,15 +16,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from meshproxy.children import die_with_parent
+
 # SIGTERM makes a meshproxy angel drain its workers (up to node.drain_timeout_s, 30 s by
 # default) before it exits; only then do we resort to SIGKILL.
 STOP_GRACE_S = 45.0
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def _die_with_parent() -> None:
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
 @dataclass
@@ -76,7 +71,7 @@ class Processes:
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
                 start_new_session=True,
             )
         child = Child(name, process, log)

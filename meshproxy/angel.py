@@ -14,7 +14,6 @@ It is deliberately synchronous and tiny: no event loop of its own to get stuck.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import selectors
 import shutil
@@ -26,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 
 from meshproxy import log
+from meshproxy.children import stop_with_parent
 from meshproxy.config import Config
 
 TICK_S = 0.1
@@ -49,13 +49,6 @@ class Child:
     restart_at: float | None = None
     restarts: int = 0
     stopping: bool = field(default=False)
-
-
-def _child_setup() -> None:
-    # Die (gracefully) with the angel, and stay out of the terminal's process group so that
-    # Ctrl-C reaches only the angel, which then drains the children in order.
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(1, signal.SIGTERM, 0, 0, 0)
 
 
 class Angel:
@@ -90,8 +83,10 @@ class Angel:
         read_end, write_end = os.pipe()
         os.set_blocking(read_end, False)
         argv = [*child.argv, "--heartbeat-fd", str(write_end)]
+        # Children drain when the angel dies, and live in sessions of their own so that a
+        # terminal's Ctrl-C reaches only the angel, which then stops them in order.
         child.process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-            argv, pass_fds=(write_end,), preexec_fn=_child_setup, start_new_session=True
+            argv, pass_fds=(write_end,), preexec_fn=stop_with_parent, start_new_session=True
         )
         os.close(write_end)
         if child.beats >= 0:

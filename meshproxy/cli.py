@@ -1,4 +1,4 @@
-"""The ``meshproxy`` command: run, check-config, members, ctl, demo."""
+"""The ``meshproxy`` command: run, check-config, members, ctl, demo, topology."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from meshproxy import __version__, config, ctl, log
+from meshproxy import __version__, config, ctl, log, topology
 from meshproxy.errors import ConfigError
 
 EXIT_CONFIG = 2
@@ -121,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     members.set_defaults(func=cmd_members)
 
     ctl.add_parser(sub)
+    topology.add_parser(sub)
     return parser
 
 

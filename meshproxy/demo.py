@@ -12,7 +12,6 @@ connecting address in ``USER()``. Halfway, one middle is killed with SIGKILL.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import importlib.util
 import os
 import shutil
@@ -31,6 +30,7 @@ from typing import Protocol
 import pymysql
 
 from meshproxy import localdb
+from meshproxy.children import die_with_parent
 from meshproxy.config import Address
 
 MIDDLES = {"p2": "127.0.0.2", "p3": "127.0.0.3", "p4": "127.0.0.4"}
@@ -48,11 +48,6 @@ class Tally:
     per_middle: Counter[str] = field(default_factory=Counter)
     last_new_connection: dict[str, float] = field(default_factory=dict)
     last_error: str = ""
-
-
-def _die_with_parent() -> None:
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(1, signal.SIGKILL, 0, 0, 0)
 
 
 def _descendants(pid: int) -> list[int]:
@@ -219,7 +214,7 @@ class Cluster:
             [sys.executable, "-m", "meshproxy", "run", "-c", str(path)],
             stdout=log,
             stderr=log,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         self.nodes[name] = process
         _wait_port(port, process)

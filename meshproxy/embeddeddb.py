@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
 import signal
 import subprocess
 import sys
@@ -28,6 +27,8 @@ from mysql_mimic.variables import SYSTEM_VARIABLES, GlobalVariables, SessionVari
 from sqlglot import exp
 from sqlglot.executor.env import ENV
 
+from meshproxy import children
+from meshproxy.children import die_with_parent
 from meshproxy.config import Address
 from meshproxy.localdb import APP_PASSWORD, APP_USER, MONITOR_PASSWORD, MONITOR_USER, free_port
 
@@ -117,12 +118,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _die_with_parent() -> None:
-    # PR_SET_PDEATHSIG: the kernel kills the server if whoever started it dies first.
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(1, signal.SIGKILL, 0, 0, 0)
-
-
 class EmbeddedDB:
     """One embedded server process; its output goes to ``workdir/<name>.log``."""
 
@@ -142,7 +137,7 @@ class EmbeddedDB:
                 [sys.executable, "-m", "meshproxy.embeddeddb", "--port", str(self.port)],
                 stdout=log,
                 stderr=log,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
         self._wait_ready(timeout_s)
 
@@ -173,14 +168,8 @@ class EmbeddedDB:
                 return
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        if self.process is not None:
+            children.stop(self.process, timeout_s)
 
 
 if __name__ == "__main__":

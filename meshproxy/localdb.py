@@ -8,15 +8,15 @@ that they die with the process that started them, leaving nothing behind.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
 
+from meshproxy import children
+from meshproxy.children import die_with_parent
 from meshproxy.config import Address
 
 APP_USER = "app"
@@ -45,12 +45,6 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-def _die_with_parent() -> None:
-    # PR_SET_PDEATHSIG: the kernel kills the server if whoever started it dies first.
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(1, signal.SIGKILL, 0, 0, 0)
 
 
 class MariaDB:
@@ -108,7 +102,7 @@ class MariaDB:
             args,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         self._wait_ready(timeout_s)
 
@@ -174,14 +168,8 @@ class MariaDB:
             self.process.wait()
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        if self.process is not None:
+            children.stop(self.process, timeout_s)
 
 
 def make_template(workdir: Path) -> Path:
