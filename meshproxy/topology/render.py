@@ -33,7 +33,7 @@ def _header(spec: Spec) -> str:
     )
 
 
-def _shared(spec: Spec, a: list[str] | tuple[str, ...], b: tuple[str, ...]) -> str:
+def _shared(a: tuple[str, ...], b: tuple[str, ...]) -> str:
     """The first network of ``b`` that ``a`` is on too (the loader made sure there is one)."""
     return next(net for net in b if net in a)
 
@@ -84,9 +84,7 @@ def node_config(spec: Spec, node: Node) -> dict[str, Any]:
         return data
     upstream = tiers[node.tier].upstream
     if upstream != BACKENDS:
-        data["service"] = [
-            {"name": s.name, "upstream": f"tier:{upstream}"} for s in spec.services
-        ]
+        data["service"] = [{"name": s.name, "upstream": f"tier:{upstream}"} for s in spec.services]
         data["tier"] = [tier_table(upstream)]
         return data
     data["service"] = [{"name": s.name, "upstream": f"pool:{s.name}"} for s in spec.services]
@@ -94,7 +92,7 @@ def node_config(spec: Spec, node: Node) -> dict[str, Any]:
     for service in spec.services:
         servers = []
         for name in service.backends:
-            net = _shared(spec, node.networks, backends[name].networks)
+            net = _shared(node.networks, backends[name].networks)
             servers.append(f"{spec.address(name, net)}:{MYSQL_PORT}")
         check = {
             "type": "mysql",
@@ -127,7 +125,7 @@ def compose(spec: Spec) -> dict[str, Any]:
         entry: dict[str, Any] = {"image": IMAGE, "build": _build(), "hostname": node.name}
         if node.role == "app":
             edge = nodes[node.edge]
-            net = _shared(spec, node.networks, edge.networks)
+            net = _shared(node.networks, edge.networks)
             entry["command"] = ["sleep", "infinity"]
             entry["environment"] = {
                 "MYSQL_HOST": spec.address(edge.name, net),

@@ -92,7 +92,9 @@ class _Reader:
     def fail(self, key: str, reason: str) -> ConfigError:
         return ConfigError(self.source, key, reason)
 
-    def table(self, raw: object, key: str, required: set[str], optional: set[str]) -> Mapping[str, Any]:
+    def table(
+        self, raw: object, key: str, required: set[str], optional: set[str]
+    ) -> Mapping[str, Any]:
         if not isinstance(raw, Mapping):
             raise self.fail(key, f"expected a table, got {_kind(raw)}")
         known = required | optional
@@ -181,7 +183,9 @@ def parse(data: Mapping[str, Any], source: str = "<memory>") -> Spec:
     for i, raw in enumerate(r.array(data, "tier")):
         key = f"tier[{i}]"
         t = r.table(raw, key, {"name", "upstream"}, set())
-        tiers.append(Tier(r.name(t["name"], f"{key}.name"), r.name(t["upstream"], f"{key}.upstream")))
+        tiers.append(
+            Tier(r.name(t["name"], f"{key}.name"), r.name(t["upstream"], f"{key}.upstream"))
+        )
     backends = []
     for i, raw in enumerate(r.array(data, "backend")):
         key = f"backend[{i}]"
@@ -295,7 +299,9 @@ def _check(spec: Spec, r: _Reader) -> None:
         while step.upstream != BACKENDS:
             step = tiers[step.upstream]
             if step.name in seen:
-                raise r.fail(f"tier[{i}].upstream", f"tiers form a loop: {' -> '.join([*seen, step.name])}")
+                raise r.fail(
+                    f"tier[{i}].upstream", f"tiers form a loop: {' -> '.join([*seen, step.name])}"
+                )
             seen.append(step.name)
     nodes = {n.name: n for n in spec.nodes}
     for i, node in enumerate(spec.nodes):
@@ -315,7 +321,8 @@ def _check(spec: Spec, r: _Reader) -> None:
             raise r.fail(f"{key}.tier", _missing("tier", node.tier, tiers))
         if spec.mesh_network not in node.networks:
             raise r.fail(
-                f"{key}.networks", f"an {node.role} must be on the mesh network {spec.mesh_network!r}"
+                f"{key}.networks",
+                f"an {node.role} must be on the mesh network {spec.mesh_network!r}",
             )
         if node.role == "middle" and tiers[node.tier].upstream == BACKENDS:
             for service in spec.services:

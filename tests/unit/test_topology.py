@@ -1,0 +1,126 @@
+"""Topology specs: precise spec errors, valid rendered node configs, committed output in sync."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from meshproxy import cli, config, topology
+from meshproxy.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+SPECS = sorted((ROOT / "topology").glob("*.toml"))
+
+
+def _chain() -> dict[str, Any]:
+    return tomllib.loads((ROOT / "topology" / "chain.toml").read_text())
+
+
+def _error(data: dict[str, Any]) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        topology.parse(data, "spec.toml")
+    return info.value
+
+
+def test_the_three_issue_topologies_exist() -> None:
+    """topology/ holds at least the chain, cascade and two-edges specs."""
+    assert {p.stem for p in SPECS} >= {"chain", "cascade", "two-edges"}
+
+
+@pytest.mark.parametrize(
+    ("edit", "key", "reason"),
+    [
+        (lambda d: d["node"][1].update(tier="midle"), "node[1].tier", "no tier named 'midle'"),
+        (lambda d: d["node"][0].update(edge="p2"), "node[0].edge", "no edge named 'p2'"),
+        (lambda d: d["node"][2].update(colour="red"), "node[2].colour", "unknown key"),
+        (lambda d: d["node"][2].pop("role"), "node[2].role", "required key is missing"),
+        (lambda d: d["node"][2].update(role="sidecar"), "node[2].role", "must be one of"),
+        (lambda d: d["node"][0].update(tier="middle"), "node[0].tier", "not allowed"),
+        (lambda d: d["node"][2].update(networks=["mesh"]), "node[2].networks", "backend 'b1'"),
+        (lambda d: d["node"][1].update(networks=["front"]), "node[1].networks", "mesh network"),
+        (lambda d: d["node"][3].update(name="p2"), "node[3].name", "duplicate name 'p2'"),
+        (lambda d: d["backend"][0].update(name="p2"), "backend[0].name", "duplicate name"),
+        (lambda d: d["service"][0].update(backends=["b9"]), "service[0].backends[0]", "b9"),
+        (lambda d: d["service"][0].update(port=0), "service[0].port", "1-65535"),
+        (lambda d: d["tier"][0].update(upstream="middle"), "tier[0].upstream", "loop"),
+        (lambda d: d["tier"][0].update(upstream="deep"), "tier[0].upstream", "'deep'"),
+        (lambda d: d["network"][1].update(subnet="10.0.0.0/29"), "network[1].subnet", "small"),
+        (lambda d: d["network"][1].update(subnet="10.231.1.0/25"), "network[1].subnet", "overlap"),
+        (lambda d: d["network"][0].update(subnet="nope"), "network[0].subnet", "IPv4"),
+        (lambda d: d["topology"].update(admin_token="short"), "topology.admin_token", "16"),
+        (lambda d: d["topology"].update(mesh_network="x"), "topology.mesh_network", "no network"),
+        (lambda d: d["topology"]["monitor"].pop("user"), "topology.monitor.user", "missing"),
+        (lambda d: d["node"][1].update(name="P1"), "node[1].name", "lower-case"),
+    ],
+)
+def test_spec_errors_name_the_key(edit: Any, key: str, reason: str) -> None:
+    """Each mistake in a spec is refused with the file, the key path that holds it and why."""
+    data = _chain()
+    edit(data)
+    error = _error(data)
+    assert (error.source, error.key) == ("spec.toml", key)
+    assert reason in error.reason
+
+
+def test_spec_file_errors_name_the_file(tmp_path: Path) -> None:
+    """An unreadable or malformed spec file is refused with its path."""
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[topology\n")
+    with pytest.raises(ConfigError, match=r"broken\.toml: invalid TOML"):
+        topology.load(broken)
+    with pytest.raises(ConfigError, match="cannot read file"):
+        topology.load(tmp_path / "missing.toml")
+
+
+@pytest.mark.parametrize("spec_path", SPECS, ids=lambda p: p.stem)
+def test_every_rendered_node_config_parses(spec_path: Path) -> None:
+    """Every proxy node's rendered config is a valid meshproxy config with gossip, admin, angel."""
+    spec = topology.load(spec_path)
+    files = topology.render(spec)
+    proxies = spec.proxies()
+    assert sorted(files) == sorted(
+        ["docker-compose.yml", *(f"configs/{n.name}.toml" for n in proxies)]
+    )
+    for node in proxies:
+        path = f"configs/{node.name}.toml"
+        cfg = config.parse(tomllib.loads(files[path]), path)
+        assert (cfg.node.name, cfg.node.role) == (node.name, node.role)
+        assert cfg.gossip is not None
+        assert cfg.admin is not None
+        assert len(cfg.gossip.seeds) == len(proxies) - 1
+
+
+@pytest.mark.parametrize("spec_path", SPECS, ids=lambda p: p.stem)
+def test_compose_file_runs_every_node(spec_path: Path) -> None:
+    """The compose file runs each proxy with its config, backends from ${BACKEND_IMAGE}."""
+    spec = topology.load(spec_path)
+    document = yaml.safe_load(topology.render(spec)["docker-compose.yml"])
+    services = document["services"]
+    assert set(services) == {c.name for c in spec.containers()}
+    assert set(document["networks"]) == {n.name for n in spec.networks}
+    for node in spec.proxies():
+        entry = services[node.name]
+        assert entry["command"] == ["meshproxy", "run", "-c", f"/etc/meshproxy/{node.name}.toml"]
+        assert entry["build"]["args"]["BASE_IMAGE"] == "${BASE_IMAGE:-python:3.12-slim}"
+    for backend in spec.backends:
+        assert services[backend.name]["image"] == "${BACKEND_IMAGE:-mariadb:11}"
+
+
+@pytest.mark.parametrize("spec_path", SPECS, ids=lambda p: p.stem)
+def test_committed_compose_output_matches_its_spec(spec_path: Path, tmp_path: Path) -> None:
+    """Rendering a spec yields exactly the files committed under compose/<name>/ (no drift)."""
+    out = tmp_path / spec_path.stem
+    assert cli.main(["topology", "render", str(spec_path), "-o", str(out)]) == 0
+    committed_dir = ROOT / "compose" / spec_path.stem
+    rendered = {p.relative_to(out) for p in out.rglob("*") if p.is_file()}
+    committed = {p.relative_to(committed_dir) for p in committed_dir.rglob("*") if p.is_file()}
+    assert committed == rendered, f"re-render: meshproxy topology render {spec_path.name}"
+    for relative in sorted(rendered):
+        assert (out / relative).read_bytes() == (committed_dir / relative).read_bytes(), (
+            f"compose/{spec_path.stem}/{relative} drifted from topology/{spec_path.name}; "
+            f"run: meshproxy topology render topology/{spec_path.name} -o compose/{spec_path.stem}/"
+        )
