@@ -423,8 +423,8 @@ def parse(data: Mapping[str, object], source: str = "<memory>") -> Config:
     return config
 
 
-def load(path: str | Path) -> Config:
-    """Read a TOML file into a Config; every problem is a ConfigError naming the key."""
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Decode a TOML file; unreadable, non-UTF-8 or invalid TOML is a ConfigError."""
     source = str(path)
     try:
         text = Path(path).read_bytes().decode("utf-8")
@@ -433,10 +433,14 @@ def load(path: str | Path) -> Config:
     except UnicodeDecodeError:
         raise ConfigError(source, "", "file is not valid UTF-8") from None
     try:
-        data = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(source, "", f"invalid TOML: {exc}") from None
-    return parse(data, source)
+
+
+def load(path: str | Path) -> Config:
+    """Read a TOML file into a Config; every problem is a ConfigError naming the key."""
+    return parse(read_toml(path), str(path))
 
 
 def _check_references(config: Config, loader: _Loader) -> None:

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from meshproxy.config import read_toml
 from meshproxy.errors import ConfigError
 
 BACKENDS = "backends"  # a tier's upstream when its middles talk to the MariaDB servers
@@ -235,18 +235,7 @@ def parse(data: Mapping[str, Any], source: str = "<memory>") -> Spec:
 
 def load(path: str | Path) -> Spec:
     """Read a topology spec file; every problem is a ConfigError naming the key."""
-    source = str(path)
-    try:
-        text = Path(path).read_bytes().decode("utf-8")
-    except OSError as exc:
-        raise ConfigError(source, "", f"cannot read file: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(source, "", "file is not valid UTF-8") from None
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(source, "", f"invalid TOML: {exc}") from None
-    return parse(data, source)
+    return parse(read_toml(path), str(path))
 
 
 def _unique(r: _Reader, section: str, names: list[str], taken: dict[str, str]) -> None:
