@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import pymysql
 import pytest
@@ -14,6 +15,7 @@ from tests.integration.harness import (
     Load,
     MariaDBFarm,
     NodeFactory,
+    NodeProcess,
     Outcome,
     addr,
     blackhole,
@@ -44,6 +46,20 @@ def backend_pair(mariadb_farm: MariaDBFarm) -> Iterator[tuple[localdb.MariaDB, l
 # starved machine does not fail the survivor's checks too.
 FAST_CHECK = {**MYSQL_CHECK, "interval_ms": 200, "timeout_ms": 190, "fall": 2, "rise": 2}
 CALM_CHECK = {**MYSQL_CHECK, "interval_ms": 400, "timeout_ms": 390, "fall": 2, "rise": 2}
+
+
+def assert_session_cut_or_kept(middle: NodeProcess, session: Any, port: int, cut: bool) -> None:
+    """The middle closed the one session to ``port`` (``cut``), or it still answers there."""
+    if cut:
+        closed = middle.wait_for_event("sessions_closed", server=addr(port))
+        assert closed.fields["count"] == "1"
+        with pytest.raises(pymysql.err.OperationalError), session.cursor() as cursor:
+            cursor.execute("SELECT 1")
+    else:
+        with session.cursor() as cursor:
+            cursor.execute("SELECT @@port")
+            assert cursor.fetchone() == (port,)
+        assert not middle.events("sessions_closed")
 
 
 def test_killed_backend_is_shunned_and_avoided(
@@ -124,16 +140,7 @@ def test_close_sessions_on_down(
         query(failing_port, f"DROP USER {monitor}")
         dropped_on = failing_port
         middle.wait_for_event("server_state", server=addr(failing_port), new="SHUNNED")
-        if close_sessions_on_down:
-            closed = middle.wait_for_event("sessions_closed", server=addr(failing_port))
-            assert closed.fields["count"] == "1"
-            with pytest.raises(pymysql.err.OperationalError), session.cursor() as cursor:
-                cursor.execute("SELECT 1")
-        else:
-            with session.cursor() as cursor:
-                cursor.execute("SELECT @@port")
-                assert cursor.fetchone() == (failing_port,)
-            assert not middle.events("sessions_closed")
+        assert_session_cut_or_kept(middle, session, failing_port, close_sessions_on_down)
         for _ in range(5):
             assert query(edge_port, "SELECT @@port") == [(other_port,)]
     finally:
@@ -254,16 +261,7 @@ def test_offline_set_at_runtime(
         ]
         middle.reload(doc)
         middle.wait_for_event("server_state", server=addr(port), new=admin_state)
-        if admin_state == "OFFLINE_HARD":
-            closed = middle.wait_for_event("sessions_closed", server=addr(port))
-            assert closed.fields["count"] == "1"
-            with pytest.raises(pymysql.err.OperationalError), session.cursor() as cursor:
-                cursor.execute("SELECT 1")
-        else:
-            with session.cursor() as cursor:
-                cursor.execute("SELECT @@port")
-                assert cursor.fetchone() == (port,)
-            assert not middle.events("sessions_closed")
+        assert_session_cut_or_kept(middle, session, port, admin_state == "OFFLINE_HARD")
         for _ in range(5):
             assert query(edge_port, "SELECT @@port") == [(other_port,)]
     finally:
