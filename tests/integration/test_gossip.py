@@ -181,7 +181,9 @@ def test_edge_routes_around_killed_and_paused_middles(
 
         killed, _, _ = middles["p3"]
         killed_at = time.time()
-        for pid in killed.pids():
+        # Children first: were the angel to die first, they would be told to stop
+        # (PR_SET_PDEATHSIG) and could leave gracefully before their own SIGKILL lands.
+        for pid in sorted(killed.pids(), key=lambda pid: pid == killed.pid):
             os.kill(pid, signal.SIGKILL)
         assert killed.process is not None
         killed.process.wait(10)
