@@ -7,13 +7,14 @@ be committed and compared with a fresh render.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import tomli_w
 import yaml
 
-from meshproxy.topology.spec import BACKENDS, Node, Spec
+from meshproxy.topology.spec import BACKENDS, Backend, Node, Service, Spec
 
 MESH_PORT = 7001
 GOSSIP_PORT = 7946
@@ -38,23 +39,71 @@ def _shared(a: tuple[str, ...], b: tuple[str, ...]) -> str:
     return next(net for net in b if net in a)
 
 
-def _mesh(spec: Spec, node: Node, port: int) -> str:
-    return f"{spec.address(node.name, spec.mesh_network)}:{port}"
+class Addressing(Protocol):
+    """Where each proxy node binds and where the others reach it: the one thing that differs
+    between the containers of a compose file and processes on loopback."""
+
+    def mesh(self, node: Node) -> str:
+        """A middle's mesh address (``host:port``): bound by it, dialled by the others."""
+
+    def gossip(self, node: Node) -> str:
+        """A node's gossip address: bound by it, seeded by the others."""
+
+    def admin(self, node: Node) -> str:
+        """Where a node's admin API listens."""
+
+    def listener(self, node: Node, service: Service) -> str:
+        """Where an edge listens for a service's applications."""
+
+    def backend(self, node: Node, backend: Backend) -> str:
+        """Where a middle dials a backend."""
+
+    def source_ip(self, node: Node) -> str:
+        """The local address a node dials its upstreams from (``""``: the kernel chooses)."""
 
 
-def node_config(spec: Spec, node: Node) -> dict[str, Any]:
-    """The meshproxy config (TOML-shaped data) of one edge or middle."""
+@dataclass(frozen=True)
+class DockerAddressing:
+    """Containers: fixed addresses from the spec's subnets, the same fixed ports everywhere."""
+
+    spec: Spec
+
+    def mesh(self, node: Node) -> str:
+        return f"{self.spec.address(node.name, self.spec.mesh_network)}:{MESH_PORT}"
+
+    def gossip(self, node: Node) -> str:
+        return f"{self.spec.address(node.name, self.spec.mesh_network)}:{GOSSIP_PORT}"
+
+    def admin(self, node: Node) -> str:
+        return f"0.0.0.0:{ADMIN_PORT}"
+
+    def listener(self, node: Node, service: Service) -> str:
+        return f"0.0.0.0:{service.port}"
+
+    def backend(self, node: Node, backend: Backend) -> str:
+        net = _shared(node.networks, backend.networks)
+        return f"{self.spec.address(backend.name, net)}:{MYSQL_PORT}"
+
+    def source_ip(self, node: Node) -> str:
+        return ""
+
+
+def node_config(spec: Spec, node: Node, addressing: Addressing | None = None) -> dict[str, Any]:
+    """The meshproxy config (TOML-shaped data) of one edge or middle; addresses and ports
+    come from ``addressing`` (default: the containers of the compose file)."""
+    at = DockerAddressing(spec) if addressing is None else addressing
     tiers = {t.name: t for t in spec.tiers}
     backends = {b.name: b for b in spec.backends}
+    source = {"source_ip": ip} if (ip := at.source_ip(node)) else {}
     data: dict[str, Any] = {"node": {"name": node.name, "role": node.role}}
     if node.role == "middle":
-        data["node"]["mesh_bind"] = _mesh(spec, node, MESH_PORT)
+        data["node"]["mesh_bind"] = at.mesh(node)
         data["node"]["tier"] = node.tier
-    data["admin"] = {"bind": f"0.0.0.0:{ADMIN_PORT}", "token": spec.admin_token}
+    data["admin"] = {"bind": at.admin(node), "token": spec.admin_token}
     data["angel"] = {"watchdog_s": 2.0, "fast_crash_s": 10.0, "max_fast_crashes": 5}
     gossip: dict[str, Any] = {
-        "bind": _mesh(spec, node, GOSSIP_PORT),
-        "seeds": [_mesh(spec, other, GOSSIP_PORT) for other in spec.proxies() if other != node],
+        "bind": at.gossip(node),
+        "seeds": [at.gossip(other) for other in spec.proxies() if other != node],
     }
     if spec.gossip_key:
         gossip["keys"] = [spec.gossip_key]
@@ -66,7 +115,8 @@ def node_config(spec: Spec, node: Node) -> dict[str, Any]:
         members = [n for n in spec.nodes if n.role == "middle" and n.tier == name]
         return {
             "name": name,
-            "members": [_mesh(spec, m, MESH_PORT) for m in members],
+            "members": [at.mesh(m) for m in members],
+            **source,
             "check": {"type": "tcp", "interval_ms": 500, "timeout_ms": 250, "rise": 2, "fall": 2},
         }
 
@@ -74,7 +124,7 @@ def node_config(spec: Spec, node: Node) -> dict[str, Any]:
         data["listener"] = [
             {
                 "name": service.name,
-                "bind": f"0.0.0.0:{service.port}",
+                "bind": at.listener(node, service),
                 "service": service.name,
                 "upstream": f"tier:{node.tier}",
             }
@@ -90,10 +140,7 @@ def node_config(spec: Spec, node: Node) -> dict[str, Any]:
     data["service"] = [{"name": s.name, "upstream": f"pool:{s.name}"} for s in spec.services]
     pools = []
     for service in spec.services:
-        servers = []
-        for name in service.backends:
-            net = _shared(node.networks, backends[name].networks)
-            servers.append(f"{spec.address(name, net)}:{MYSQL_PORT}")
+        servers = [at.backend(node, backends[name]) for name in service.backends]
         check = {
             "type": "mysql",
             "user": spec.monitor_user,
@@ -103,7 +150,7 @@ def node_config(spec: Spec, node: Node) -> dict[str, Any]:
             "rise": 2,
             "fall": 2,
         }
-        pools.append({"name": service.name, "servers": servers, "check": check})
+        pools.append({"name": service.name, "servers": servers, **source, "check": check})
     data["pool"] = pools
     return data
 
@@ -151,8 +198,8 @@ def compose(spec: Spec) -> dict[str, Any]:
             },
             "networks": _networks(spec, backend.name, backend.networks),
         }
+    # No top-level ``name``: docker-compose 1.x rejects it; run with ``-p meshproxy-NAME``.
     return {
-        "name": f"meshproxy-{spec.name}",
         "services": services,
         "networks": {
             n.name: {"ipam": {"config": [{"subnet": str(n.subnet)}]}} for n in spec.networks
