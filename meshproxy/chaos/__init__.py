@@ -1,0 +1,1 @@
+"""Chaos suite: load, fault injection and timelines for topologies run in Docker."""
