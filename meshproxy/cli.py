@@ -82,7 +82,8 @@ def cmd_members(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from meshproxy.demo import run_demo  # pulls in client libraries
 
-    return run_demo(duration_s=args.duration, clients=args.clients)
+    spec = topology.load_spec(args.spec) if args.spec else None
+    return run_demo(duration_s=args.duration, clients=args.clients, spec=spec)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="an edge, three middles, two MySQL servers, under load")
     demo.add_argument("--duration", type=float, default=20.0, help="seconds of load (20)")
     demo.add_argument("--clients", type=int, default=8, help="concurrent clients (8)")
+    demo.add_argument(
+        "--spec", help="topology spec file or shipped name (default: the shipped chain spec)"
+    )
     demo.set_defaults(func=cmd_demo)
 
     members = sub.add_parser("members", help="the gossip membership as a running node sees it")
