@@ -183,6 +183,7 @@ class TierConfig:
     members: tuple[ServerConfig, ...] = ()
     warm_connections: int = 2
     warm_max_idle_s: int = 30
+    close_sessions_on_down: bool = False
     source_ip: str = ""
     check: CheckConfig = field(default_factory=CheckConfig)
     eject: EjectConfig = field(default_factory=EjectConfig)

@@ -119,7 +119,7 @@ def _group_settings(config: Config) -> dict[UpstreamRef, tuple[Any, ...]]:
             tier.members,
             tier.check,
             tier.eject,
-            False,
+            tier.close_sessions_on_down,
             tier.source_ip,
         )
     return settings

@@ -116,6 +116,8 @@ def node_config(spec: Spec, node: Node, addressing: Addressing | None = None) ->
         return {
             "name": name,
             "members": [at.mesh(m) for m in members],
+            # A middle ruled out is a middle whose sessions are broken: end them now.
+            "close_sessions_on_down": True,
             **source,
             "check": {"type": "tcp", "interval_ms": 500, "timeout_ms": 250, "rise": 2, "fall": 2},
         }
