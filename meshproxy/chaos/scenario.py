@@ -1,0 +1,156 @@
+"""One chaos scenario: steady load from the app container, faults, and what everyone saw.
+
+    with Scenario(stack, "kill-middle", duration_s=10, artifacts=dir) as run:
+        run.settle(2.0)
+        run.inject("kill p3", lambda: stack.kill("p3"))
+        detected = run.observer.wait_for("p1", "p3", "route", {"SHUNNED"}, timeout_s=5)
+    timeline = run.timeline  # written to DIR/<topology>-<scenario>.json and .png
+
+The load runs for a fixed ``duration_s`` (a schedule, not a synchronisation: waits on
+events go through :class:`~meshproxy.chaos.observe.Observer`); the timeline's buckets and
+client events come from its JSON lines, and its view changes from the observer.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from meshproxy.chaos.observe import Observer
+from meshproxy.chaos.stack import Stack
+from meshproxy.chaos.timeline import BUCKET_S, ClientEvent, Fault, Timeline
+
+LOAD_MODULE = "meshproxy.chaos.load"
+
+
+def load_command(stack: Stack, app: str, duration_s: float) -> list[str]:
+    """The load generator's command line in ``app``'s container, aimed at its edge."""
+    spec = stack.spec
+    node = next(n for n in spec.nodes if n.name == app)
+    edge = next(n for n in spec.nodes if n.name == node.edge)
+    network = next(net for net in node.networks if net in edge.networks)
+    command = ["python3", "-m", LOAD_MODULE, "--host", spec.address(edge.name, network)]
+    command += ["--port", str(spec.services[0].port), "--duration-s", str(duration_s)]
+    command += ["--user", spec.monitor_user, "--password", spec.monitor_password]
+    # The backends see the address the last proxy dialled from: name it.
+    for middle in spec.nodes:
+        for net in middle.networks:
+            command += ["--middle", f"{spec.address(middle.name, net)}={middle.name}"]
+    return command
+
+
+class _Load:
+    """The load generator running in a container; its output parsed as it arrives."""
+
+    def __init__(self, stack: Stack, app: str, duration_s: float) -> None:
+        self.container = stack.container(app)
+        self.command = load_command(stack, app, duration_s)
+        self.buckets: dict[float, tuple[int, int, int]] = {}
+        self.events: list[dict[str, Any]] = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        result = self.container.exec_run(self.command, stream=True)
+        pending = b""
+        for chunk in result.output:
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                self._parse(line)
+
+    def _parse(self, line: bytes) -> None:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            return  # a traceback or warning from the container; not a record
+        if "b" in record:
+            self.buckets[record["b"]] = (record["q"], record["c"], record["e"])
+        elif "ev" in record:
+            self.events.append(record)
+
+
+class Scenario:
+    """Context manager running one scenario; ``timeline`` is ready after the block."""
+
+    def __init__(
+        self,
+        stack: Stack,
+        name: str,
+        duration_s: float,
+        artifacts: Path,
+        app: str | None = None,
+    ) -> None:
+        self.stack = stack
+        self.name = name
+        self.duration_s = duration_s
+        self.artifacts = artifacts
+        self.app = app or next(n.name for n in stack.spec.nodes if n.role == "app")
+        self.t0 = time.time()
+        self.observer = Observer(stack.spec, self.t0)
+        self.faults: list[Fault] = []
+        self._load = _Load(stack, self.app, duration_s)
+        self.timeline = Timeline(scenario=name, topology=stack.spec.name, t0=self.t0)
+
+    def __enter__(self) -> Scenario:
+        self.t0 = time.time()
+        self.observer.t0 = self.t0
+        self.observer.start()
+        self._load.thread.start()
+        return self
+
+    def now(self) -> float:
+        return time.time() - self.t0
+
+    def settle(self, until_s: float) -> None:
+        """Let the load run undisturbed until ``until_s`` into the scenario."""
+        time.sleep(max(0.0, until_s - self.now()))
+
+    def inject(self, action: str, do: Callable[[], None]) -> float:
+        """Run one fault or repair and note it on the timeline; returns its time."""
+        at = self.now()
+        do()
+        self.faults.append(Fault(round(at, 3), action))
+        return at
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._load.thread.join(timeout=self.duration_s + 30)
+        self.observer.stop()
+        self._finish()
+
+    def _finish(self) -> None:
+        timeline = self.timeline
+        timeline.t0 = self.t0
+        timeline.duration_s = self.duration_s
+        timeline.faults = list(self.faults)
+        timeline.changes = list(self.observer.changes)
+        count = int(self.duration_s / BUCKET_S) + 1
+        timeline.queries, timeline.connects, timeline.errors = [0] * count, [0] * count, [0] * count
+        for start, (queries, connects, errors) in self._load.buckets.items():
+            index = round((start - self.t0) / BUCKET_S)
+            if 0 <= index < count:
+                timeline.queries[index] += queries
+                timeline.connects[index] += connects
+                timeline.errors[index] += errors
+        timeline.client_events = [
+            ClientEvent(round(e["t"] - self.t0, 3), e["w"], e["ev"], e.get("m", ""), e.get("d", ""))
+            for e in self._load.events
+        ]
+
+    def write(self) -> tuple[Path, Path]:
+        """Write the timeline's JSON and PNG into the artifacts folder."""
+        from meshproxy.chaos.plot import plot  # matplotlib is slow to import; only here
+
+        stem = self.artifacts / f"{self.stack.spec.name}-{self.name}"
+        self.timeline.write(stem.with_suffix(".json"))
+        plot(self.timeline, stem.with_suffix(".png"))
+        return stem.with_suffix(".json"), stem.with_suffix(".png")
