@@ -29,6 +29,7 @@ from meshproxy.supervise import Supervisor
 
 HEARTBEAT_S = 0.25
 STATS_S = 1.0
+CONTROL_ANSWER_S = 0.05  # a live control process accepts a worker's connect well within this
 
 
 def start_heartbeat(fd: int | None) -> None:
@@ -190,6 +191,7 @@ class WorkerChannel:
         # Snapshots that arrive before the host exists are kept for it.
         self.members: dict[UpstreamRef, tuple[Member, ...]] = {}
         self.first_config: asyncio.Future[Config] = asyncio.get_running_loop().create_future()
+        self.connected = asyncio.Event()
 
     def report(self, ref: UpstreamRef, address: Address, error: str | None) -> None:
         # A success only matters to the control plane after a failure (it resets the
@@ -213,6 +215,7 @@ class WorkerChannel:
                 continue
             self.peer = Peer(writer)
             self.peer.send({"t": "hello", "index": self.index, "pid": os.getpid()})
+            self.connected.set()
             try:
                 await channel.read_messages(reader, self._handle)
             finally:
@@ -265,11 +268,16 @@ async def run_worker(cfg: Config, channel_path: str, index: int, heartbeat_fd: i
     link = WorkerChannel(channel_path, index)
     tasks = Supervisor()
     tasks.spawn("control channel", link.run)
-    # Prefer the running config (it may differ from the file after admin changes), but
-    # serve from the file when the control process is not there to say.
+    # Prefer the running config (it may differ from the file after admin changes) when a
+    # control process answers. One that does not answer at once is starting itself (the
+    # angel restarted both), and starts from the file too: serve from it without waiting.
     with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(1.0):
-            cfg = await link.first_config
+        async with asyncio.timeout(CONTROL_ANSWER_S):
+            await link.connected.wait()
+    if link.connected.is_set():
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1.0):
+                cfg = await link.first_config
     host = PlaneHost(cfg, Counters(), link.report, reuse_port=True)
     for ref, members in link.members.items():
         host.apply_members(ref, members)

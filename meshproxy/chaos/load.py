@@ -17,12 +17,14 @@ import json
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import pymysql
 
 BUCKET_S = 0.1
+CONNECT_RETRY_S = 0.05
 
 
 @dataclass
@@ -33,6 +35,7 @@ class Totals:
     queries: int = 0
     connects: int = 0
     errors: int = 0
+    by_middle: Counter[str] = field(default_factory=Counter)  # new sessions
 
 
 class Output:
@@ -91,6 +94,7 @@ def worker(index: int, settings: Settings, totals: Totals, out: Output, stop: fl
                     middle = _middle_of(str(row[0]) if row else "", settings.middles)
                     with totals.lock:
                         totals.connects += 1
+                        totals.by_middle[middle] += 1
                     if failed_at is not None:
                         out.emit({"ev": "reconnected", "t": time.time(), "w": index, "m": middle})
                         failed_at = None
@@ -110,6 +114,8 @@ def worker(index: int, settings: Settings, totals: Totals, out: Output, stop: fl
             with totals.lock:
                 totals.errors += 1
             out.emit({"ev": phase, "t": failed_at, "w": index, "m": middle, "d": str(exc)[:200]})
+            if phase == "connect_error":
+                time.sleep(CONNECT_RETRY_S)  # a refusing edge would otherwise be spun on
 
 
 def report(totals: Totals, out: Output, stop: float) -> None:
@@ -121,8 +127,10 @@ def report(totals: Totals, out: Output, stop: float) -> None:
         with totals.lock:
             counts = (totals.queries, totals.connects, totals.errors)
             totals.queries = totals.connects = totals.errors = 0
+            by_middle = dict(totals.by_middle)
+            totals.by_middle.clear()
         start = round((bucket - 1) * BUCKET_S, 3)
-        out.emit({"b": start, "q": counts[0], "c": counts[1], "e": counts[2]})
+        out.emit({"b": start, "q": counts[0], "c": counts[1], "e": counts[2], "m": by_middle})
         if bucket * BUCKET_S >= stop:
             return
 

@@ -12,6 +12,7 @@ import http.client
 import json
 import threading
 import time
+from collections.abc import Callable, Set
 from typing import Any
 
 from meshproxy.chaos.timeline import Change
@@ -66,6 +67,11 @@ class _Poller:
         document: dict[str, Any] = json.loads(body)
         return document
 
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
 
 class Observer:
     """Samples every proxy node's view until :meth:`stop`; thread-safe readers."""
@@ -100,6 +106,7 @@ class Observer:
             if status is not None:
                 self._record(name, parse_views(poller.get("/members"), status, self._ips))
             self._stop.wait(max(0.0, INTERVAL_S - (time.time() - started)))
+        poller.close()
 
     def _record(self, observer: str, view: View) -> None:
         now = time.time() - self.t0
@@ -115,19 +122,27 @@ class Observer:
         with self._lock:
             return self.views.get(observer, {}).get((subject, kind))
 
-    def wait_for(
-        self, observer: str, subject: str, kind: str, states: set[str], timeout_s: float
-    ) -> float | None:
-        """Seconds since ``t0`` at which the state became one of ``states``, or None."""
+    def wait_until(self, holds: Callable[[dict[str, View]], bool], timeout_s: float) -> bool:
+        """Whether ``holds(views)`` became true within ``timeout_s``; re-checked per sample."""
         deadline = time.time() + timeout_s
         with self._lock:
-            while True:
-                if self.views.get(observer, {}).get((subject, kind)) in states:
-                    return self._since(observer, subject, kind)
+            while not holds(self.views):
                 left = deadline - time.time()
                 if left <= 0:
-                    return None
+                    return False
                 self._lock.wait(left)
+            return True
+
+    def wait_for(
+        self, observer: str, subject: str, kind: str, states: Set[str], timeout_s: float
+    ) -> float | None:
+        """Seconds since ``t0`` at which the state became one of ``states``, or None."""
+        if not self.wait_until(
+            lambda views: views.get(observer, {}).get((subject, kind)) in states, timeout_s
+        ):
+            return None
+        with self._lock:
+            return self._since(observer, subject, kind)
 
     def _since(self, observer: str, subject: str, kind: str) -> float:
         for change in reversed(self.changes):

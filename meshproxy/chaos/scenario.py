@@ -14,6 +14,7 @@ client events come from its JSON lines, and its view changes from the observer.
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -50,17 +51,19 @@ class _Load:
     def __init__(self, stack: Stack, app: str, duration_s: float) -> None:
         self.container = stack.container(app)
         self.command = load_command(stack, app, duration_s)
-        self.buckets: dict[float, tuple[int, int, int]] = {}
+        self.buckets: dict[float, tuple[int, int, int, dict[str, int]]] = {}
         self.events: list[dict[str, Any]] = []
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        result = self.container.exec_run(self.command, stream=True)
-        pending = b""
-        for chunk in result.output:
-            pending += chunk
-            *lines, pending = pending.split(b"\n")
-            for line in lines:
+        # The docker CLI rather than the SDK's exec stream, whose socket outlives the stream.
+        with subprocess.Popen(
+            ["docker", "exec", self.container.name, *self.command],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        ) as process:
+            assert process.stdout is not None
+            for line in process.stdout:
                 self._parse(line)
 
     def _parse(self, line: bytes) -> None:
@@ -69,7 +72,7 @@ class _Load:
         except ValueError:
             return  # a traceback or warning from the container; not a record
         if "b" in record:
-            self.buckets[record["b"]] = (record["q"], record["c"], record["e"])
+            self.buckets[record["b"]] = (record["q"], record["c"], record["e"], record["m"])
         elif "ev" in record:
             self.events.append(record)
 
@@ -135,12 +138,14 @@ class Scenario:
         timeline.changes = list(self.observer.changes)
         count = int(self.duration_s / BUCKET_S) + 1
         timeline.queries, timeline.connects, timeline.errors = [0] * count, [0] * count, [0] * count
-        for start, (queries, connects, errors) in self._load.buckets.items():
+        for start, (queries, connects, errors, middles) in self._load.buckets.items():
             index = round((start - self.t0) / BUCKET_S)
             if 0 <= index < count:
                 timeline.queries[index] += queries
                 timeline.connects[index] += connects
                 timeline.errors[index] += errors
+                for middle, n in middles.items():
+                    timeline.middles.setdefault(middle, [0] * count)[index] += n
         timeline.client_events = [
             ClientEvent(round(e["t"] - self.t0, 3), e["w"], e["ev"], e.get("m", ""), e.get("d", ""))
             for e in self._load.events

@@ -98,14 +98,21 @@ class Stack:
     def unpause(self, name: str) -> None:
         self.container(name).unpause()
 
+    def unpause_if_paused(self, name: str) -> None:
+        container = self.container(name)
+        if container.status == "paused":
+            container.unpause()
+
     def disconnect(self, name: str, network: str) -> None:
         self.client.networks.get(self.network(network)).disconnect(self.container(name))
 
     def connect(self, name: str, network: str) -> None:
+        """Put a container back on a network, at its address from the spec (idempotent)."""
+        container = self.container(name)
+        if self.network(network) in container.attrs["NetworkSettings"]["Networks"]:
+            return
         address = self.spec.address(name, network)
-        self.client.networks.get(self.network(network)).connect(
-            self.container(name), ipv4_address=address
-        )
+        self.client.networks.get(self.network(network)).connect(container, ipv4_address=address)
 
     def kill_process(self, name: str, pattern: str) -> None:
         """SIGKILL the processes inside a container whose command line matches."""

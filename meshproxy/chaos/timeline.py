@@ -53,10 +53,13 @@ class Check:
     value: float | None  # None: the awaited thing never happened
     bound: float
     unit: str = "s"
+    at_least: bool = False  # the bound is a minimum ("took new sessions: >= 1")
 
     @property
     def ok(self) -> bool:
-        return self.value is not None and self.value <= self.bound
+        if self.value is None:
+            return False
+        return self.value >= self.bound if self.at_least else self.value <= self.bound
 
 
 @dataclass
@@ -68,6 +71,7 @@ class Timeline:
     queries: list[int] = field(default_factory=list)  # per BUCKET_S
     errors: list[int] = field(default_factory=list)  # per BUCKET_S, both kinds
     connects: list[int] = field(default_factory=list)  # per BUCKET_S
+    middles: dict[str, list[int]] = field(default_factory=dict)  # new sessions per BUCKET_S
     faults: list[Fault] = field(default_factory=list)
     changes: list[Change] = field(default_factory=list)
     client_events: list[ClientEvent] = field(default_factory=list)
@@ -106,10 +110,14 @@ def from_json(data: dict[str, Any]) -> Timeline:
         queries=list(data["queries"]),
         errors=list(data["errors"]),
         connects=list(data["connects"]),
+        middles={name: list(counts) for name, counts in data.get("middles", {}).items()},
         faults=[Fault(**f) for f in data["faults"]],
         changes=[Change(**c) for c in data["changes"]],
         client_events=[ClientEvent(**e) for e in data["client_events"]],
-        checks=[Check(c["name"], c["value"], c["bound"], c["unit"]) for c in data["checks"]],
+        checks=[
+            Check(c["name"], c["value"], c["bound"], c["unit"], c.get("at_least", False))
+            for c in data["checks"]
+        ],
         detect_s=data["detect_s"],
         recover_s=data["recover_s"],
     )
