@@ -11,7 +11,8 @@ Bottom panel: one lane per ``observer -> subject`` view and kind (``member`` gos
 coloured by state from each change to the next one or to the end of the plot. Before its
 first change a lane's state is not known: a first change at ``t <= INITIAL_S`` is taken as
 the initial view and drawn from the start of the plot; a later one leaves the lane
-``unknown`` (neutral colour) until then.
+``unknown`` (neutral colour) until then. Views that hold one state throughout are left out,
+so the lanes show what the fault changed.
 
 The figure is built without pyplot (Agg canvas, no display, no global state), is 1200x700
 px, and carries no version metadata, so the same timeline gives the same bytes.
@@ -88,6 +89,8 @@ def lanes(timeline: Timeline) -> dict[Lane, list[Segment]]:
     result = {}
     for lane in sorted(changes):
         points = changes[lane]
+        if len(points) == 1 and points[0][0] <= INITIAL_S:
+            continue  # one state throughout: nothing happened in this view
         first_t, first_state = points[0]
         if first_t <= INITIAL_S:
             points = [(start, first_state), *points[1:]]

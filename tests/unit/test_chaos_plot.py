@@ -79,10 +79,9 @@ def test_title_names_scenario_errors_times_and_verdict() -> None:
 
 
 def test_lanes_hold_each_views_state_from_change_to_change() -> None:
-    """Each (observer, subject, kind) lane runs from the start to the end of the plot; an early
-    first change (t <= 0.5 s) is the initial state, a later one follows an unknown stretch."""
+    """Lanes that changed run from start to end; an early first change (t <= 0.5 s) is the
+    initial state, a later one follows an unknown stretch, and unchanging views are left out."""
     assert plot.lanes(_timeline()) == {
-        ("edge1", "p2", "route"): [(0.0, 4.0, "ONLINE")],
         ("edge1", "p3", "route"): [(0.0, 1.1, "ONLINE"), (1.1, 4.0, "SHUNNED")],
         ("p2", "p3", "member"): [(0.0, 1.2, "alive"), (1.2, 1.9, "suspect"), (1.9, 4.0, "dead")],
         ("p4", "p3", "member"): [(0.0, 2.5, "unknown"), (2.5, 4.0, "weird")],
