@@ -60,13 +60,15 @@ def errors_elsewhere(timeline: Timeline, after: float, victim: str) -> int:
     )
 
 
-def reconnects(timeline: Timeline, victim: str, after: float) -> list[tuple[float, str]]:
-    """For each session through ``victim`` that broke: (seconds until its worker's next
-    session started, the middle carrying that one); infinity when none started."""
+def reconnects(timeline: Timeline, victim: str | None, after: float) -> list[tuple[float, str]]:
+    """For each session that broke after ``after`` (through ``victim``, or any): (seconds
+    until its worker's next session started, the middle carrying it); inf when none did."""
     found = []
     events = timeline.client_events
     for i, error in enumerate(events):
-        if error.kind != "session_error" or error.middle != victim or error.t < after:
+        if error.kind != "session_error" or error.t < after:
+            continue
+        if victim is not None and error.middle != victim:
             continue
         later = (e for e in events[i + 1 :] if e.worker == error.worker)
         nxt = next((e for e in later if e.kind == "reconnected"), None)

@@ -1,4 +1,4 @@
-"""One chaos scenario: steady load from the app container, faults, and what everyone saw.
+"""One chaos scenario: steady load from the app containers, faults, and what everyone saw.
 
     with Scenario(stack, "kill-middle", duration_s=10, artifacts=dir) as run:
         run.settle(2.0)
@@ -27,6 +27,7 @@ from meshproxy.chaos.stack import Stack
 from meshproxy.chaos.timeline import BUCKET_S, ClientEvent, Fault, Timeline
 
 LOAD_MODULE = "meshproxy.chaos.load"
+WORKERS_PER_APP = 1000  # worker numbers of app i start at i * this
 
 
 def load_command(stack: Stack, app: str, duration_s: float) -> list[str]:
@@ -86,24 +87,25 @@ class Scenario:
         name: str,
         duration_s: float,
         artifacts: Path,
-        app: str | None = None,
     ) -> None:
         self.stack = stack
         self.name = name
         self.duration_s = duration_s
         self.artifacts = artifacts
-        self.app = app or next(n.name for n in stack.spec.nodes if n.role == "app")
         self.t0 = time.time()
         self.observer = Observer(stack.spec, self.t0)
         self.faults: list[Fault] = []
-        self._load = _Load(stack, self.app, duration_s)
+        # Every app host runs the load through its own edge; worker numbers stay distinct.
+        apps = [n.name for n in stack.spec.nodes if n.role == "app"]
+        self._loads = [_Load(stack, app, duration_s) for app in apps]
         self.timeline = Timeline(scenario=name, topology=stack.spec.name, t0=self.t0)
 
     def __enter__(self) -> Scenario:
         self.t0 = time.time()
         self.observer.t0 = self.t0
         self.observer.start()
-        self._load.thread.start()
+        for load in self._loads:
+            load.thread.start()
         return self
 
     def now(self) -> float:
@@ -126,7 +128,8 @@ class Scenario:
         error: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        self._load.thread.join(timeout=self.duration_s + 30)
+        for load in self._loads:
+            load.thread.join(timeout=self.duration_s + 30)
         self.observer.stop()
         self._finish()
 
@@ -138,18 +141,29 @@ class Scenario:
         timeline.changes = list(self.observer.changes)
         count = int(self.duration_s / BUCKET_S) + 1
         timeline.queries, timeline.connects, timeline.errors = [0] * count, [0] * count, [0] * count
-        for start, (queries, connects, errors, middles) in self._load.buckets.items():
-            index = round((start - self.t0) / BUCKET_S)
-            if 0 <= index < count:
-                timeline.queries[index] += queries
-                timeline.connects[index] += connects
-                timeline.errors[index] += errors
-                for middle, n in middles.items():
-                    timeline.middles.setdefault(middle, [0] * count)[index] += n
-        timeline.client_events = [
-            ClientEvent(round(e["t"] - self.t0, 3), e["w"], e["ev"], e.get("m", ""), e.get("d", ""))
-            for e in self._load.events
-        ]
+        for load in self._loads:
+            for start, (queries, connects, errors, middles) in load.buckets.items():
+                index = round((start - self.t0) / BUCKET_S)
+                if 0 <= index < count:
+                    timeline.queries[index] += queries
+                    timeline.connects[index] += connects
+                    timeline.errors[index] += errors
+                    for middle, n in middles.items():
+                        timeline.middles.setdefault(middle, [0] * count)[index] += n
+        timeline.client_events = sorted(
+            (
+                ClientEvent(
+                    round(e["t"] - self.t0, 3),
+                    WORKERS_PER_APP * i + e["w"],
+                    e["ev"],
+                    e.get("m", ""),
+                    e.get("d", ""),
+                )
+                for i, load in enumerate(self._loads)
+                for e in load.events
+            ),
+            key=lambda e: e.t,
+        )
 
     def write(self) -> tuple[Path, Path]:
         """Write the timeline's JSON and PNG into the artifacts folder."""

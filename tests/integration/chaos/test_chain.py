@@ -16,27 +16,33 @@ from pathlib import Path
 
 import pytest
 
-from meshproxy import config as node_config
 from meshproxy.chaos import analysis
 from meshproxy.chaos.analysis import IN_SERVICE, RULED_OUT
 from meshproxy.chaos.images import Images
 from meshproxy.chaos.stack import Stack
-from meshproxy.chaos.timeline import Check, Timeline
-from meshproxy.topology.spec import BACKENDS, Spec
-from tests.integration.chaos.conftest import (
-    REPO,
-    RunScenario,
-    running_stack,
-    scenario_runner,
+from meshproxy.chaos.timeline import Check
+from tests.integration.chaos.conftest import REPO, RunScenario, running_stack, scenario_runner
+from tests.integration.chaos.kit import (
+    ANGEL_BOUND_S,
+    RECONNECT_BOUND_S,
+    SAMPLE_S,
+    START_ALLOWANCE_S,
+    backend_diallers,
+    check_bound_s,
+    conclude,
+    detection_bound_s,
+    edge,
+    edge_tier,
+    middles,
+    node_settings,
+    rise_bound_s,
+    since,
+    victim,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 
 SPEC = Path(os.environ.get("MESHPROXY_CHAOS_SPEC", REPO / "topology" / "chain.toml"))
-RECONNECT_BOUND_S = 1.0  # a client whose session broke is through another middle within this
-ANGEL_BOUND_S = 1.0
-SAMPLE_S = 0.2  # the observer samples every 100 ms; a change can show up one sample late
-START_ALLOWANCE_S = 10.0  # a container's processes starting (Python, MariaDB recovery)
 
 
 @pytest.fixture(scope="module")
@@ -49,64 +55,6 @@ def stack(chaos_images: Images) -> Iterator[Stack]:
 def run(stack: Stack, artifacts: Path) -> Iterator[RunScenario]:
     """Start a scenario on the healthy stack; its timeline is written after the test."""
     yield from scenario_runner(stack, artifacts)
-
-
-def edge(spec: Spec) -> str:
-    return next(n.name for n in spec.nodes if n.role == "edge")
-
-
-def middles(spec: Spec, tier: str) -> list[str]:
-    return [n.name for n in spec.nodes if n.role == "middle" and n.tier == tier]
-
-
-def edge_tier(spec: Spec) -> str:
-    return next(n.tier for n in spec.nodes if n.role == "edge")
-
-
-def victim(spec: Spec) -> str:
-    """A middle the edge routes to (the second, so the first is not always the one spared)."""
-    candidates = middles(spec, edge_tier(spec))
-    return candidates[1 % len(candidates)]
-
-
-def backend_dialler(spec: Spec) -> str:
-    """A middle whose tier talks to the backends."""
-    tiers = [t.name for t in spec.tiers if t.upstream == BACKENDS]
-    return middles(spec, tiers[0])[0]
-
-
-def node_settings(spec: Spec, name: str) -> node_config.Config:
-    return node_config.load(REPO / "compose" / spec.name / "configs" / f"{name}.toml")
-
-
-def detection_bound_s(spec: Spec) -> float:
-    """The gossip layer's claim: every member sees a crashed member dead within this."""
-    gossip = node_settings(spec, edge(spec)).gossip
-    assert gossip is not None
-    return gossip.settings().detection_bound_s(len(spec.proxies())) + SAMPLE_S
-
-
-def check_bound_s(check: node_config.CheckConfig) -> float:
-    """Active checks mark a dead server down within fall x interval (+ the last timeout)."""
-    return (check.fall * check.interval_ms + check.timeout_ms) / 1000 + SAMPLE_S
-
-
-def rise_bound_s(check: node_config.CheckConfig) -> float:
-    return (check.rise * check.interval_ms + check.timeout_ms) / 1000 + SAMPLE_S
-
-
-def since(t: float | None, start: float) -> float | None:
-    return None if t is None else round(t - start, 3)
-
-
-def conclude(
-    timeline: Timeline, checks: list[Check], detect: float | None, recover: float | None
-) -> None:
-    """Record the scenario's checks and figures on its timeline, then assert them all."""
-    timeline.checks = checks
-    timeline.detect_s, timeline.recover_s = detect, recover
-    failed = [f"{c.name}: {c.value} (bound {c.bound} {c.unit})" for c in checks if not c.ok]
-    assert not failed, f"{timeline.scenario}: " + "; ".join(failed)
 
 
 def test_kill_middle(stack: Stack, run: RunScenario) -> None:
@@ -174,7 +122,7 @@ def test_pause_middle(stack: Stack, run: RunScenario) -> None:
 
 def test_cut_middle_from_backends(stack: Stack, run: RunScenario) -> None:
     """Edges route around a middle cut off its backends; only sessions through it fail."""
-    spec, p1, target = stack.spec, edge(stack.spec), backend_dialler(stack.spec)
+    spec, p1, target = stack.spec, edge(stack.spec), backend_diallers(stack.spec)[0]
     back_net = next(
         n
         for n in next(x for x in spec.nodes if x.name == target).networks
@@ -258,7 +206,7 @@ def test_kill_backend(stack: Stack, run: RunScenario) -> None:
     """A killed backend leaves every middle's pool within fall x interval, and comes back."""
     spec = stack.spec
     target = spec.backends[0].name
-    diallers = middles(spec, next(t.name for t in spec.tiers if t.upstream == BACKENDS))
+    diallers = backend_diallers(spec)
     check = node_settings(spec, diallers[0]).pool[0].check
     try:
         with run("kill-backend", 16.0) as scenario:
