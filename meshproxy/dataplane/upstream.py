@@ -39,10 +39,15 @@ class Dialing(asyncio.Protocol):
         self.first = b""
         self.lost = False
         self.abandoned = False
+        # The TCP connect's timeout while it runs: abandoning ends it now (a SYN to a host
+        # that vanished would otherwise hang for the whole connect timeout).
+        self.connecting: asyncio.Timeout | None = None
 
     def abandon(self, reason: str) -> None:
         """Give up waiting for this member (the control plane ruled it out): retry another."""
         self.abandoned = True
+        if self.connecting is not None:
+            self.connecting.reschedule(asyncio.get_running_loop().time())
         self._fail(reason)
 
     async def greeted(self) -> None:
@@ -270,7 +275,8 @@ class Connector:
                 dialing.transport = transport
                 transport.set_protocol(dialing)
             else:
-                async with asyncio.timeout(max(min(self.connect_s, remaining_s), 0.001)):
+                connect_s = max(min(self.connect_s, remaining_s), 0.001)
+                async with asyncio.timeout(connect_s) as dialing.connecting:
                     source = self._groups[ref].source_ip
                     transport, _ = await loop.create_connection(
                         lambda: dialing,
@@ -278,6 +284,7 @@ class Connector:
                         address.port,
                         local_addr=(source, 0) if source else None,
                     )
+                dialing.connecting = None
                 set_nodelay(transport)
             if header is not None:
                 transport.write(header.encode())

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import pymysql
@@ -235,6 +237,54 @@ def test_blackholed_middle_is_skipped_within_budget(
                 conn.close()
         failed = edge.wait_for_event("connect_failed", server=addr(dead_port))
         assert failed.fields["error"] == "timed out"
+
+
+def _syn_sent_to(port: int) -> bool:
+    """Whether some local socket is waiting for a SYN-ACK from ``port`` (SYN_SENT)."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "02" and int(fields[2].rpartition(":")[2], 16) == port:
+            return True
+    return False
+
+
+def test_connect_to_a_member_ruled_out_moves_on_at_once(
+    nodes: NodeFactory, shared_mariadb: localdb.MariaDB
+) -> None:
+    """A connect still waiting on a SYN to a member that is then ruled out (set OFFLINE_SOFT
+    here) gives up at once and goes to another member, well before its connect timeout."""
+    connect_ms = 20_000
+    with blackhole() as dead_port:
+        mesh_port, edge_port = free_port(), free_port()
+        nodes.start(middle_config("middle1", mesh_port, servers=[shared_mariadb.port]))
+        dead: dict[str, object] = {"address": addr(dead_port)}
+        doc = edge_config(
+            "edge1",
+            edge_port,
+            [dead],  # the only member: the first attempt surely dials the blackhole
+            tier={"warm_connections": 0, "check": {"interval_ms": 60_000}},
+            timeouts={"connect_ms": connect_ms, "connect_budget_ms": connect_ms},
+        )
+        edge = nodes.start(doc)
+        took: list[float] = []
+
+        def client() -> None:
+            started = time.monotonic()
+            connect(edge_port, connect_timeout=30).close()
+            took.append(time.monotonic() - started)
+
+        thread = threading.Thread(target=client)
+        thread.start()
+        deadline = time.monotonic() + 10
+        while not _syn_sent_to(dead_port):
+            assert time.monotonic() < deadline, "the edge never dialled the blackhole"
+            time.sleep(0.02)
+        dead["state"] = "OFFLINE_SOFT"
+        doc["tier"][0]["members"].append(addr(mesh_port))
+        edge.reload(doc)
+        thread.join(timeout=25)
+        assert took, "the client never got through"
+        assert took[0] < 5.0, f"took {took[0]:.2f} s: the connect waited for its timeout"
 
 
 @pytest.mark.parametrize("admin_state", ["OFFLINE_SOFT", "OFFLINE_HARD"])
