@@ -14,6 +14,11 @@ check:
 test *args:
     {{venv}}/pytest {{args}}
 
+# the Docker chaos scenarios (engine must run: `./dev chaos` starts one), then their table
+chaos *args:
+    -{{venv}}/pytest -m chaos tests/integration/chaos {{args}}
+    {{venv}}/python -m meshproxy.chaos.report artifacts/chaos
+
 # the demo: one edge, three middles, two MariaDB servers, client load, a middle stopped
 demo *args:
     {{venv}}/meshproxy demo {{args}}
