@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -180,7 +181,7 @@ def make_template(workdir: Path) -> Path:
         return template
     template.mkdir(parents=True, exist_ok=True)
     installer = shutil.which("mariadb-install-db") or "/usr/bin/mariadb-install-db"
-    result = subprocess.run(  # noqa: S603 - fixed argv
+    process = subprocess.Popen(  # noqa: S603 - fixed argv
         [
             installer,
             "--no-defaults",
@@ -189,11 +190,21 @@ def make_template(workdir: Path) -> Path:
             "--auth-root-authentication-method=socket",
             "--skip-test-db",
         ],
-        capture_output=True,
-        check=False,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        # Its own process group: a script whose bootstrap server must go with it if we stop.
+        start_new_session=True,
+        preexec_fn=die_with_parent,
     )
-    if result.returncode != 0:
-        raise RuntimeError(f"mariadb-install-db failed: {result.stderr.decode(errors='replace')}")
+    try:
+        _, stderr = process.communicate()
+    except BaseException:  # Ctrl-C or SIGTERM while installing: leave nothing running
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    if process.returncode != 0:
+        raise RuntimeError(f"mariadb-install-db failed: {stderr.decode(errors='replace')}")
     return template
 
 

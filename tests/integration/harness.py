@@ -437,6 +437,21 @@ def _family(root: int) -> list[int]:
     return sorted(family)
 
 
+def session_members(sid: int) -> list[int]:
+    """The live processes of session ``sid``: a command started with ``start_new_session``
+    and everything it started, however deep (orphans keep their session)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        # After "pid (comm)": state ppid pgrp session ...; zombies are already gone.
+        if int(fields[3]) == sid and fields[0] != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
 def _kill(pids: list[int]) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):

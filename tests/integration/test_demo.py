@@ -13,22 +13,9 @@ from pathlib import Path
 import pytest
 
 from meshproxy import localdb
+from tests.integration.harness import session_members
 
 pytestmark = pytest.mark.integration
-
-
-def _session_members(sid: int) -> list[int]:
-    """The live processes of session ``sid``: the demo and everything it started."""
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        # After "pid (comm)": state ppid pgrp session ...; zombies are already gone.
-        if int(fields[3]) == sid and fields[0] != "Z":
-            members.append(int(stat.parent.name))
-    return members
 
 
 def _run_demo(backend: str | None) -> str:
@@ -53,7 +40,7 @@ def _run_demo(backend: str | None) -> str:
     assert process.returncode == 0, text
 
     deadline = time.monotonic() + 3
-    while (left := _session_members(process.pid)) and time.monotonic() < deadline:
+    while (left := session_members(process.pid)) and time.monotonic() < deadline:
         time.sleep(0.1)
     for pid in left:  # don't leak them into the rest of the suite, then fail
         os.kill(pid, signal.SIGKILL)
