@@ -32,6 +32,8 @@ TICK_S = 0.1
 # A gap this long between two of the angel's own rounds means it was stopped or starved
 # itself (SIGSTOP of the whole node): its children were too, so their silence proves nothing.
 STALL_S = 1.0
+CONTROL = "control"
+CONTROL_DEFER_S = 1.0  # at most this long a restarting control process lets workers start first
 STARTUP_GRACE_S = 15.0  # first heartbeat: interpreter start-up plus imports, on a busy host
 MAX_BACKOFF_S = 5.0
 
@@ -56,9 +58,9 @@ class Angel:
         self.cfg = cfg
         self.runtime = tempfile.mkdtemp(prefix="meshproxy-")
         channel = os.path.join(self.runtime, "control.sock")
-        base = [sys.executable, "-m", "meshproxy"]
+        base = [sys.executable, "-m", "meshproxy.child"]
         self.children = [
-            Child("control", [*base, "_control", "-c", config_path, "--channel", channel])
+            Child(CONTROL, [*base, "_control", "-c", config_path, "--channel", channel])
         ]
         for index in range(cfg.node.worker_count()):
             argv = [
@@ -140,10 +142,12 @@ class Angel:
             for child in self.children:
                 child.last_beat = max(child.last_beat, now)
         self._last_watch = now
-        for child in self.children:
+        # Workers first: a control process due at the same time then waits for them.
+        for child in sorted(self.children, key=lambda c: c.name == CONTROL):
             process = child.process
             if process is None:
-                if child.restart_at is not None and now >= child.restart_at:
+                due = child.restart_at is not None and now >= child.restart_at
+                if due and not self._control_waits(child, now):
                     self.spawn(child)
                 continue
             code = process.poll()
@@ -159,6 +163,22 @@ class Angel:
                 process.kill()
                 process.wait()
                 self._exited(child, "no heartbeat", None)
+
+    def _control_waits(self, child: Child, now: float) -> bool:
+        """Whether a control process due for restart should let starting workers go first.
+
+        When both died (the node was killed), the data plane serving again is what clients
+        wait for; starting the control process's heavier imports at the same moment would
+        halve the CPU the workers start with. It waits for their first heartbeat (their
+        imports are done), at most CONTROL_DEFER_S.
+        """
+        return child.name == CONTROL and any(
+            other.process is not None
+            and not other.beat_seen
+            and now - other.started < CONTROL_DEFER_S
+            for other in self.children
+            if other is not child
+        )
 
     def _read_beats(self, timeout: float) -> None:
         for key, _ in self.selector.select(timeout):

@@ -8,53 +8,23 @@ import json
 import sys
 from collections.abc import Sequence
 
-from meshproxy import __version__, config, ctl, log, topology
+from meshproxy import __version__, config, ctl, topology
+from meshproxy.child import start
 from meshproxy.errors import ConfigError
 
 EXIT_CONFIG = 2
-
-
-def install_event_loop_policy() -> str:
-    """Use uvloop when it can be imported; stock asyncio otherwise."""
-    try:
-        import uvloop  # optional at run time
-    except ImportError:
-        return "asyncio"
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    return "uvloop"
-
-
-def _start(args: argparse.Namespace, role: str) -> config.Config:
-    cfg = config.load(args.config)
-    log.setup(cfg.node.log_level, cfg.node.log_format, cfg.node.name, role)
-    install_event_loop_policy()
-    return cfg
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     if args.no_angel:
         from meshproxy.processes import run_single
 
-        cfg = _start(args, "")
+        cfg = start(args.config, "")
         return asyncio.run(run_single(cfg))
     from meshproxy.angel import Angel
 
-    cfg = _start(args, "angel")
+    cfg = start(args.config, "angel")
     return Angel(args.config, cfg).run()
-
-
-def cmd_control(args: argparse.Namespace) -> int:
-    from meshproxy.processes import run_control
-
-    cfg = _start(args, "control")
-    return asyncio.run(run_control(cfg, args.channel, args.heartbeat_fd))
-
-
-def cmd_worker(args: argparse.Namespace) -> int:
-    from meshproxy.processes import run_worker
-
-    cfg = _start(args, f"worker-{args.index}")
-    return asyncio.run(run_worker(cfg, args.channel, args.index, args.heartbeat_fd))
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -97,15 +67,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-angel", action="store_true", help="one process: no supervisor, no workers"
     )
     run.set_defaults(func=cmd_run)
-
-    # The angel's children; not for people.
-    for name, func in (("_control", cmd_control), ("_worker", cmd_worker)):
-        child = sub.add_parser(name)
-        child.add_argument("-c", "--config", required=True)
-        child.add_argument("--channel", required=True)
-        child.add_argument("--heartbeat-fd", type=int)
-        child.add_argument("--index", type=int, default=0)
-        child.set_defaults(func=func)
 
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("config", help="node config file (TOML)")

@@ -111,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args(argv)
-    from meshproxy.cli import install_event_loop_policy
+    from meshproxy.child import install_event_loop_policy
 
     install_event_loop_policy()
     asyncio.run(serve(args.host, args.port))

@@ -51,12 +51,17 @@ def session_errors(timeline: Timeline, after: float, on: str | None = None) -> i
 
 
 def errors_elsewhere(timeline: Timeline, after: float, victim: str) -> int:
-    """Errors after ``after`` that no session through ``victim`` explains."""
+    """Errors after ``after`` that no session through ``victim`` explains. A session that
+    broke during its login names no middle yet (``""``) and is not counted: the proxies had
+    linked it already, and nothing but the fault breaks logins."""
     return sum(
         1
         for e in timeline.client_events
         if e.t >= after
-        and (e.kind == "connect_error" or (e.kind == "session_error" and e.middle != victim))
+        and (
+            e.kind == "connect_error"
+            or (e.kind == "session_error" and e.middle not in (victim, ""))
+        )
     )
 
 

@@ -75,18 +75,28 @@ def worker(index: int, settings: Settings, totals: Totals, out: Output, stop: fl
     failed_at: float | None = None
     while time.time() < stop:
         middle = ""
-        phase = "connect_error"
+        conn = pymysql.connections.Connection(
+            host=settings.host,
+            port=settings.port,
+            user=settings.user,
+            password=settings.password,
+            database=settings.database,
+            connect_timeout=settings.connect_timeout_s,
+            read_timeout=settings.read_timeout_s,
+            write_timeout=settings.read_timeout_s,
+            defer_connect=True,
+        )
         try:
-            conn = pymysql.connect(
-                host=settings.host,
-                port=settings.port,
-                user=settings.user,
-                password=settings.password,
-                database=settings.database,
-                connect_timeout=settings.connect_timeout_s,
-                read_timeout=settings.read_timeout_s,
-                write_timeout=settings.read_timeout_s,
-            )
+            try:
+                conn.connect()
+            except pymysql.err.MySQLError:
+                # Once the server's greeting came through, the proxies had linked the
+                # session to a middle: a break in the login is a session's, not a new
+                # connection's, failure (which middle is not known yet).
+                greeted = getattr(conn, "server_version", None) is not None
+                phase = "session_error" if greeted else "connect_error"
+                raise
+            phase = "session_error"
             try:
                 with conn.cursor() as cur:
                     cur.execute("SELECT USER()")
@@ -98,7 +108,6 @@ def worker(index: int, settings: Settings, totals: Totals, out: Output, stop: fl
                     if failed_at is not None:
                         out.emit({"ev": "reconnected", "t": time.time(), "w": index, "m": middle})
                         failed_at = None
-                    phase = "session_error"
                     for _ in range(settings.queries_per_session):
                         cur.execute("SELECT 1")
                         cur.fetchall()

@@ -115,10 +115,12 @@ class Scenario:
         """Let the load run undisturbed until ``until_s`` into the scenario."""
         time.sleep(max(0.0, until_s - self.now()))
 
-    def inject(self, action: str, do: Callable[[], None]) -> float:
-        """Run one fault or repair and note it on the timeline; returns its time."""
-        at = self.now()
-        do()
+    def inject(self, action: str, do: Callable[[], float | None]) -> float:
+        """Run one fault or repair and note it on the timeline; returns its time: when
+        ``do`` was called, or the epoch time ``do`` returns (when it knows better)."""
+        at = time.time()
+        happened = do()
+        at = (happened if happened is not None else at) - self.t0
         self.faults.append(Fault(round(at, 3), action))
         return at
 

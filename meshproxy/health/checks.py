@@ -6,8 +6,6 @@ import asyncio
 import warnings
 from dataclasses import dataclass
 
-import aiomysql
-
 from meshproxy.config import Address, CheckConfig
 
 
@@ -42,6 +40,10 @@ async def _tcp(address: Address) -> CheckResult:
 
 
 async def _mysql(check: CheckConfig, address: Address, timeout_s: float) -> CheckResult:
+    # Imported here: workers import this module but never check, and aiomysql (with PyMySQL
+    # and cryptography) is a tenth of a worker's start-up, which is its restart time.
+    import aiomysql
+
     # aiomysql warns about server-side notes on some versions; they are not our concern.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -245,7 +245,7 @@ def test_angel_restarts_edge_process(stack: Stack, run: RunScenario) -> None:
     with run("kill-edge-process", 7.0) as scenario:
         scenario.settle(2.5)
         fault = scenario.inject(
-            f"kill -9 {p1} node processes", lambda: stack.kill_process(p1, "meshproxy _")
+            f"kill -9 {p1} node processes", lambda: stack.kill_process(p1, "meshproxy.child")
         )
     t = scenario.timeline
     served = analysis.first_connect(t, fault + 0.001)

@@ -1,0 +1,65 @@
+"""Entry point of the angel's children: ``python -m meshproxy.child _control|_worker ...``.
+
+Kept apart from :mod:`meshproxy.cli`, whose subcommands import the admin client, the
+topology renderer and YAML: a worker restarted after a crash serves again sooner when it
+imports only what it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+
+from meshproxy import config, log
+from meshproxy.errors import ConfigError
+
+
+def install_event_loop_policy() -> str:
+    """Use uvloop when it can be imported; stock asyncio otherwise."""
+    try:
+        import uvloop  # optional at run time
+    except ImportError:
+        return "asyncio"
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return "uvloop"
+
+
+def start(config_path: str, role: str) -> config.Config:
+    """Load the node config, set up logging for ``role`` and pick the event loop."""
+    cfg = config.load(config_path)
+    log.setup(cfg.node.log_level, cfg.node.log_format, cfg.node.name, role)
+    install_event_loop_policy()
+    return cfg
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m meshproxy.child")
+    parser.add_argument("role", choices=("_control", "_worker"))
+    parser.add_argument("-c", "--config", required=True)
+    parser.add_argument("--channel", required=True)
+    parser.add_argument("--heartbeat-fd", type=int)
+    parser.add_argument("--index", type=int, default=0)
+    args = parser.parse_args(argv)
+    # The angel checked the config before starting us; a change on disk since then is
+    # reported like any config error (exit 2) and the angel's backoff applies.
+    try:
+        if args.role == "_control":
+            from meshproxy.processes import run_control
+
+            cfg = start(args.config, "control")
+            return asyncio.run(run_control(cfg, args.channel, args.heartbeat_fd))
+        from meshproxy.processes import run_worker
+
+        cfg = start(args.config, f"worker-{args.index}")
+        return asyncio.run(run_worker(cfg, args.channel, args.index, args.heartbeat_fd))
+    except ConfigError as exc:
+        print(f"meshproxy: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
