@@ -33,6 +33,7 @@ TICK_S = 0.1
 # itself (SIGSTOP of the whole node): its children were too, so their silence proves nothing.
 STALL_S = 1.0
 CONTROL = "control"
+CONTROL_REAP_S = 0.05
 CONTROL_DEFER_S = 1.0  # at most this long a restarting control process lets workers start first
 STARTUP_GRACE_S = 15.0  # first heartbeat: interpreter start-up plus imports, on a busy host
 MAX_BACKOFF_S = 5.0
@@ -126,6 +127,10 @@ class Angel:
             if child.fast_crashes <= 1
             else min(0.1 * 2 ** (child.fast_crashes - 2), MAX_BACKOFF_S)
         )
+        if child.name == CONTROL:
+            # Workers killed with it (the whole node was) are reaped within this, and then
+            # start first: see _control_waits.
+            delay = max(delay, CONTROL_REAP_S)
         child.restart_at = now + delay
         child.restarts += 1
         log.warning(
@@ -187,6 +192,13 @@ class Angel:
                 if os.read(key.fd, 4096):
                     child.last_beat = time.monotonic()
                     child.beat_seen = True
+                else:
+                    # End of file: the child died (its pipe end closed with it). That woke
+                    # us at once; _watch reaps it now. Unwatched, so a restart backoff
+                    # does not spin on a pipe that stays readable.
+                    self.selector.unregister(key.fd)
+                    os.close(key.fd)
+                    child.beats = -1
 
     # ----------------------------------------------------------------- lifecycle
 

@@ -232,12 +232,14 @@ class WorkerChannel:
             except ConfigError as exc:
                 log.warning("config_rejected", error=exc)
                 return
+            if host is not None:
+                await self.apply(new)
+                return
+            # The host is not built yet: it is built from this config if it comes in time,
+            # and takes it right after being built otherwise (it served from the file).
+            self.pending_config = new
             if not self.first_config.done():
                 self.first_config.set_result(new)
-            elif host is None:
-                self.pending_config = new  # the host is being built: it takes this next
-            else:
-                await self.apply(new)
         elif kind == "members":
             ref, members = channel.parse_members(message)
             self.members[ref] = members
@@ -291,7 +293,7 @@ async def run_worker(cfg: Config, channel_path: str, index: int, heartbeat_fd: i
     link.host = host
     for ref, members in link.members.items():
         host.apply_members(ref, members)
-    if link.pending_config is not None:
+    if link.pending_config is not None and link.pending_config is not cfg:
         await link.apply(link.pending_config)
     tasks.spawn("stats", link.send_stats)
     stop = asyncio.Event()
