@@ -65,7 +65,7 @@ class Settings:
     middles: dict[str, str]
 
 
-def _middle_of(user: str, middles: dict[str, str]) -> str:
+def middle_of(user: str, middles: dict[str, str]) -> str:
     """``monitor@10.231.3.13`` -> the node that dialled from that address."""
     address = user.rpartition("@")[2]
     return middles.get(address, address)
@@ -101,7 +101,7 @@ def worker(index: int, settings: Settings, totals: Totals, out: Output, stop: fl
                 with conn.cursor() as cur:
                     cur.execute("SELECT USER()")
                     row = cur.fetchone()
-                    middle = _middle_of(str(row[0]) if row else "", settings.middles)
+                    middle = middle_of(str(row[0]) if row else "", settings.middles)
                     with totals.lock:
                         totals.connects += 1
                         totals.by_middle[middle] += 1
