@@ -8,6 +8,12 @@ says so and stops the node. A child that exits 0 on its own stops the angel. On 
 SIGINT it drains: workers first (they stop accepting and let sessions finish), then the
 control process. SIGHUP goes to the control process, which reloads the config file.
 
+Each worker has a standby (``angel.standby_workers``): a process that has already started
+Python and imported the data plane, and waits on a pipe. A worker that dies is replaced by
+its standby, which only has to read the config and bind, in tens of milliseconds instead
+of the half second (more on a busy host) a fresh interpreter needs; a new standby is then
+started once the new worker heartbeats, so the two do not compete for the CPU.
+
 It is deliberately synchronous and tiny: no event loop of its own to get stuck.
 """
 
@@ -25,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 
 from meshproxy import log
-from meshproxy.children import stop_with_parent
+from meshproxy.children import stop, stop_with_parent
 from meshproxy.config import Config
 
 TICK_S = 0.1
@@ -37,6 +43,16 @@ CONTROL_REAP_S = 0.05
 CONTROL_DEFER_S = 1.0  # at most this long a restarting control process lets workers start first
 STARTUP_GRACE_S = 15.0  # first heartbeat: interpreter start-up plus imports, on a busy host
 MAX_BACKOFF_S = 5.0
+
+
+@dataclass
+class Standby:
+    """A started, waiting replacement for one worker."""
+
+    process: subprocess.Popen[bytes]
+    beats: int  # read end of its heartbeat pipe, watched once it takes over
+    go: int  # write end of its start pipe: a byte starts it, closing it stops it
+    started: float
 
 
 @dataclass
@@ -52,6 +68,8 @@ class Child:
     restart_at: float | None = None
     restarts: int = 0
     stopping: bool = field(default=False)
+    standby: Standby | None = None
+    standby_failed_at: float | None = None
 
 
 class Angel:
@@ -82,16 +100,34 @@ class Angel:
 
     # ----------------------------------------------------------------- children
 
-    def spawn(self, child: Child) -> None:
+    @staticmethod
+    def _start(argv: list[str], go: int | None = None) -> tuple[subprocess.Popen[bytes], int]:
+        """Start a child; returns it and the read end of its heartbeat pipe."""
         read_end, write_end = os.pipe()
         os.set_blocking(read_end, False)
-        argv = [*child.argv, "--heartbeat-fd", str(write_end)]
+        argv = [*argv, "--heartbeat-fd", str(write_end)]
+        fds = [write_end]
+        if go is not None:
+            argv += ["--standby-fd", str(go)]
+            fds.append(go)
         # Children drain when the angel dies, and live in sessions of their own so that a
         # terminal's Ctrl-C reaches only the angel, which then stops them in order.
-        child.process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-            argv, pass_fds=(write_end,), preexec_fn=stop_with_parent, start_new_session=True
+        process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+            argv, pass_fds=fds, preexec_fn=stop_with_parent, start_new_session=True
         )
         os.close(write_end)
+        return process, read_end
+
+    def spawn(self, child: Child) -> None:
+        standby, child.standby = child.standby, None
+        if standby is not None and standby.process.poll() is None:
+            os.write(standby.go, b"!")
+            os.close(standby.go)
+            child.process, read_end = standby.process, standby.beats
+        else:
+            if standby is not None:
+                self._discard(standby)
+            child.process, read_end = self._start(child.argv)
         if child.beats >= 0:
             self.selector.unregister(child.beats)
             os.close(child.beats)
@@ -100,7 +136,42 @@ class Angel:
         child.started = child.last_beat = time.monotonic()
         child.beat_seen = False
         child.restart_at = None
-        log.event("angel_started_child", child=child.name, pid=child.process.pid)
+        log.event(
+            "angel_started_child",
+            child=child.name,
+            pid=child.process.pid,
+            standby="yes" if standby is not None and child.process is standby.process else "no",
+        )
+
+    def _keep_standby(self, child: Child, now: float) -> None:
+        """Have a standby ready for a worker that is up (it heartbeats), when enabled."""
+        if not self.cfg.angel.standby_workers or child.name == CONTROL or not child.beat_seen:
+            return
+        standby = child.standby
+        if standby is not None:
+            if standby.process.poll() is None:
+                return
+            log.warning("angel_standby_died", child=child.name, status=standby.process.returncode)
+            self._discard(standby)
+            child.standby, child.standby_failed_at = None, now
+        if (
+            child.standby_failed_at is not None
+            and now - child.standby_failed_at < self.cfg.angel.fast_crash_s
+        ):
+            return  # a standby that dies at once would otherwise be restarted every round
+        go_read, go_write = os.pipe()
+        process, beats = self._start(child.argv, go=go_read)
+        os.close(go_read)
+        child.standby = Standby(process, beats, go_write, now)
+        log.event("angel_standby_started", child=child.name, pid=process.pid)
+
+    @staticmethod
+    def _discard(standby: Standby) -> None:
+        """Stop a standby that will not be used (closing its start pipe ends it)."""
+        with contextlib.suppress(OSError):
+            os.close(standby.go)
+        stop(standby.process, 5.0)
+        os.close(standby.beats)
 
     def _exited(self, child: Child, how: str, code: int | None) -> None:
         now = time.monotonic()
@@ -155,6 +226,7 @@ class Angel:
                 if due and not self._control_waits(child, now):
                     self.spawn(child)
                 continue
+            self._keep_standby(child, now)
             code = process.poll()
             if code is not None:
                 how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
@@ -234,6 +306,9 @@ class Angel:
         control = [c for c in self.children[:1] if c.process is not None]
         self._terminate(control, 10.0)
         for child in self.children:
+            if child.standby is not None:
+                self._discard(child.standby)
+                child.standby = None
             if child.beats >= 0:
                 self.selector.unregister(child.beats)
                 os.close(child.beats)

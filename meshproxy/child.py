@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Sequence
 
@@ -34,6 +35,17 @@ def start(config_path: str, role: str) -> config.Config:
     return cfg
 
 
+def wait_for_turn(fd: int) -> bool:
+    """A standby worker, imports done, waits for the angel: True to start, False to exit.
+
+    The config is read only after this, so a standby that waited through a config change
+    starts with the file as it is now."""
+    install_event_loop_policy()  # imports uvloop now rather than after the wake-up
+    woken = os.read(fd, 1)
+    os.close(fd)
+    return woken != b""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m meshproxy.child")
     parser.add_argument("role", choices=("_control", "_worker"))
@@ -41,6 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--channel", required=True)
     parser.add_argument("--heartbeat-fd", type=int)
     parser.add_argument("--index", type=int, default=0)
+    parser.add_argument("--standby-fd", type=int, help="wait for a byte here before starting")
     args = parser.parse_args(argv)
     # The angel checked the config before starting us; a change on disk since then is
     # reported like any config error (exit 2) and the angel's backoff applies.
@@ -52,6 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(run_control(cfg, args.channel, args.heartbeat_fd))
         from meshproxy.processes import run_worker
 
+        if args.standby_fd is not None and not wait_for_turn(args.standby_fd):
+            return 0
         cfg = start(args.config, f"worker-{args.index}")
         return asyncio.run(run_worker(cfg, args.channel, args.index, args.heartbeat_fd))
     except ConfigError as exc:

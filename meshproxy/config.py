@@ -113,6 +113,7 @@ class AngelConfig:
     watchdog_s: float = 5.0
     fast_crash_s: float = 10.0
     max_fast_crashes: int = 5
+    standby_workers: bool = True
 
 
 @dataclass(frozen=True)

@@ -149,7 +149,11 @@ class PlaneHost:
         self._sync_warm(new)
 
     async def apply_config(self, new: Config) -> list[str]:
-        """Bind, then take the rest (raises OSError with nothing changed if a bind fails)."""
+        """Bind, then take the rest (raises OSError with nothing changed if a bind fails).
+        A draining host ignores it: its listeners stay closed whatever a late config says."""
+        if self.draining:
+            log.event("config_ignored", reason="draining")
+            return []
         before = binds(self.config)
         keep = {name for name, spec in binds(new).items() if before.get(name) == spec}
         changes = await self.bind(keep, new)

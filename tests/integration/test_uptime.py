@@ -34,6 +34,7 @@ from tests.integration.harness import (
     MYSQL_CHECK,
     Doc,
     Load,
+    LogEvent,
     MariaDBFarm,
     NodeFactory,
     NodeProcess,
@@ -123,8 +124,14 @@ def _cmdline(pid: int) -> list[str]:
 
 
 def worker_pids(node: NodeProcess) -> set[int]:
-    """The live ``_worker`` children of a node's angel."""
-    return {pid for pid in node.pids() if "_worker" in _cmdline(pid)}
+    """The live workers of a node: what its angel started or woke as a worker (a standby
+    that was never woken has the same command line, and is not one)."""
+    started = {
+        int(event.fields["pid"])
+        for event in node.events("angel_started_child")
+        if event.fields["child"].startswith("worker-")
+    }
+    return {pid for pid in started if alive(pid)}
 
 
 def control_pids(node: NodeProcess) -> set[int]:
@@ -428,6 +435,39 @@ def test_killed_worker_port_serves_within_1s(nodes: NodeFactory, backends: Backe
     assert [row[0] for row in query(port, "SELECT 1")] == [1]
 
 
+@pytest.mark.parametrize("standby", [True, False])
+def test_killed_worker_is_replaced_by_its_standby(
+    nodes: NodeFactory, backends: Backends, standby: bool
+) -> None:
+    """With ``standby_workers``, a killed worker's place goes to its waiting standby (no new
+    interpreter to start) and a fresh standby follows; without, a new process starts and no
+    standby ever exists."""
+    port, admin_port = free_port(), free_port()
+    doc = uptime_config(
+        "sb", [backends[0].port], port, admin_port, workers=1, angel={"standby_workers": standby}
+    )
+    node = start_node(nodes, doc)
+    if standby:
+        waiting = node.wait_for_event("angel_standby_started", child="worker-0")
+    (victim,) = worker_pids(node)
+    os.kill(victim, signal.SIGKILL)
+
+    def replacement() -> LogEvent | None:
+        starts = node.events("angel_started_child", child="worker-0")
+        return starts[1] if len(starts) > 1 else None
+
+    woken = wait_until(replacement, 15, "the worker's replacement")
+    assert woken.fields["standby"] == ("yes" if standby else "no")
+    assert int(woken.fields["pid"]) != victim
+    wait_until(lambda: len(node.events("worker_started")) >= 2, 15, "the new worker to serve")
+    assert [row[0] for row in query(port, "SELECT 1")] == [1]
+    if standby:
+        assert woken.fields["pid"] == waiting.fields["pid"]
+        wait_until(lambda: len(node.events("angel_standby_started")) >= 2, 15, "a fresh standby")
+    else:
+        assert not node.events("angel_standby_started")
+
+
 def test_worker_restarted_while_control_stalls_catches_up(
     nodes: NodeFactory, backends: Backends
 ) -> None:
@@ -499,13 +539,16 @@ def test_stopped_worker_is_replaced_by_watchdog(nodes: NodeFactory, backends: Ba
 
 def test_sigterm_lets_running_query_finish(nodes: NodeFactory, backends: Backends) -> None:
     """SIGTERM to the angel while ``SELECT SLEEP(2)`` runs through it: new connects are refused,
-    the query completes with its result, the angel exits 0 and no process of the node remains."""
+    the query completes with its result (a config change meanwhile does not reopen them), the
+    angel exits 0 and no process of the node (nor a standby) remains."""
     backend = backends[0]
     port, admin_port = free_port(), free_port()
     doc = uptime_config("st", [backend.port], port, admin_port, node={"drain_timeout_s": 10})
     node = start_node(nodes, doc)
+    for index in range(2):
+        node.wait_for_event("angel_standby_started", child=f"worker-{index}")
     family = node.pids()
-    assert len(family) == 4, f"expected angel, control and 2 workers: {family}"
+    assert len(family) == 6, f"expected angel, control, 2 workers, 2 standbys: {family}"
     result: dict[str, Any] = {}
     conn = connect(port)
 
@@ -536,6 +579,11 @@ def test_sigterm_lets_running_query_finish(nodes: NodeFactory, backends: Backend
     signalled = time.monotonic()
     wait_until(lambda: not port_accepts(port), 10, "the listeners to close")
     assert client.is_alive(), "the query ended before the listeners closed"
+    # A config change reaching the draining workers must not open the listeners again.
+    Api(admin_port).ok("PATCH", "/config", {"timeouts": {"connect_ms": 700}})
+    # (The worker without a session has left already; the one carrying the SLEEP drains.)
+    node.wait_for_event("config_ignored", reason="draining")
+    assert not port_accepts(port), "a draining worker listens again"
     code = node.process.wait(10 + 15)  # drain_timeout_s, plus slack
     client.join(10)
     assert "error" not in result, result["error"]
