@@ -87,8 +87,10 @@ def running_stack(spec_path: Path, chaos_images: images.Images) -> Iterator[Stac
         stack.client.close()
 
 
-def scenario_runner(stack: Stack, artifacts: Path) -> Iterator[RunScenario]:
-    """Start scenarios on a healthy stack; write each one's timeline when the test ends."""
+@pytest.fixture
+def run(stack: Stack, artifacts: Path) -> Iterator[RunScenario]:
+    """Start scenarios on the module's healthy ``stack``; each one's timeline is written
+    when the test ends, passed or failed."""
     runs: list[Scenario] = []
 
     def run(name: str, duration_s: float) -> Scenario:

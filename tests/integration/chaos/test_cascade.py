@@ -7,7 +7,6 @@ so sessions are attributed to inner middles; for the outer kill every broken ses
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -16,10 +15,10 @@ from meshproxy.chaos.analysis import RULED_OUT
 from meshproxy.chaos.images import Images
 from meshproxy.chaos.stack import Stack
 from meshproxy.chaos.timeline import Check
-from meshproxy.topology.spec import BACKENDS
-from tests.integration.chaos.conftest import REPO, RunScenario, running_stack, scenario_runner
+from tests.integration.chaos.conftest import REPO, RunScenario, running_stack
 from tests.integration.chaos.kit import (
     RECONNECT_BOUND_S,
+    backend_diallers,
     conclude,
     detection_bound_s,
     edge,
@@ -37,12 +36,6 @@ def stack(chaos_images: Images) -> Iterator[Stack]:
     yield from running_stack(REPO / "topology" / "cascade.toml", chaos_images)
 
 
-@pytest.fixture
-def run(stack: Stack, artifacts: Path) -> Iterator[RunScenario]:
-    """Start a scenario on the healthy stack; its timeline is written after the test."""
-    yield from scenario_runner(stack, artifacts)
-
-
 def kill_and_check(
     stack: Stack, run: RunScenario, name: str, target: str, observers: list[str]
 ) -> None:
@@ -50,7 +43,7 @@ def kill_and_check(
     every broken session is through another middle within the reconnect bound."""
     spec = stack.spec
     bound = detection_bound_s(spec)
-    inner = target in middles(spec, next(t.name for t in spec.tiers if t.upstream == BACKENDS))
+    inner = target in backend_diallers(spec)
     try:
         with run(name, 8.0) as scenario:
             scenario.settle(2.5)
@@ -88,5 +81,5 @@ def test_kill_inner_middle(stack: Stack, run: RunScenario) -> None:
     """Killing a middle of the inner tier fails no new connection; the outer tier avoids it."""
     spec = stack.spec
     outer = middles(spec, edge_tier(spec))
-    inner = middles(spec, next(t.name for t in spec.tiers if t.upstream == BACKENDS))
+    inner = backend_diallers(spec)
     kill_and_check(stack, run, "kill-inner-middle", inner[-1], outer)

@@ -21,7 +21,7 @@ from meshproxy.chaos.analysis import IN_SERVICE, RULED_OUT
 from meshproxy.chaos.images import Images
 from meshproxy.chaos.stack import Stack
 from meshproxy.chaos.timeline import Check
-from tests.integration.chaos.conftest import REPO, RunScenario, running_stack, scenario_runner
+from tests.integration.chaos.conftest import REPO, RunScenario, running_stack
 from tests.integration.chaos.kit import (
     ANGEL_BOUND_S,
     RECONNECT_BOUND_S,
@@ -49,12 +49,6 @@ SPEC = Path(os.environ.get("MESHPROXY_CHAOS_SPEC", REPO / "topology" / "chain.to
 def stack(chaos_images: Images) -> Iterator[Stack]:
     """The chain topology running in Docker for this module."""
     yield from running_stack(SPEC, chaos_images)
-
-
-@pytest.fixture
-def run(stack: Stack, artifacts: Path) -> Iterator[RunScenario]:
-    """Start a scenario on the healthy stack; its timeline is written after the test."""
-    yield from scenario_runner(stack, artifacts)
 
 
 def test_kill_middle(stack: Stack, run: RunScenario) -> None:

@@ -7,7 +7,6 @@ the detection bound, their views differ only briefly, and they end with the same
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -15,7 +14,7 @@ from meshproxy.chaos import analysis
 from meshproxy.chaos.images import Images
 from meshproxy.chaos.stack import Stack
 from meshproxy.chaos.timeline import Check
-from tests.integration.chaos.conftest import REPO, RunScenario, running_stack, scenario_runner
+from tests.integration.chaos.conftest import REPO, RunScenario, running_stack
 from tests.integration.chaos.kit import conclude, detection_bound_s, edge_tier, middles, since
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
@@ -27,12 +26,6 @@ AGREEMENT_BOUND_S = 1.0  # gossip spreads a death to everyone within a few gossi
 def stack(chaos_images: Images) -> Iterator[Stack]:
     """The two-edges topology running in Docker for this module."""
     yield from running_stack(REPO / "topology" / "two-edges.toml", chaos_images)
-
-
-@pytest.fixture
-def run(stack: Stack, artifacts: Path) -> Iterator[RunScenario]:
-    """Start a scenario on the healthy stack; its timeline is written after the test."""
-    yield from scenario_runner(stack, artifacts)
 
 
 def test_edges_agree_on_a_killed_middle(stack: Stack, run: RunScenario) -> None:
