@@ -115,14 +115,21 @@ class Stack:
         self.client.networks.get(self.network(network)).connect(container, ipv4_address=address)
 
     def kill_process(self, name: str, pattern: str) -> float:
-        """SIGKILL the processes inside a container whose command line matches; returns
-        when (epoch seconds, read in the container just before) the signal went out.
-        ``docker exec`` takes a good fraction of a second on a busy host: timing the kill
-        from outside would charge that to whoever restarts the processes."""
-        script = 'date +%s.%N; exec pkill -KILL -f "$0"'
-        result = self.container(name).exec_run(["sh", "-c", script, pattern])
+        """SIGKILL the processes in a container whose command line matches ``pattern``."""
+        return self.run_timed(name, ["pkill", "-KILL", "-f", pattern])
+
+    def kill_pid(self, name: str, pid: int) -> float:
+        """SIGKILL one process in a container."""
+        return self.run_timed(name, ["kill", "-KILL", str(pid)])
+
+    def run_timed(self, name: str, argv: list[str]) -> float:
+        """Run a command in a container; returns when it started (epoch seconds, read in the
+        container just before). ``docker exec`` takes a good fraction of a second on a busy
+        host: timing a fault from outside would charge that to whoever recovers from it."""
+        script = 'date +%s.%N; exec "$@"'
+        result = self.container(name).exec_run(["sh", "-c", script, "sh", *argv])
         if result.exit_code != 0:
-            raise RuntimeError(f"no process matching {pattern!r} in {name}")
+            raise RuntimeError(f"{' '.join(argv)} failed in {name}: {result.output!r}")
         return float(result.output.split()[0])
 
     def partition(self, a: str, b: str) -> None:
