@@ -151,9 +151,12 @@ class Angel:
         if standby is not None:
             if standby.process.poll() is None:
                 return
-            log.warning("angel_standby_died", child=child.name, status=standby.process.returncode)
+            code = standby.process.returncode
+            log.warning("angel_standby_died", child=child.name, status=code)
             self._discard(standby)
-            child.standby, child.standby_failed_at = None, now
+            child.standby = None
+            if code > 0:  # it failed by itself (killed ones are simply replaced)
+                child.standby_failed_at = now
         if (
             child.standby_failed_at is not None
             and now - child.standby_failed_at < self.cfg.angel.fast_crash_s

@@ -82,9 +82,12 @@ def reconnects(timeline: Timeline, victim: str | None, after: float) -> list[tup
 
 
 def sessions_on(timeline: Timeline, middle: str, start: float, end: float = float("inf")) -> int:
-    """New sessions carried by ``middle`` that started between ``start`` and ``end``."""
+    """New sessions carried by ``middle`` in the buckets wholly between ``start`` and
+    ``end`` (a bucket straddling either holds sessions from both sides of it)."""
     counts = timeline.middles.get(middle, [])
-    return sum(n for i, n in enumerate(counts) if start <= i * BUCKET_S < end)
+    return sum(
+        n for i, n in enumerate(counts) if start <= i * BUCKET_S and (i + 1) * BUCKET_S <= end
+    )
 
 
 def queries_between(timeline: Timeline, start: float, end: float) -> int:

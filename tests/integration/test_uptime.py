@@ -440,8 +440,8 @@ def test_killed_worker_is_replaced_by_its_standby(
     nodes: NodeFactory, backends: Backends, standby: bool
 ) -> None:
     """With ``standby_workers``, a killed worker's place goes to its waiting standby (no new
-    interpreter to start) and a fresh standby follows; without, a new process starts and no
-    standby ever exists."""
+    interpreter to start) and a fresh standby follows (a killed standby is replaced too);
+    without, a new process starts and no standby ever exists."""
     port, admin_port = free_port(), free_port()
     doc = uptime_config(
         "sb", [backends[0].port], port, admin_port, workers=1, angel={"standby_workers": standby}
@@ -463,7 +463,16 @@ def test_killed_worker_is_replaced_by_its_standby(
     assert [row[0] for row in query(port, "SELECT 1")] == [1]
     if standby:
         assert woken.fields["pid"] == waiting.fields["pid"]
-        wait_until(lambda: len(node.events("angel_standby_started")) >= 2, 15, "a fresh standby")
+        fresh = wait_until(lambda: node.events("angel_standby_started")[1:], 15, "a fresh standby")[
+            0
+        ]
+        # A standby killed from outside is simply replaced, without the crash back-off.
+        os.kill(int(fresh.fields["pid"]), signal.SIGKILL)
+        wait_until(
+            lambda: len(node.events("angel_standby_started")) >= 3,
+            5,  # below angel.fast_crash_s, the back-off of a standby that fails by itself
+            "the killed standby's replacement",
+        )
     else:
         assert not node.events("angel_standby_started")
 
