@@ -40,6 +40,7 @@ TICK_S = 0.1
 STALL_S = 1.0
 CONTROL = "control"
 CONTROL_REAP_S = 0.05
+STANDBY_AFTER_S = 1.0
 CONTROL_DEFER_S = 1.0  # at most this long a restarting control process lets workers start first
 STARTUP_GRACE_S = 15.0  # first heartbeat: interpreter start-up plus imports, on a busy host
 MAX_BACKOFF_S = 5.0
@@ -144,8 +145,8 @@ class Angel:
         )
 
     def _keep_standby(self, child: Child, now: float) -> None:
-        """Have a standby ready for a worker that is up (it heartbeats), when enabled."""
-        if not self.cfg.angel.standby_workers or child.name == CONTROL or not child.beat_seen:
+        """Have a standby ready for a worker, when enabled and the node has settled."""
+        if not self.cfg.angel.standby_workers or child.name == CONTROL:
             return
         standby = child.standby
         if standby is not None:
@@ -157,6 +158,8 @@ class Angel:
             child.standby = None
             if code > 0:  # it failed by itself (killed ones are simply replaced)
                 child.standby_failed_at = now
+        if not self._settled(now):
+            return
         if (
             child.standby_failed_at is not None
             and now - child.standby_failed_at < self.cfg.angel.fast_crash_s
@@ -167,6 +170,14 @@ class Angel:
         os.close(go_read)
         child.standby = Standby(process, beats, go_write, now)
         log.event("angel_standby_started", child=child.name, pid=process.pid)
+
+    def _settled(self, now: float) -> bool:
+        """Whether every child runs, heartbeats and has for STANDBY_AFTER_S: a standby
+        importing while the node recovers would take the CPU from the recovery."""
+        return all(
+            c.process is not None and c.beat_seen and now - c.started >= STANDBY_AFTER_S
+            for c in self.children
+        )
 
     @staticmethod
     def _discard(standby: Standby) -> None:

@@ -101,11 +101,17 @@ def uptime_config(
 
 
 def start_node(nodes: NodeFactory, doc: Doc) -> NodeProcess:
-    """Start a node and wait until every one of its workers has bound its ports."""
+    """Start a node and wait until every one of its workers has bound its ports and, unless
+    disabled, has its standby (so that the node's set of processes is settled)."""
     node = nodes.start(doc)
     workers = doc["node"].get("workers", 1)
+    standbys = workers if doc.get("angel", {}).get("standby_workers", True) else 0
     wait_until(
-        lambda: len(node.events("worker_started")) >= workers and len(worker_pids(node)) == workers,
+        lambda: (
+            len(node.events("worker_started")) >= workers
+            and len(worker_pids(node)) == workers
+            and len(node.events("angel_standby_started")) >= standbys
+        ),
         30,
         f"{workers} workers of {node.name} to start",
     )
@@ -448,7 +454,7 @@ def test_killed_worker_is_replaced_by_its_standby(
     )
     node = start_node(nodes, doc)
     if standby:
-        waiting = node.wait_for_event("angel_standby_started", child="worker-0")
+        (waiting,) = node.events("angel_standby_started", child="worker-0")
     (victim,) = worker_pids(node)
     os.kill(victim, signal.SIGKILL)
 
@@ -554,8 +560,6 @@ def test_sigterm_lets_running_query_finish(nodes: NodeFactory, backends: Backend
     port, admin_port = free_port(), free_port()
     doc = uptime_config("st", [backend.port], port, admin_port, node={"drain_timeout_s": 10})
     node = start_node(nodes, doc)
-    for index in range(2):
-        node.wait_for_event("angel_standby_started", child=f"worker-{index}")
     family = node.pids()
     assert len(family) == 6, f"expected angel, control, 2 workers, 2 standbys: {family}"
     result: dict[str, Any] = {}
