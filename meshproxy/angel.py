@@ -232,15 +232,10 @@ class Angel:
             for child in self.children:
                 child.last_beat = max(child.last_beat, now)
         self._last_watch = now
-        # Workers first: a control process due at the same time then waits for them.
-        for child in sorted(self.children, key=lambda c: c.name == CONTROL):
+        for child in self.children:
             process = child.process
             if process is None:
-                due = child.restart_at is not None and now >= child.restart_at
-                if due and not self._control_waits(child, now):
-                    self.spawn(child)
                 continue
-            self._keep_standby(child, now)
             code = process.poll()
             if code is not None:
                 how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
@@ -254,6 +249,15 @@ class Angel:
                 process.kill()
                 process.wait()
                 self._exited(child, "no heartbeat", None)
+        # Restarts in the same round as the deaths they answer; workers first, so that a
+        # control process due at the same time waits for them.
+        for child in sorted(self.children, key=lambda c: c.name == CONTROL):
+            if child.process is None:
+                due = child.restart_at is not None and now >= child.restart_at
+                if due and not self._control_waits(child, now):
+                    self.spawn(child)
+            else:
+                self._keep_standby(child, now)
 
     def _control_waits(self, child: Child, now: float) -> bool:
         """Whether a control process due for restart should let starting workers go first.
