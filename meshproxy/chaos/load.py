@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 import threading
 import time
@@ -73,6 +74,8 @@ def middle_of(user: str, middles: dict[str, str]) -> str:
 
 def worker(index: int, settings: Settings, totals: Totals, out: Output, stop: float) -> None:
     failed_at: float | None = None
+    # Start out of step with the other workers, so their sessions do not begin in waves.
+    time.sleep(random.uniform(0, settings.queries_per_session * settings.pause_s))
     while time.time() < stop:
         middle = ""
         conn = pymysql.connections.Connection(

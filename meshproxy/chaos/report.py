@@ -42,12 +42,11 @@ def _quantity(value: float, unit: str) -> str:
 
 
 def bound(check: Check) -> str:
-    """``detect<=3s``; a failed check adds what was measured: ``(got 7.1s)`` or ``(never)``."""
-    text = f"{check.name}<={_quantity(check.bound, check.unit)}"
-    if check.ok:
-        return text
-    got = "never" if check.value is None else "got " + _quantity(check.value, check.unit)
-    return f"{text} ({got})"
+    """What a check measured against its bound: ``detect 0.3s (<= 3s)``, ``taken 4 (>= 1)``;
+    ``never`` when the awaited thing did not happen."""
+    got = "never" if check.value is None else _quantity(check.value, check.unit)
+    limit = ">=" if check.at_least else "<="
+    return f"{check.name} {got} ({limit} {_quantity(check.bound, check.unit)})"
 
 
 def row(timeline: Timeline) -> tuple[str, ...]:

@@ -73,17 +73,19 @@ def test_table_has_every_scenario_sorted_with_its_verdict(tmp_path: Path) -> Non
     assert rows["kill-middle"][:7] == ["kill-middle", "cascade", "2", "0.30", "s", "1.25", "s"]
 
 
-def test_bounds_show_each_check_and_what_a_failed_one_measured() -> None:
-    """A held check shows its bound; a failed one adds the measured value, or 'never'."""
+def test_bounds_show_each_check_with_what_it_measured() -> None:
+    """Every check shows its measured value (or 'never') and its bound, a minimum as >=."""
     timeline = _timeline(
         "s",
         Check("detect", 0.3, 3.0),
         Check("recover", 7.1, 5.0),
         Check("converge", None, 10.0),
         Check("errors", 2, 0, "errors"),
+        Check("taken", 4, 1, "", at_least=True),
     )
     assert report.row(timeline)[5] == (
-        "detect<=3s, recover<=5s (got 7.1s), converge<=10s (never), errors<=0 errors (got 2 errors)"
+        "detect 0.3s (<= 3s), recover 7.1s (<= 5s), converge never (<= 10s), "
+        "errors 2 errors (<= 0 errors), taken 4 (>= 1)"
     )
     assert report.row(_timeline("s"))[5] == "-"
 
