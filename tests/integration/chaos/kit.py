@@ -3,6 +3,10 @@ how a scenario records its checks on its timeline before asserting them."""
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
+
 from meshproxy import config as node_config
 from meshproxy.chaos.timeline import Check, Timeline
 from meshproxy.topology.spec import BACKENDS, Spec
@@ -10,6 +14,7 @@ from tests.integration.chaos.conftest import REPO
 
 RECONNECT_BOUND_S = 1.0  # a client whose session broke is through another middle within this
 ANGEL_BOUND_S = 1.0
+TCP_SYN_RETRY_S = 1.0  # Linux's initial SYN retransmission timeout
 SAMPLE_S = 0.2  # the observer samples every 100 ms; a change can show up one sample late
 START_ALLOWANCE_S = 10.0  # a container's processes starting (Python, MariaDB recovery)
 
@@ -49,12 +54,56 @@ def detection_bound_s(spec: Spec) -> float:
 
 
 def check_bound_s(check: node_config.CheckConfig) -> float:
-    """Active checks mark a dead server down within fall x interval (+ the last timeout)."""
-    return (check.fall * check.interval_ms + check.timeout_ms) / 1000 + SAMPLE_S
+    """Active checks mark a server down within ``fall`` checks. The next check starts an
+    interval after the last one ended, and a check of an unreachable server ends only at
+    its timeout: fall x (interval + timeout) after the last success."""
+    return check.fall * (check.interval_ms + check.timeout_ms) / 1000 + SAMPLE_S
 
 
 def rise_bound_s(check: node_config.CheckConfig) -> float:
+    """Likewise ``rise`` checks bring it back (a check of a live server ends at once)."""
     return (check.rise * check.interval_ms + check.timeout_ms) / 1000 + SAMPLE_S
+
+
+class Prober:
+    """A client with a short connect timeout, trying the edge every 20 ms: when did a new
+    connection first get a server greeting again? (A client whose SYN went out while the
+    node's processes died may wait for TCP's one-second SYN retry; this one gives up on
+    such a SYN after 100 ms and sends a fresh one, as a pooled client with a short connect
+    timeout would.)"""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.address = (host, port)
+        self.tries: list[tuple[float, bool]] = []  # (when it ended, greeted)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Prober:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            try:
+                with socket.create_connection(self.address, timeout=0.1) as sock:
+                    sock.settimeout(0.5)
+                    greeted = bool(sock.recv(4))
+            except OSError:
+                greeted = False
+            self.tries.append((time.time(), greeted))
+
+    def served_again(self, epoch: float) -> float | None:
+        """When, after the first failed try since ``epoch``, a try was greeted again
+        (``epoch`` itself when no try failed: the service never stopped)."""
+        later = [(t, ok) for t, ok in self.tries if t >= epoch]
+        failed = next((i for i, (_, ok) in enumerate(later) if not ok), None)
+        if failed is None:
+            return epoch
+        return next((t for t, ok in later[failed:] if ok), None)
 
 
 def since(t: float | None, start: float) -> float | None:
