@@ -75,11 +75,10 @@ def build_debian(client: docker.DockerClient) -> None:
             check=True,
             stdout=subprocess.DEVNULL,
         )
-        tar = subprocess.Popen(["tar", "-C", str(root), "-c", "."], stdout=subprocess.PIPE)
-        try:
+        with subprocess.Popen(["tar", "-C", str(root), "-c", "."], stdout=subprocess.PIPE) as tar:
             subprocess.run(["docker", "import", "-", DEBIAN_IMAGE], stdin=tar.stdout, check=True)
-        finally:
-            tar.wait()
+        if tar.returncode != 0:
+            raise RuntimeError(f"tar of {root} failed with status {tar.returncode}")
 
 
 def build_wheelhouse(repo: Path, wheels: Path) -> None:
