@@ -22,15 +22,14 @@ from __future__ import annotations
 import contextlib
 import os
 import selectors
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 
 from meshproxy import log
+from meshproxy.channel import new_name as new_channel_name
 from meshproxy.children import stop, stop_with_parent
 from meshproxy.config import Config
 
@@ -76,8 +75,7 @@ class Child:
 class Angel:
     def __init__(self, config_path: str, cfg: Config) -> None:
         self.cfg = cfg
-        self.runtime = tempfile.mkdtemp(prefix="meshproxy-")
-        channel = os.path.join(self.runtime, "control.sock")
+        channel = new_channel_name()
         base = [sys.executable, "-m", "meshproxy.child"]
         self.children = [
             Child(CONTROL, [*base, "_control", "-c", config_path, "--channel", channel])
@@ -331,7 +329,6 @@ class Angel:
                 self.selector.unregister(child.beats)
                 os.close(child.beats)
                 child.beats = -1
-        shutil.rmtree(self.runtime, ignore_errors=True)
         log.event("angel_stopped")
 
     @staticmethod

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -22,6 +24,45 @@ from meshproxy.config import Address, Config, UpstreamRef, to_dict
 from meshproxy.counters import Counters
 from meshproxy.dataplane.router import Member
 from meshproxy.health.state import ServerState
+
+
+def new_name() -> str:
+    """A fresh channel name: ``@`` and random hex, an abstract Unix socket (Linux). It has no
+    file, so a node killed with SIGKILL leaves nothing behind, and no directory is needed."""
+    return "@meshproxy-" + secrets.token_hex(8)
+
+
+def _address(name: str) -> str:
+    return "\0" + name[1:] if name.startswith("@") else name
+
+
+async def serve(
+    handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]], name: str
+) -> asyncio.Server:
+    """Listen on channel ``name``. The socket is made here, not by the event loop: libuv
+    takes socket paths as C strings, which end at an abstract name's leading NUL."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(_address(name))
+        sock.listen(64)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return await asyncio.start_unix_server(handler, sock=sock)
+
+
+async def connect(name: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Connect to channel ``name`` (see :func:`serve`)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        await asyncio.get_running_loop().sock_connect(sock, _address(name))
+    except OSError:
+        sock.close()
+        raise
+    return await asyncio.open_unix_connection(sock=sock)
+
 
 # A peer whose unread messages pass this many bytes is cut off: it is stuck, and it gets
 # the whole state again when it comes back.

@@ -155,7 +155,7 @@ async def run_control(cfg: Config, channel_path: str, heartbeat_fd: int | None) 
             log.event("worker_disconnected", worker=link.index)
 
     try:
-        server = await asyncio.start_unix_server(serve_worker, path=channel_path)
+        server = await channel.serve(serve_worker, channel_path)
         await admin.start()
         await node.start_gossip()
     except OSError as exc:
@@ -209,7 +209,7 @@ class WorkerChannel:
         """Stay connected to the control process; on loss, retry every 200 ms."""
         while True:
             try:
-                reader, writer = await asyncio.open_unix_connection(self.path)
+                reader, writer = await channel.connect(self.path)
             except OSError:
                 await asyncio.sleep(0.2)
                 continue

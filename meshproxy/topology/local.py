@@ -322,8 +322,6 @@ class LocalTopology:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
-                # The angel's runtime directory goes in ours, so even a killed node's is removed.
-                env={**os.environ, "TMPDIR": str(self.dir)},
                 preexec_fn=die_with_parent,
             )
 
