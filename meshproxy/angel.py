@@ -52,7 +52,6 @@ class Standby:
     process: subprocess.Popen[bytes]
     beats: int  # read end of its heartbeat pipe, watched once it takes over
     go: int  # write end of its start pipe: a byte starts it, closing it stops it
-    started: float
 
 
 @dataclass
@@ -166,7 +165,7 @@ class Angel:
         go_read, go_write = os.pipe()
         process, beats = self._start(child.argv, go=go_read)
         os.close(go_read)
-        child.standby = Standby(process, beats, go_write, now)
+        child.standby = Standby(process, beats, go_write)
         log.event("angel_standby_started", child=child.name, pid=process.pid)
 
     def _settled(self, now: float) -> bool:

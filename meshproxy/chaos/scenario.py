@@ -33,10 +33,7 @@ WORKERS_PER_APP = 1000  # worker numbers of app i start at i * this
 def load_command(stack: Stack, app: str, duration_s: float) -> list[str]:
     """The load generator's command line in ``app``'s container, aimed at its edge."""
     spec = stack.spec
-    node = next(n for n in spec.nodes if n.name == app)
-    edge = next(n for n in spec.nodes if n.name == node.edge)
-    network = next(net for net in node.networks if net in edge.networks)
-    command = ["python3", "-m", LOAD_MODULE, "--host", spec.address(edge.name, network)]
+    command = ["python3", "-m", LOAD_MODULE, "--host", spec.edge_address(app)]
     command += ["--port", str(spec.services[0].port), "--duration-s", str(duration_s)]
     command += ["--user", spec.monitor_user, "--password", spec.monitor_password]
     # The backends see the address the last proxy dialled from: name it.

@@ -168,16 +168,13 @@ def _build() -> dict[str, Any]:
 def compose(spec: Spec) -> dict[str, Any]:
     """The docker compose document (YAML-shaped data) of a spec."""
     services: dict[str, Any] = {}
-    nodes = {n.name: n for n in spec.nodes}
     first_service = spec.services[0]
     for node in spec.nodes:
         entry: dict[str, Any] = {"image": IMAGE, "build": _build(), "hostname": node.name}
         if node.role == "app":
-            edge = nodes[node.edge]
-            net = _shared(node.networks, edge.networks)
             entry["command"] = ["sleep", "infinity"]
             entry["environment"] = {
-                "MYSQL_HOST": spec.address(edge.name, net),
+                "MYSQL_HOST": spec.edge_address(node.name),
                 "MYSQL_PORT": str(first_service.port),
                 "MYSQL_USER": spec.monitor_user,
                 "MYSQL_PASSWORD": spec.monitor_password,

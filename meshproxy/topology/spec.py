@@ -81,6 +81,13 @@ class Spec:
         subnet = next(n.subnet for n in self.networks if n.name == network)
         return str(subnet[FIRST_HOST + index])
 
+    def edge_address(self, app: str) -> str:
+        """Where app ``app`` reaches its edge: the edge's address on a network they share."""
+        node = next(n for n in self.nodes if n.name == app)
+        edge = next(n for n in self.nodes if n.name == node.edge)
+        network = next(net for net in node.networks if net in edge.networks)
+        return self.address(edge.name, network)
+
     def proxies(self) -> list[Node]:
         return [n for n in self.nodes if n.role != "app"]
 

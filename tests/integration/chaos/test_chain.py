@@ -263,13 +263,8 @@ def test_standby_replaces_killed_edge_worker(stack: Stack, run: RunScenario) -> 
 def edge_prober(stack: Stack) -> Prober:
     """A prober of the first edge's first service, at the address its apps use."""
     spec = stack.spec
-    app = next(n for n in spec.nodes if n.role == "app")
-    network = next(
-        net
-        for net in app.networks
-        if net in next(n for n in spec.nodes if n.name == app.edge).networks
-    )
-    return Prober(spec.address(app.edge, network), spec.services[0].port)
+    app = next(n.name for n in spec.nodes if n.role == "app")
+    return Prober(spec.edge_address(app), spec.services[0].port)
 
 
 def last_worker_start(stack: Stack, node: str) -> str:
