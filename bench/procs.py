@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from meshproxy.children import die_with_parent
+from meshproxy.runtime.children import die_with_parent
 
 # SIGTERM makes a meshproxy angel drain its workers (up to node.drain_timeout_s, 30 s by
 # default) before it exits; only then do we resort to SIGKILL.

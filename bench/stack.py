@@ -34,7 +34,7 @@ from types import TracebackType
 import pymysql
 
 from bench.procs import Child, Processes, wait_port
-from meshproxy import localdb
+from meshproxy.testbed import mariadb
 
 MESHPROXY_LOG_LEVEL = "warning"
 
@@ -113,8 +113,8 @@ name = "main"
 servers = ["127.0.0.1:{server_port}"]
 [pool.check]
 type = "mysql"
-user = "{localdb.MONITOR_USER}"
-password = "{localdb.MONITOR_PASSWORD}"
+user = "{mariadb.MONITOR_USER}"
+password = "{mariadb.MONITOR_PASSWORD}"
 interval_ms = {CHECK_INTERVAL_MS}
 timeout_ms = {CHECK_TIMEOUT_MS}
 fall = {CHECK_FALL}
@@ -156,9 +156,9 @@ def wait_mysql(child: Child | None, port: int, timeout_s: float = 20.0) -> None:
             conn = pymysql.connect(
                 host="127.0.0.1",
                 port=port,
-                user=localdb.APP_USER,
-                password=localdb.APP_PASSWORD,
-                database=localdb.DATABASE,
+                user=mariadb.APP_USER,
+                password=mariadb.APP_PASSWORD,
+                database=mariadb.DATABASE,
                 connect_timeout=2,
             )
         except pymysql.err.OperationalError:
@@ -177,9 +177,9 @@ class Stack:
     def __init__(self, wanted: tuple[str, ...], angel: bool = True) -> None:
         self.wanted = wanted
         self.angel = angel
-        self.workdir = localdb.prepare_workdir(Path(tempfile.mkdtemp(prefix="meshproxy-bench-")))
+        self.workdir = mariadb.prepare_workdir(Path(tempfile.mkdtemp(prefix="meshproxy-bench-")))
         self.processes = Processes(self.workdir)
-        self.db: localdb.MariaDB | None = None
+        self.db: mariadb.MariaDB | None = None
         self.targets: list[Target] = []
 
     def __enter__(self) -> Stack:
@@ -233,13 +233,13 @@ class Stack:
         self.targets.append(Target(name, TARGET_LABELS[name], port, pids))
 
     def _start_mariadb(self) -> int:
-        template = localdb.make_template(self.workdir)
-        self.db = localdb.MariaDB(self.workdir, "mariadb")
+        template = mariadb.make_template(self.workdir)
+        self.db = mariadb.MariaDB(self.workdir, "mariadb")
         self.db.start(template)
         return self.db.port
 
     def _start_haproxy(self, name: str, db_port: int, nbthread: int) -> tuple[Child, int]:
-        port = localdb.free_port()
+        port = mariadb.free_port()
         cfg = self.workdir / f"{name}.cfg"
         cfg.write_text(haproxy_config(port, db_port, nbthread))
         child = self.processes.spawn(name, ["haproxy", "-f", str(cfg), "-db"])
@@ -259,13 +259,13 @@ class Stack:
         return child
 
     def _start_middle(self, db_port: int, workers: int = 1) -> tuple[Child, int, int]:
-        single_port, mesh_port = localdb.free_port(), localdb.free_port()
+        single_port, mesh_port = mariadb.free_port(), mariadb.free_port()
         text = middle_config(single_port, mesh_port, db_port, workers)
         name = "middle" if workers == 1 else f"middle-w{workers}"
         return self._start_meshproxy(name, text, single_port), single_port, mesh_port
 
     def _start_edge(self, mesh_port: int) -> tuple[Child, int]:
-        port = localdb.free_port()
+        port = mariadb.free_port()
         return self._start_meshproxy("edge", edge_config(port, mesh_port), port), port
 
     def node_warnings(self) -> dict[str, list[str]]:

@@ -7,7 +7,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from meshproxy import localdb
+from meshproxy.testbed import mariadb
 
 TABLES = 4
 TABLE_SIZE = 10_000
@@ -39,9 +39,9 @@ def _connection_args(port: int) -> list[str]:
         "--db-driver=mysql",
         "--mysql-host=127.0.0.1",
         f"--mysql-port={port}",
-        f"--mysql-user={localdb.APP_USER}",
-        f"--mysql-password={localdb.APP_PASSWORD}",
-        f"--mysql-db={localdb.DATABASE}",
+        f"--mysql-user={mariadb.APP_USER}",
+        f"--mysql-password={mariadb.APP_PASSWORD}",
+        f"--mysql-db={mariadb.DATABASE}",
         f"--tables={TABLES}",
         f"--table-size={TABLE_SIZE}",
     ]

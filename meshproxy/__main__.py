@@ -1,3 +1,3 @@
-from meshproxy.cli import main
+from meshproxy.cli.main import main
 
 raise SystemExit(main())

@@ -25,9 +25,9 @@ from meshproxy import config, log
 from meshproxy.admin import edits
 from meshproxy.admin.metrics import NodeCollector
 from meshproxy.config import Config
+from meshproxy.control.node import ApplyError
 from meshproxy.counters import Counters
 from meshproxy.errors import ConfigError
-from meshproxy.node import ApplyError
 
 MAX_BODY = 1 << 20
 SOURCE = "admin API"

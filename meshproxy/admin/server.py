@@ -6,8 +6,8 @@ from aiohttp import web
 
 from meshproxy import config, log
 from meshproxy.admin.api import AdminAPI
+from meshproxy.control.node import Node
 from meshproxy.errors import MeshproxyError
-from meshproxy.node import Node
 
 
 class AdminServer:

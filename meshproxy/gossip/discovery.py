@@ -15,7 +15,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from meshproxy import log
-from meshproxy.config import Address
 from meshproxy.gossip.messages import Addr
 
 SERVICE_TYPE = "_meshproxy._udp.local."
@@ -27,7 +26,7 @@ Join = Callable[[Sequence[Addr]], None]
 class MdnsDiscovery:
     """Announce this node's gossip address and join every peer that announces its own."""
 
-    def __init__(self, name: str, advertise: Address, join: Join) -> None:
+    def __init__(self, name: str, advertise: tuple[str, int], join: Join) -> None:
         self.name = name
         self.advertise = advertise
         self.join = join
@@ -40,7 +39,7 @@ class MdnsDiscovery:
         from zeroconf import IPVersion, ServiceInfo
         from zeroconf.asyncio import AsyncServiceBrowser, AsyncZeroconf
 
-        ip = ipaddress.ip_address(self.advertise.host)
+        ip = ipaddress.ip_address(self.advertise[0])
         interfaces = [str(ip)] if not ip.is_loopback else ["127.0.0.1"]
         version = IPVersion.V6Only if ip.version == 6 else IPVersion.V4Only
         self._zc = AsyncZeroconf(interfaces=interfaces, ip_version=version)
@@ -48,7 +47,7 @@ class MdnsDiscovery:
             SERVICE_TYPE,
             f"{self.name}.{SERVICE_TYPE}",
             addresses=[ip.packed],
-            port=self.advertise.port,
+            port=self.advertise[1],
             properties={"node": self.name},
         )
         await self._zc.async_register_service(self._info, allow_name_change=False)

@@ -1,7 +1,7 @@
 """A topology spec as processes on loopback: ``meshproxy topology up SPEC --local``.
 
 The backends are MySQL servers on 127.0.0.1: MariaDB when ``mariadbd`` is installed, else
-the embedded mysql-mimic server of :mod:`meshproxy.embeddeddb`
+the embedded mysql-mimic server of :mod:`meshproxy.testbed.embedded`
 (``MESHPROXY_DEMO_BACKEND=embedded`` or ``=mariadb`` chooses). Every edge and middle is a
 ``meshproxy run`` process under its angel, with the config that
 :func:`~meshproxy.topology.render.node_config` renders for the containers, only with
@@ -32,10 +32,10 @@ from typing import Protocol
 
 import tomli_w
 
-from meshproxy import localdb
-from meshproxy.children import die_with_parent
 from meshproxy.config import Address
 from meshproxy.errors import ConfigError
+from meshproxy.runtime.children import die_with_parent
+from meshproxy.testbed import mariadb
 from meshproxy.topology.render import node_config
 from meshproxy.topology.spec import BACKENDS, FIRST_HOST, Backend, Node, Service, Spec
 
@@ -64,7 +64,7 @@ class LoopbackAddressing:
         cls,
         spec: Spec,
         backends: Mapping[str, str],
-        port: Callable[[str], int] = localdb.free_port,
+        port: Callable[[str], int] = mariadb.free_port,
     ) -> LoopbackAddressing:
         """Give every proxy its address 127.0.0.N and a port from ``port(host)`` for each
         thing it binds; ``backends`` says where the started backends listen."""
@@ -172,14 +172,14 @@ class MariaDBBackends:
     label = "MariaDB servers"
 
     def unavailable(self) -> str | None:
-        if localdb.mariadbd_path() is None:
+        if mariadb.mariadbd_path() is None:
             return "mariadbd is not installed: apt-get install mariadb-server"
         return None
 
     def start(self, workdir: Path, names: list[str], into: list[BackendServer]) -> None:
-        template = localdb.make_template(workdir)
+        template = mariadb.make_template(workdir)
         for name in names:
-            server = localdb.MariaDB(workdir, name)
+            server = mariadb.MariaDB(workdir, name)
             into.append(server)
             server.start(template)
 
@@ -196,7 +196,7 @@ class EmbeddedBackends:
         return None
 
     def start(self, workdir: Path, names: list[str], into: list[BackendServer]) -> None:
-        from meshproxy.embeddeddb import EmbeddedDB  # imports mysql-mimic and sqlglot
+        from meshproxy.testbed.embedded import EmbeddedDB  # imports mysql-mimic and sqlglot
 
         for name in names:
             server = EmbeddedDB(workdir, name)
@@ -207,7 +207,7 @@ class EmbeddedBackends:
 def choose_backends() -> BackendKind:
     """MariaDB when installed, else embedded; MESHPROXY_DEMO_BACKEND=embedded|mariadb decides."""
     wanted = os.environ.get("MESHPROXY_DEMO_BACKEND", "")
-    if wanted == "embedded" or (wanted != "mariadb" and localdb.mariadbd_path() is None):
+    if wanted == "embedded" or (wanted != "mariadb" and mariadb.mariadbd_path() is None):
         return EmbeddedBackends()
     return MariaDBBackends()
 
@@ -272,14 +272,14 @@ class LocalTopology:
         prefix: str = "meshproxy-local-",
     ) -> None:
         if (spec.monitor_user, spec.monitor_password) != (
-            localdb.MONITOR_USER,
-            localdb.MONITOR_PASSWORD,
+            mariadb.MONITOR_USER,
+            mariadb.MONITOR_PASSWORD,
         ):
             raise ConfigError(
                 spec.source,
                 "topology.monitor",
                 "local backends know only the monitor user "
-                f"{localdb.MONITOR_USER!r} with password {localdb.MONITOR_PASSWORD!r}",
+                f"{mariadb.MONITOR_USER!r} with password {mariadb.MONITOR_PASSWORD!r}",
             )
         self.spec = spec
         self.backend_kind = backend_kind or choose_backends()
@@ -304,7 +304,7 @@ class LocalTopology:
 
     def start(self) -> None:
         names = [b.name for b in self.spec.backends]
-        self.backend_kind.start(localdb.prepare_workdir(self.dir), names, self.backends)
+        self.backend_kind.start(mariadb.prepare_workdir(self.dir), names, self.backends)
         at = LoopbackAddressing.plan(self.spec, {b.name: str(b.address) for b in self.backends})
         self._addressing = at
         for group in start_groups(self.spec):
@@ -449,8 +449,8 @@ def run_local(spec: Spec) -> int:
             for line in topology.describe():
                 print(line)
             print(
-                f"applications log in as user {localdb.APP_USER!r}, password"
-                f" {localdb.APP_PASSWORD!r}; admin token {spec.admin_token!r}"
+                f"applications log in as user {mariadb.APP_USER!r}, password"
+                f" {mariadb.APP_PASSWORD!r}; admin token {spec.admin_token!r}"
             )
             if edge is not None:
                 print(f"  e.g. meshproxy ctl -c {topology.config_path(edge.name)} status")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from meshproxy import localdb
+from meshproxy.testbed import mariadb
 from tests.integration.harness import (
     Chain,
     MariaDBFarm,
@@ -23,7 +23,7 @@ from tests.integration.harness import (
     middle_config,
 )
 
-MariaDBFactory = Callable[..., localdb.MariaDB]
+MariaDBFactory = Callable[..., mariadb.MariaDB]
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -39,11 +39,11 @@ def pytest_runtest_makereport(
 @pytest.fixture(scope="session")
 def mariadb_farm() -> Iterator[MariaDBFarm]:
     """A template data directory made once, and the servers started from it this session."""
-    if localdb.mariadbd_path() is None:
+    if mariadb.mariadbd_path() is None:
         pytest.skip("mariadbd is not installed (apt-get install mariadb-server)")
     # Not under pytest's basetemp: that is mode 0700 and mariadbd runs as the mysql user.
-    workdir = localdb.prepare_workdir(Path(tempfile.mkdtemp(prefix="meshproxy-it-")))
-    farm = MariaDBFarm(workdir, localdb.make_template(workdir))
+    workdir = mariadb.prepare_workdir(Path(tempfile.mkdtemp(prefix="meshproxy-it-")))
+    farm = MariaDBFarm(workdir, mariadb.make_template(workdir))
     try:
         yield farm
     finally:
@@ -54,9 +54,9 @@ def mariadb_farm() -> Iterator[MariaDBFarm]:
 @pytest.fixture
 def mariadb_factory(mariadb_farm: MariaDBFarm) -> Iterator[MariaDBFactory]:
     """Start MariaDB servers for one test (own datadir, free port); stopped at its end."""
-    started: list[localdb.MariaDB] = []
+    started: list[mariadb.MariaDB] = []
 
-    def start(tls: bool = False) -> localdb.MariaDB:
+    def start(tls: bool = False) -> mariadb.MariaDB:
         server = mariadb_farm.start(tls=tls)
         started.append(server)
         return server
@@ -67,7 +67,7 @@ def mariadb_factory(mariadb_farm: MariaDBFarm) -> Iterator[MariaDBFactory]:
 
 
 @pytest.fixture(scope="session")
-def shared_mariadb(mariadb_farm: MariaDBFarm) -> localdb.MariaDB:
+def shared_mariadb(mariadb_farm: MariaDBFarm) -> mariadb.MariaDB:
     """One TLS-capable MariaDB server for the tests that neither kill nor break it."""
     return mariadb_farm.start(tls=True)
 
@@ -95,7 +95,7 @@ def nodes(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[NodeFactor
         pytest.fail("\n".join(problems))
 
 
-def _start_chain(factory: NodeFactory, backend: localdb.MariaDB) -> Chain:
+def _start_chain(factory: NodeFactory, backend: mariadb.MariaDB) -> Chain:
     mesh_port, edge_port = free_port(), free_port()
     middle = factory.start(middle_config("middle1", mesh_port, servers=[backend.port]))
     edge = factory.start(edge_config("edge1", edge_port, [mesh_port]))
@@ -103,14 +103,14 @@ def _start_chain(factory: NodeFactory, backend: localdb.MariaDB) -> Chain:
 
 
 @pytest.fixture
-def chain(nodes: NodeFactory, shared_mariadb: localdb.MariaDB) -> Chain:
+def chain(nodes: NodeFactory, shared_mariadb: mariadb.MariaDB) -> Chain:
     """client -> edge -> middle -> the shared MariaDB server, for this test alone."""
     return _start_chain(nodes, shared_mariadb)
 
 
 @pytest.fixture(scope="module")
 def _module_chain(
-    tmp_path_factory: pytest.TempPathFactory, shared_mariadb: localdb.MariaDB
+    tmp_path_factory: pytest.TempPathFactory, shared_mariadb: mariadb.MariaDB
 ) -> Iterator[tuple[NodeFactory, Chain]]:
     factory = NodeFactory(tmp_path_factory.mktemp("chain"))
     try:

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 import pymysql
 
-from meshproxy import localdb
+from meshproxy.testbed import mariadb
 
 T = TypeVar("T")
 Doc = dict[str, Any]
@@ -173,8 +173,8 @@ def to_toml(doc: Mapping[str, object]) -> str:
 
 MYSQL_CHECK: Doc = {
     "type": "mysql",
-    "user": localdb.MONITOR_USER,
-    "password": localdb.MONITOR_PASSWORD,
+    "user": mariadb.MONITOR_USER,
+    "password": mariadb.MONITOR_PASSWORD,
     "interval_ms": 1000,
     "timeout_ms": 900,
     "rise": 2,
@@ -512,7 +512,7 @@ class Chain:
     edge: NodeProcess
     middle: NodeProcess
     port: int  # the edge's MySQL listener
-    backend: localdb.MariaDB
+    backend: mariadb.MariaDB
 
 
 # --------------------------------------------------------------------------- MariaDB
@@ -524,17 +524,17 @@ class MariaDBFarm:
     def __init__(self, workdir: Path, template: Path) -> None:
         self.workdir = workdir
         self.template = template
-        self.servers: list[localdb.MariaDB] = []
+        self.servers: list[mariadb.MariaDB] = []
         self._count = 0
 
-    def start(self, tls: bool = False) -> localdb.MariaDB:
+    def start(self, tls: bool = False) -> mariadb.MariaDB:
         self._count += 1
-        server = localdb.MariaDB(self.workdir, f"db{self._count}", port=free_port(), tls=tls)
+        server = mariadb.MariaDB(self.workdir, f"db{self._count}", port=free_port(), tls=tls)
         self.servers.append(server)
         server.start(self.template)
         return server
 
-    def stop(self, server: localdb.MariaDB) -> None:
+    def stop(self, server: mariadb.MariaDB) -> None:
         server.stop()
         if server in self.servers:
             self.servers.remove(server)
@@ -552,9 +552,9 @@ def connect(port: int, **kwargs: Any) -> Any:
     options: dict[str, Any] = {
         "host": HOST,
         "port": port,
-        "user": localdb.APP_USER,
-        "password": localdb.APP_PASSWORD,
-        "database": localdb.DATABASE,
+        "user": mariadb.APP_USER,
+        "password": mariadb.APP_PASSWORD,
+        "database": mariadb.DATABASE,
         "connect_timeout": 10,
         "read_timeout": 60,
         "write_timeout": 60,

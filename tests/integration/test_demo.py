@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from meshproxy import localdb
+from meshproxy.testbed import mariadb
 from tests.integration.harness import session_members
 
 pytestmark = pytest.mark.integration
@@ -63,7 +63,7 @@ def test_demo_with_embedded_backend() -> None:
 
 def test_demo_with_mariadb() -> None:
     """By default, where mariadbd is installed, the demo runs on MariaDB and cleans up."""
-    if localdb.mariadbd_path() is None:
+    if mariadb.mariadbd_path() is None:
         pytest.skip("mariadbd is not installed (apt-get install mariadb-server)")
     text = _run_demo(None)
     assert "MariaDB servers" in text.splitlines()[0], text

@@ -11,7 +11,7 @@ from typing import Any
 import pymysql
 import pytest
 
-from meshproxy import localdb
+from meshproxy.testbed import mariadb
 from tests.integration.harness import (
     MYSQL_CHECK,
     Load,
@@ -32,11 +32,11 @@ from tests.integration.harness import (
 
 pytestmark = pytest.mark.integration
 
-MariaDBFactory = Callable[..., localdb.MariaDB]
+MariaDBFactory = Callable[..., mariadb.MariaDB]
 
 
 @pytest.fixture(scope="module")
-def backend_pair(mariadb_farm: MariaDBFarm) -> Iterator[tuple[localdb.MariaDB, localdb.MariaDB]]:
+def backend_pair(mariadb_farm: MariaDBFarm) -> Iterator[tuple[mariadb.MariaDB, mariadb.MariaDB]]:
     """Two MariaDB servers for the tests of this module that leave them as they found them."""
     pair = mariadb_farm.start(), mariadb_farm.start()
     yield pair
@@ -113,7 +113,7 @@ def test_killed_backend_is_shunned_and_avoided(
 @pytest.mark.parametrize("close_sessions_on_down", [True, False])
 def test_close_sessions_on_down(
     nodes: NodeFactory,
-    backend_pair: tuple[localdb.MariaDB, localdb.MariaDB],
+    backend_pair: tuple[mariadb.MariaDB, mariadb.MariaDB],
     close_sessions_on_down: bool,
 ) -> None:
     """When a backend fails its checks and goes SHUNNED, its open sessions are closed if and
@@ -130,7 +130,7 @@ def test_close_sessions_on_down(
         )
     )
     nodes.start(edge_config("edge1", edge_port, [mesh_port]))
-    monitor = f"'{localdb.MONITOR_USER}'@'%'"
+    monitor = f"'{mariadb.MONITOR_USER}'@'%'"
     dropped_on: int | None = None
     session = connect(edge_port)
     try:
@@ -148,13 +148,13 @@ def test_close_sessions_on_down(
     finally:
         close_quietly(session)
         if dropped_on is not None:
-            query(dropped_on, f"CREATE USER {monitor} IDENTIFIED BY '{localdb.MONITOR_PASSWORD}'")
+            query(dropped_on, f"CREATE USER {monitor} IDENTIFIED BY '{mariadb.MONITOR_PASSWORD}'")
 
 
 @pytest.mark.parametrize("admin_state", ["OFFLINE_SOFT", "OFFLINE_HARD"])
 def test_offline_server_gets_no_connections(
     nodes: NodeFactory,
-    backend_pair: tuple[localdb.MariaDB, localdb.MariaDB],
+    backend_pair: tuple[mariadb.MariaDB, mariadb.MariaDB],
     admin_state: str,
 ) -> None:
     """A server configured OFFLINE_SOFT or OFFLINE_HARD receives no new connections; its
@@ -172,7 +172,7 @@ def test_offline_server_gets_no_connections(
 
 
 def test_no_eligible_server_fails_within_budget(
-    nodes: NodeFactory, shared_mariadb: localdb.MariaDB
+    nodes: NodeFactory, shared_mariadb: mariadb.MariaDB
 ) -> None:
     """When the only backend is OFFLINE_SOFT, a client gets an error naming the cause
     once the edge's connect budget is spent, not later."""
@@ -205,7 +205,7 @@ def test_no_eligible_server_fails_within_budget(
 
 
 def test_blackholed_middle_is_skipped_within_budget(
-    nodes: NodeFactory, shared_mariadb: localdb.MariaDB
+    nodes: NodeFactory, shared_mariadb: mariadb.MariaDB
 ) -> None:
     """With a middle whose port accepts no connections (SYNs dropped), the edge times out
     its connect, moves on to the other middle, and every client query succeeds within the
@@ -249,7 +249,7 @@ def _syn_sent_to(port: int) -> bool:
 
 
 def test_connect_to_a_member_ruled_out_moves_on_at_once(
-    nodes: NodeFactory, shared_mariadb: localdb.MariaDB
+    nodes: NodeFactory, shared_mariadb: mariadb.MariaDB
 ) -> None:
     """A connect still waiting on a SYN to a member that is then ruled out (set OFFLINE_SOFT
     here) gives up at once and goes to another member, well before its connect timeout."""
@@ -290,7 +290,7 @@ def test_connect_to_a_member_ruled_out_moves_on_at_once(
 @pytest.mark.parametrize("admin_state", ["OFFLINE_SOFT", "OFFLINE_HARD"])
 def test_offline_set_at_runtime(
     nodes: NodeFactory,
-    backend_pair: tuple[localdb.MariaDB, localdb.MariaDB],
+    backend_pair: tuple[mariadb.MariaDB, mariadb.MariaDB],
     admin_state: str,
 ) -> None:
     """A server set OFFLINE_SOFT at runtime (config edited, SIGHUP) lets its open session

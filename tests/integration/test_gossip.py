@@ -13,12 +13,14 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import pymysql
 import pytest
 
-from meshproxy import localdb
 from meshproxy.gossip.settings import GossipSettings
+from meshproxy.testbed import mariadb
 from tests.integration.harness import (
     HOST,
     MYSQL_CHECK,
@@ -28,15 +30,18 @@ from tests.integration.harness import (
     NodeProcess,
     Outcome,
     addr,
+    close_quietly,
+    connect,
     edge_config,
     free_port,
     middle_config,
+    query,
     wait_until,
 )
 
 pytestmark = pytest.mark.integration
 
-MariaDBFactory = Callable[..., localdb.MariaDB]
+MariaDBFactory = Callable[..., mariadb.MariaDB]
 
 KEY = base64.b64encode(bytes(range(32))).decode()
 TOKEN = "gossip-test-token-0123456789"
@@ -112,7 +117,7 @@ def middle_gossip_doc() -> Callable[..., tuple[Doc, int, int, int]]:
 
 def test_edge_routes_around_killed_and_paused_middles(
     nodes: NodeFactory,
-    shared_mariadb: localdb.MariaDB,
+    shared_mariadb: mariadb.MariaDB,
     middle_gossip_doc: Callable[..., tuple[Doc, int, int, int]],
 ) -> None:
     """With three middles and an edge gossiping, a middle killed with SIGKILL and another
@@ -240,9 +245,93 @@ def test_edge_routes_around_killed_and_paused_middles(
     assert member_states(edge_admin)["p3"] == "dead"
 
 
+# How an edge runs: its ``meshproxy run`` arguments, [node] and [angel].
+PROCESS_MODES: dict[str, tuple[tuple[str, ...], Doc, Doc]] = {
+    "one process": (("--no-angel",), {}, {}),
+    "workers": ((), {"workers": 2}, {"standby_workers": False}),
+    "standbys": ((), {"workers": 1}, {"standby_workers": True}),
+}
+
+
+@pytest.mark.parametrize("mode", list(PROCESS_MODES))
+def test_sessions_on_a_paused_middle_end_within_the_detection_bound(
+    nodes: NodeFactory,
+    shared_mariadb: mariadb.MariaDB,
+    middle_gossip_doc: Callable[..., tuple[Doc, int, int, int]],
+    mode: str,
+) -> None:
+    """Sessions open through a middle that is stopped with SIGSTOP (its kernel still ACKs,
+    nothing answers) are closed by an edge with ``close_sessions_on_down`` within the gossip
+    detection bound, in every process mode, and each client is served by another middle on
+    its next connect; sessions on the other middles carry on."""
+    middles: dict[str, NodeProcess] = {}
+    seeds: list[int] = []
+    for name in ("p2", "p3", "p4"):
+        doc, _, gossip, _ = middle_gossip_doc(name, [shared_mariadb.port], seeds)
+        # The backend sees each middle from its own address: USER() tells a session's middle.
+        doc["pool"][0]["source_ip"] = f"127.0.0.{name[1]}"
+        middles[name] = nodes.start(doc)
+        seeds = seeds or [gossip]
+    edge_port = free_port()
+    run_args, node, angel = PROCESS_MODES[mode]
+    edge_doc = edge_config("p1", edge_port, [], tier={"close_sessions_on_down": True}, node=node)
+    edge_doc["angel"] = angel
+    edge_doc, edge_admin = with_gossip(edge_doc, free_port(), seeds)
+    nodes.start(edge_doc, run_args)
+    wait_until(
+        lambda: (
+            len(tier_states(edge_admin)) == 3
+            and set(tier_states(edge_admin).values()) == {"ONLINE"}
+        ),
+        15,
+        "the edge to learn all three middles from gossip",
+    )
+    paused = middles["p4"]
+    sessions: list[Any] = []
+    on_paused = 0
+    try:
+        while len(sessions) < 30 and (len(sessions) < 6 or not on_paused):
+            session = connect(edge_port, read_timeout=30)
+            sessions.append(session)
+            with session.cursor() as cursor:
+                cursor.execute("SELECT USER()")
+                on_paused += cursor.fetchone()[0].endswith("@127.0.0.4")
+        assert 0 < on_paused < len(sessions), "sessions must be spread over the middles"
+
+        paused_at = time.monotonic()
+        signal_family(paused, signal.SIGSTOP, children_first=False)
+        try:
+
+            def run(session: Any) -> tuple[str | None, float]:
+                try:
+                    with session.cursor() as cursor:
+                        cursor.execute("SELECT 1")
+                        cursor.fetchall()
+                except pymysql.MySQLError as exc:
+                    return str(exc), time.monotonic() - paused_at
+                return None, time.monotonic() - paused_at
+
+            with ThreadPoolExecutor(len(sessions)) as pool:
+                outcomes = list(pool.map(run, sessions))
+            broken = [(error, took) for error, took in outcomes if error is not None]
+            bound_s = GossipSettings().detection_bound_s(4) + SLACK_S
+            assert len(broken) == on_paused, outcomes
+            assert all("Lost connection" in error for error, _ in broken), broken
+            assert max(took for _, took in broken) < bound_s, broken
+            reconnected_at = time.monotonic()
+            for _ in range(on_paused):
+                assert query(edge_port, "SELECT 1", read_timeout=5) == [(1,)]
+            assert time.monotonic() - reconnected_at < 1.0 * on_paused
+        finally:
+            signal_family(paused, signal.SIGCONT, children_first=True)
+    finally:
+        for session in sessions:
+            close_quietly(session)
+
+
 def test_middle_without_backends_is_avoided_and_peers_recheck(
     nodes: NodeFactory,
-    shared_mariadb: localdb.MariaDB,
+    shared_mariadb: mariadb.MariaDB,
     mariadb_factory: MariaDBFactory,
     middle_gossip_doc: Callable[..., tuple[Doc, int, int, int]],
 ) -> None:

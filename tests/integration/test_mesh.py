@@ -9,8 +9,8 @@ import msgpack
 import pymysql
 import pytest
 
-from meshproxy import localdb
 from meshproxy.dataplane.hop import MAGIC, VERSION, HopHeader
+from meshproxy.testbed import mariadb
 from tests.integration.harness import (
     HOST,
     Load,
@@ -68,7 +68,7 @@ HOSTILE: dict[str, tuple[bytes, bool, str, str]] = {
 
 
 def test_hostile_hop_headers_close_only_their_connection(
-    nodes: NodeFactory, shared_mariadb: localdb.MariaDB
+    nodes: NodeFactory, shared_mariadb: mariadb.MariaDB
 ) -> None:
     """Each malformed, oversized, unknown-version, over-the-hop-limit or unknown-service
     header sent to a middle's mesh port gets that connection closed and its reason logged,
@@ -107,7 +107,7 @@ def test_hostile_hop_headers_close_only_their_connection(
     assert not errors, errors[:5]
 
 
-def test_three_layer_cascade(nodes: NodeFactory, shared_mariadb: localdb.MariaDB) -> None:
+def test_three_layer_cascade(nodes: NodeFactory, shared_mariadb: mariadb.MariaDB) -> None:
     """edge -> middle tier a -> middle tier b -> MariaDB carries queries, a 4 MiB result
     and a TLS session, with the second middle reached only through the first."""
     mesh_b, mesh_a, edge_port = free_port(), free_port(), free_port()
@@ -127,7 +127,7 @@ def test_three_layer_cascade(nodes: NodeFactory, shared_mariadb: localdb.MariaDB
 
 
 def test_hop_limit_stops_a_routing_loop(
-    nodes: NodeFactory, shared_mariadb: localdb.MariaDB
+    nodes: NodeFactory, shared_mariadb: mariadb.MariaDB
 ) -> None:
     """A middle whose service forwards to a tier containing itself refuses the connection
     once the hop count exceeds max_hops, and the client gets an error instead of a hang."""

@@ -17,7 +17,7 @@ from typing import IO
 import pymysql
 import pytest
 
-from meshproxy import localdb
+from meshproxy.testbed import mariadb
 from tests.integration.harness import session_members, wait_until
 
 pytestmark = pytest.mark.integration
@@ -68,7 +68,7 @@ def test_topology_up_local_serves_through_the_edge_and_leaves_nothing(backend: s
     """``topology up topology/chain.toml --local`` serves queries through the printed edge
     address via one of the middles, and on SIGTERM exits 0 leaving no process, listening
     port or directory behind."""
-    if backend == "mariadb" and localdb.mariadbd_path() is None:
+    if backend == "mariadb" and mariadb.mariadbd_path() is None:
         pytest.skip("mariadbd is not installed (apt-get install mariadb-server)")
     env = {**os.environ, "MESHPROXY_DEMO_BACKEND": backend}
     process = subprocess.Popen(
@@ -95,8 +95,8 @@ def test_topology_up_local_serves_through_the_edge_and_leaves_nothing(backend: s
         conn = pymysql.connect(
             host=host,
             port=port,
-            user=localdb.APP_USER,
-            password=localdb.APP_PASSWORD,
+            user=mariadb.APP_USER,
+            password=mariadb.APP_PASSWORD,
             connect_timeout=5,
             read_timeout=5,
             ssl_disabled=True,

@@ -16,7 +16,7 @@ import pymysql
 import pymysql.cursors
 import pytest
 
-from meshproxy import localdb
+from meshproxy.testbed import mariadb
 from tests.integration.harness import (
     HOST,
     Chain,
@@ -126,7 +126,7 @@ def test_client_half_close_is_forwarded(shared_chain: Chain) -> None:
     """After a client sends a query and shuts down its sending side, the answer still comes
     back through the chain, and the server, seeing the EOF, closes: the client reads EOF."""
     with socket.create_connection((HOST, shared_chain.port), timeout=10) as sock:
-        raw_login(sock, localdb.APP_USER, localdb.APP_PASSWORD)
+        raw_login(sock, mariadb.APP_USER, mariadb.APP_PASSWORD)
         write_packet(sock, 0, b"\x03SELECT SLEEP(1), 'after-half-close'")
         sock.shutdown(socket.SHUT_WR)
         shut = time.monotonic()
@@ -173,19 +173,19 @@ def test_backpressure_bounds_proxy_memory(chain: Chain) -> None:
 
 def test_mariadb_cli_through_the_chain(shared_chain: Chain) -> None:
     """The mariadb command-line client runs a script of statements, plain and over TLS."""
-    mariadb = shutil.which("mariadb")
-    assert mariadb is not None, "the mariadb client is not installed"
+    client = shutil.which("mariadb")
+    assert client is not None, "the mariadb client is not installed"
     base = [
-        mariadb,
+        client,
         "--no-defaults",
         "--protocol=TCP",
         f"--host={HOST}",
         f"--port={shared_chain.port}",
-        f"--user={localdb.APP_USER}",
-        f"--password={localdb.APP_PASSWORD}",
+        f"--user={mariadb.APP_USER}",
+        f"--password={mariadb.APP_PASSWORD}",
         "--batch",
         "--skip-column-names",
-        localdb.DATABASE,
+        mariadb.DATABASE,
     ]
     table = f"cli_{uuid.uuid4().hex[:8]}"
     script = (
@@ -227,8 +227,8 @@ def test_sysbench_point_selects_without_errors(shared_chain: Chain) -> None:
         "--db-driver=mysql",
         f"--mysql-host={HOST}",
         f"--mysql-port={shared_chain.port}",
-        f"--mysql-user={localdb.APP_USER}",
-        f"--mysql-password={localdb.APP_PASSWORD}",
+        f"--mysql-user={mariadb.APP_USER}",
+        f"--mysql-password={mariadb.APP_PASSWORD}",
         f"--mysql-db={database}",
         "--tables=1",
         "--table-size=1000",
@@ -260,7 +260,7 @@ def test_sysbench_point_selects_without_errors(shared_chain: Chain) -> None:
     assert figure("queries") > 1000
 
 
-def test_idle_session_is_closed(nodes: NodeFactory, shared_mariadb: localdb.MariaDB) -> None:
+def test_idle_session_is_closed(nodes: NodeFactory, shared_mariadb: mariadb.MariaDB) -> None:
     """With timeouts.idle_s = 1, a session silent for a second is closed by the edge while
     a session that keeps talking stays open."""
     mesh_port, edge_port = free_port(), free_port()
@@ -304,7 +304,7 @@ def test_idle_session_is_closed(nodes: NodeFactory, shared_mariadb: localdb.Mari
         close_quietly(busy)
 
 
-def test_listener_max_connections(nodes: NodeFactory, shared_mariadb: localdb.MariaDB) -> None:
+def test_listener_max_connections(nodes: NodeFactory, shared_mariadb: mariadb.MariaDB) -> None:
     """A listener with max_connections = 2 refuses a third client at once with a 'Too many
     connections' error, and takes a new client again once one has left."""
     mesh_port, edge_port = free_port(), free_port()
@@ -336,7 +336,7 @@ def test_listener_max_connections(nodes: NodeFactory, shared_mariadb: localdb.Ma
         close_quietly(second)
 
 
-def test_single_process_mode(nodes: NodeFactory, shared_mariadb: localdb.MariaDB) -> None:
+def test_single_process_mode(nodes: NodeFactory, shared_mariadb: mariadb.MariaDB) -> None:
     """Nodes run with `meshproxy run --no-angel` (one process, no supervisor) carry the
     chain just the same and stop cleanly on SIGTERM."""
     mesh_port, edge_port = free_port(), free_port()

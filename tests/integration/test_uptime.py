@@ -28,7 +28,7 @@ from typing import Any
 import pymysql
 import pytest
 
-from meshproxy import localdb
+from meshproxy.testbed import mariadb
 from tests.integration.harness import (
     HOST,
     MYSQL_CHECK,
@@ -63,7 +63,7 @@ SAMPLE = 30
 # Checks run, but a slow answer or two on a starved machine must not shun a server here.
 CHECK = {**MYSQL_CHECK, "interval_ms": 1000, "timeout_ms": 900, "fall": 3}
 
-Backends = tuple[localdb.MariaDB, localdb.MariaDB, localdb.MariaDB]
+Backends = tuple[mariadb.MariaDB, mariadb.MariaDB, mariadb.MariaDB]
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 
 from meshproxy import config
 from meshproxy.admin import edits
-from meshproxy.ctl import _assignments
+from meshproxy.cli.ctl import _assignments
 from meshproxy.errors import ConfigError
 
 DOC: dict[str, Any] = {

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from meshproxy import config, meshview
+from meshproxy import config
 from meshproxy.config import Address, AdminState, ServerConfig, TierConfig
+from meshproxy.control import meshview
 from meshproxy.gossip import wire
 from meshproxy.gossip.commands import Member
 from meshproxy.gossip.messages import NodeMeta, ServiceHealth, State
@@ -73,6 +74,30 @@ def test_suspect_draining_and_backendless_middles_are_ruled_out_with_a_reason() 
         a(7005): "gossip: p5 has no healthy backend for mysql",
     }
     assert routing.gone == {a(7006): "gossip: p6 dead", a(7007): "gossip: p7 left"}
+
+
+def test_failing_middles_are_told_apart_from_draining_and_departed_ones() -> None:
+    """Suspect, dead and backendless middles are failing (nothing on their side ends their
+    sessions); a draining middle and one that left are ruled out but not failing."""
+    members = [
+        middle("p2", 7002),
+        middle("p3", 7003, State.SUSPECT),
+        middle("p4", 7004, draining=True),
+        middle("p5", 7005, healthy=0),
+        middle("p6", 7006, State.DEAD),
+        middle("p7", 7007, State.LEFT),
+    ]
+    routing = meshview.tier_routing(TIER, members, {"mysql"}, "p1")
+    assert routing.failed == {a(7003), a(7005), a(7006)}
+
+
+def test_nothing_is_failing_when_routing_fails_open() -> None:
+    """When gossip rules out every member (fail open), no member counts as failing, so no
+    session is ended on this node's possibly broken view alone."""
+    members = [middle("p2", 7002, State.SUSPECT), middle("p3", 7003, healthy=0)]
+    routing = meshview.tier_routing(TIER, members, {"mysql"}, "p1")
+    assert routing.mode == "fail-open"
+    assert routing.failed == frozenset()
 
 
 def test_a_service_the_middle_does_not_offer_rules_it_out() -> None:

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 import yaml
 
-from meshproxy import cli, config, topology
+from meshproxy import config, topology
+from meshproxy.cli import main as cli
 from meshproxy.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]

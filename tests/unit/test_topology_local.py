@@ -10,9 +10,11 @@ from typing import Any
 
 import pytest
 
-from meshproxy import cli, config, localdb, topology
-from meshproxy.demo import Cast
+from meshproxy import config, topology
+from meshproxy.cli import main as cli
+from meshproxy.cli.demo import Cast
 from meshproxy.errors import ConfigError
+from meshproxy.testbed import mariadb
 from meshproxy.topology.local import LocalTopology, LoopbackAddressing, start_groups
 from meshproxy.topology.render import DockerAddressing, node_config
 from meshproxy.topology.spec import Spec
@@ -135,7 +137,7 @@ def test_local_topology_refuses_monitor_credentials_its_backends_lack() -> None:
     with pytest.raises(ConfigError) as info:
         LocalTopology(other)
     assert info.value.key == "topology.monitor"
-    assert localdb.MONITOR_USER in info.value.reason
+    assert mariadb.MONITOR_USER in info.value.reason
 
 
 def test_shipped_chain_spec_is_the_repository_one(

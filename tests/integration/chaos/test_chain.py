@@ -243,7 +243,8 @@ def test_angel_restarts_edge_process(stack: Stack, run: RunScenario) -> None:
     with edge_prober(stack) as prober, run("kill-edge-process", 7.0) as scenario:
         scenario.settle(2.5)
         fault = scenario.inject(
-            f"kill -9 {p1} node processes", lambda: stack.kill_process(p1, "meshproxy.child")
+            f"kill -9 {p1} node processes",
+            lambda: stack.kill_process(p1, "meshproxy.runtime.child"),
         )
     conclude_served_again(scenario, prober, fault)
 

@@ -16,9 +16,9 @@ import subprocess
 import time
 from pathlib import Path
 
-from meshproxy import children
-from meshproxy.children import die_with_parent
 from meshproxy.config import Address
+from meshproxy.runtime import children
+from meshproxy.runtime.children import die_with_parent
 
 APP_USER = "app"
 APP_PASSWORD = "app"  # noqa: S105 - throwaway local servers only

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 
 import pymysql
 
-from meshproxy import localdb
 from meshproxy.config import Address
 from meshproxy.errors import ConfigError
+from meshproxy.testbed import mariadb
 from meshproxy.topology.local import LocalTopology, choose_backends
 from meshproxy.topology.spec import BACKENDS, Node, Service, Spec
 
@@ -69,8 +69,8 @@ def _client(edge: Address, by_ip: dict[str, str], tally: Tally, stop: threading.
             conn = pymysql.connect(
                 host=edge.host,
                 port=edge.port,
-                user=localdb.APP_USER,
-                password=localdb.APP_PASSWORD,
+                user=mariadb.APP_USER,
+                password=mariadb.APP_PASSWORD,
                 connect_timeout=5,
                 read_timeout=5,
                 # PyMySQL otherwise loads the system CA store on every connect (~30 ms).

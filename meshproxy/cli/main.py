@@ -8,20 +8,21 @@ import json
 import sys
 from collections.abc import Sequence
 
-from meshproxy import __version__, config, ctl, topology
-from meshproxy.child import start
+from meshproxy import __version__, config, topology
+from meshproxy.cli import ctl
 from meshproxy.errors import ConfigError
+from meshproxy.runtime.child import start
 
 EXIT_CONFIG = 2
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     if args.no_angel:
-        from meshproxy.processes import run_single
+        from meshproxy.runtime.modes import run_single
 
         cfg = start(args.config, "")
         return asyncio.run(run_single(cfg))
-    from meshproxy.angel import Angel
+    from meshproxy.runtime.angel import Angel
 
     cfg = start(args.config, "angel")
     return Angel(args.config, cfg).run()
@@ -34,7 +35,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_members(args: argparse.Namespace) -> int:
-    from meshproxy import meshview
+    from meshproxy.control import meshview
 
     client = ctl.client(args)
     try:
@@ -50,7 +51,7 @@ def cmd_members(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from meshproxy.demo import run_demo  # pulls in client libraries
+    from meshproxy.cli.demo import run_demo  # pulls in client libraries
 
     spec = topology.load_spec(args.spec) if args.spec else None
     return run_demo(duration_s=args.duration, clients=args.clients, spec=spec)

@@ -17,14 +17,15 @@ import os
 import signal
 from typing import Any
 
-from meshproxy import channel, config, log
-from meshproxy.channel import Message, Peer
+from meshproxy import config, log
 from meshproxy.config import Address, Config, UpstreamRef
+from meshproxy.control.node import LocalLink, Node
 from meshproxy.counters import Counters
 from meshproxy.dataplane.host import PlaneHost
 from meshproxy.dataplane.router import Member
 from meshproxy.errors import ConfigError, describe
-from meshproxy.node import LocalLink, Node
+from meshproxy.runtime import channel
+from meshproxy.runtime.channel import Message, Peer
 from meshproxy.supervise import Supervisor
 
 HEARTBEAT_S = 0.25

@@ -28,16 +28,17 @@ from meshproxy.config import (
     UpstreamKind,
     UpstreamRef,
 )
+from meshproxy.control.group import Group
 from meshproxy.counters import Counters
 from meshproxy.dataplane.host import PlaneHost, binds
 from meshproxy.dataplane.router import Member
 from meshproxy.errors import MeshproxyError, describe
 from meshproxy.health.checks import run_check
-from meshproxy.health.state import ServerHealth, ServerState, Transition
+from meshproxy.health.state import ServerState, Transition
 from meshproxy.supervise import Supervisor
 
 if TYPE_CHECKING:
-    from meshproxy.meshgossip import MeshGossip
+    from meshproxy.control.meshgossip import MeshGossip
 
 
 QUICK_RECHECK_S = 0.1
@@ -45,63 +46,6 @@ QUICK_RECHECK_S = 0.1
 
 class ApplyError(MeshproxyError):
     """A valid config could not be put into effect; nothing of it was applied."""
-
-
-class Group:
-    """Control-plane state of one pool or tier: each server's health, and its snapshot."""
-
-    def __init__(self, ref: UpstreamRef) -> None:
-        self.ref = ref
-        self.check = CheckConfig()
-        self.eject = EjectConfig()
-        self.close_sessions_on_down = False
-        self.source_ip = ""
-        self.servers: dict[Address, ServerConfig] = {}
-        self.health: dict[Address, ServerHealth] = {}
-        self.members: tuple[Member, ...] = ()
-        # Tier members gossip rules out (suspect, draining, no healthy backend), with why:
-        # routing sees them SHUNNED while their own health history carries on underneath.
-        self.blocked: dict[Address, str] = {}
-
-    def configure(
-        self,
-        servers: tuple[ServerConfig, ...],
-        check: CheckConfig,
-        eject: EjectConfig,
-        close_sessions_on_down: bool,
-        source_ip: str,
-    ) -> list[tuple[Address, Transition]]:
-        """Take a new configuration; servers still present keep their health history."""
-        self.check, self.eject = check, eject
-        self.close_sessions_on_down, self.source_ip = close_sessions_on_down, source_ip
-        self.servers = {s.address: s for s in servers}
-        transitions = []
-        health: dict[Address, ServerHealth] = {}
-        for server in servers:
-            known = self.health.get(server.address)
-            if known is None:
-                health[server.address] = ServerHealth(server.state, check, eject)
-                continue
-            known.reconfigure(check, eject)
-            transition = known.set_admin(server.state)
-            if transition is not None:
-                transitions.append((server.address, transition))
-            health[server.address] = known
-        self.health = health
-        self.publish()
-        return transitions
-
-    def publish(self) -> None:
-        self.members = tuple(
-            Member(address, self.servers[address].weight, self._state(address, health))
-            for address, health in self.health.items()
-        )
-
-    def _state(self, address: Address, health: ServerHealth) -> ServerState:
-        state = health.state
-        if state is ServerState.ONLINE and address in self.blocked:
-            return ServerState.SHUNNED
-        return state
 
 
 def _group_settings(config: Config) -> dict[UpstreamRef, tuple[Any, ...]]:
@@ -202,7 +146,7 @@ class Node:
         """Join the gossip mesh if the config has [gossip] (raises OSError if it cannot bind)."""
         if self.config.gossip is None:
             return
-        from meshproxy.meshgossip import MeshGossip  # pulls in the codec's crypto
+        from meshproxy.control.meshgossip import MeshGossip  # pulls in the codec's crypto
 
         gossip = MeshGossip(self, self.config.gossip)
         await gossip.start()
@@ -267,6 +211,15 @@ class Node:
             self.gossip.health_changed()  # services, tier or mesh address may have changed
         return changes
 
+    def regroup(self, group: Group, servers: tuple[ServerConfig, ...]) -> None:
+        """Give a group new members, keeping its other settings (gossip changed a tier)."""
+        transitions = group.configure(
+            servers, group.check, group.eject, group.close_sessions_on_down, group.source_ip
+        )
+        self._publish(group)
+        for address, transition in transitions:
+            self._apply(group, address, transition)
+
     def sync_checks(self) -> None:
         """Run one check loop per checked server of every group, and no other."""
         wanted = {}
@@ -299,9 +252,14 @@ class Node:
         self._apply(group, address, health.connect_failed(error, time.monotonic()))
 
     def _publish(self, group: Group) -> None:
+        """Send a group's members to every data plane, and end the sessions on servers that
+        were just ruled out (by health, an operator or gossip) where the group asks for it."""
         group.publish()
+        ended = group.newly_ended()
         for link in self.links:
             link.members(group.ref, group.members)
+            for address in ended:
+                link.close_sessions(address)
         if self.gossip is not None:
             self.gossip.health_changed()
 
@@ -321,11 +279,6 @@ class Node:
             new=transition.new,
             reason=transition.reason,
         )
-        hard = transition.new is ServerState.OFFLINE_HARD
-        down = transition.new is ServerState.SHUNNED and group.close_sessions_on_down
-        if hard or down:
-            for link in self.links:
-                link.close_sessions(address)
 
     async def _check_loop(self, group: Group, address: Address) -> None:
         interval = group.check.interval_ms / 1000

@@ -1,12 +1,12 @@
 """An embedded MySQL-protocol server for the demo on machines without MariaDB.
 
 Built on mysql-mimic, which speaks the server side of the MySQL protocol and evaluates
-simple queries itself. It knows the same users as :mod:`meshproxy.localdb` (native password
+simple queries itself. It knows the same users as :mod:`meshproxy.testbed.mariadb` (native password
 auth), reports ``USER()`` as ``user@<client address>`` like MariaDB does, and answers
 ``SELECT @@read_only`` with 0, which is all the demo's clients and the middles' ``mysql``
 health checks ask. It holds no data.
 
-Run it as ``python -m meshproxy.embeddeddb --port P``; :class:`EmbeddedDB` does that in a
+Run it as ``python -m meshproxy.testbed.embedded --port P``; :class:`EmbeddedDB` does that in a
 child process that dies with its parent.
 """
 
@@ -27,10 +27,16 @@ from mysql_mimic.variables import SYSTEM_VARIABLES, GlobalVariables, SessionVari
 from sqlglot import exp
 from sqlglot.executor.env import ENV
 
-from meshproxy import children
-from meshproxy.children import die_with_parent
 from meshproxy.config import Address
-from meshproxy.localdb import APP_PASSWORD, APP_USER, MONITOR_PASSWORD, MONITOR_USER, free_port
+from meshproxy.runtime import children
+from meshproxy.runtime.children import die_with_parent
+from meshproxy.testbed.mariadb import (
+    APP_PASSWORD,
+    APP_USER,
+    MONITOR_PASSWORD,
+    MONITOR_USER,
+    free_port,
+)
 
 USERS = {APP_USER: APP_PASSWORD, MONITOR_USER: MONITOR_PASSWORD}
 
@@ -107,11 +113,13 @@ async def serve(host: str, port: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m meshproxy.embeddeddb", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m meshproxy.testbed.embedded", description=__doc__
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args(argv)
-    from meshproxy.child import install_event_loop_policy
+    from meshproxy.runtime.child import install_event_loop_policy
 
     install_event_loop_policy()
     asyncio.run(serve(args.host, args.port))
@@ -134,7 +142,7 @@ class EmbeddedDB:
     def start(self, timeout_s: float = 15.0) -> None:
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-                [sys.executable, "-m", "meshproxy.embeddeddb", "--port", str(self.port)],
+                [sys.executable, "-m", "meshproxy.testbed.embedded", "--port", str(self.port)],
                 stdout=log,
                 stderr=log,
                 preexec_fn=die_with_parent,

@@ -29,9 +29,9 @@ import time
 from dataclasses import dataclass, field
 
 from meshproxy import log
-from meshproxy.channel import new_name as new_channel_name
-from meshproxy.children import stop, stop_with_parent
 from meshproxy.config import Config
+from meshproxy.runtime.channel import new_name as new_channel_name
+from meshproxy.runtime.children import stop, stop_with_parent
 
 TICK_S = 0.1
 # A gap this long between two of the angel's own rounds means it was stopped or starved
@@ -75,7 +75,7 @@ class Angel:
     def __init__(self, config_path: str, cfg: Config) -> None:
         self.cfg = cfg
         channel = new_channel_name()
-        base = [sys.executable, "-m", "meshproxy.child"]
+        base = [sys.executable, "-m", "meshproxy.runtime.child"]
         self.children = [
             Child(CONTROL, [*base, "_control", "-c", config_path, "--channel", channel])
         ]

@@ -15,9 +15,9 @@ Runs in the control plane (``run_single`` and the control process, never in work
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from meshproxy import log, meshview
+from meshproxy import log
 from meshproxy.config import (
     Address,
     Config,
@@ -26,13 +26,29 @@ from meshproxy.config import (
     UpstreamKind,
     UpstreamRef,
 )
+from meshproxy.control import meshview
+from meshproxy.control.group import Group
+from meshproxy.counters import Counters
 from meshproxy.gossip.agent import Agent
 from meshproxy.gossip.commands import MemberChanged
 from meshproxy.gossip.messages import NodeMeta, State
 from meshproxy.supervise import Supervisor
 
-if TYPE_CHECKING:
-    from meshproxy.node import Group, Node
+
+class GossipHost(Protocol):
+    """What gossip needs of the control plane it feeds (``Node`` provides it)."""
+
+    config: Config
+    groups: dict[UpstreamRef, Group]
+    counters: Counters
+
+    def recheck(self, ref: UpstreamRef, address: Address) -> bool: ...
+
+    def regroup(self, group: Group, servers: tuple[ServerConfig, ...]) -> None: ...
+
+    def sync_checks(self) -> None: ...
+
+    def active_sessions(self) -> int: ...
 
 
 def _addr(address: Address) -> tuple[str, int]:
@@ -40,7 +56,7 @@ def _addr(address: Address) -> tuple[str, int]:
 
 
 class MeshGossip:
-    def __init__(self, node: Node, config: GossipConfig) -> None:
+    def __init__(self, node: GossipHost, config: GossipConfig) -> None:
         self.node = node
         self.config = config
         self.draining = False
@@ -74,7 +90,7 @@ class MeshGossip:
             from meshproxy.gossip.discovery import MdnsDiscovery
 
             self.discovery = MdnsDiscovery(
-                self.node.config.node.name, self.config.advertised(), self.agent.join
+                self.node.config.node.name, _addr(self.config.advertised()), self.agent.join
             )
             await self.discovery.start()
 
@@ -178,7 +194,7 @@ class MeshGossip:
             meshview.tier_services(config, tier.name),
             config.node.name,
         )
-        group.blocked = routing.blocked
+        group.blocked, group.failed = routing.blocked, routing.failed
         old_mode = self._modes.get(group.ref)
         if old_mode != routing.mode:
             self._modes[group.ref] = routing.mode
@@ -203,16 +219,16 @@ class MeshGossip:
                 continue
             before = {m.address: m.state for m in group.members}
             old_servers, old_blocked = dict(group.servers), dict(group.blocked)
+            old_failed = group.failed
             servers = self.tier_servers(group, node.config)
-            if servers == tuple(old_servers.values()) and group.blocked == old_blocked:
+            if (servers, group.blocked, group.failed) == (
+                tuple(old_servers.values()),
+                old_blocked,
+                old_failed,
+            ):
                 continue
             changed = True
-            transitions = group.configure(
-                servers, group.check, group.eject, group.close_sessions_on_down, group.source_ip
-            )
-            node._publish(group)
-            for address, transition in transitions:
-                node._apply(group, address, transition)
+            node.regroup(group, servers)
             self._log_changes(group, before)
         if changed:
             node.sync_checks()

@@ -1,4 +1,4 @@
-"""Entry point of the angel's children: ``python -m meshproxy.child _control|_worker ...``.
+"""Entry point of the angel's children: ``python -m meshproxy.runtime.child _control|_worker ...``.
 
 Kept apart from :mod:`meshproxy.cli`, whose subcommands import the admin client, the
 topology renderer and YAML: a worker restarted after a crash serves again sooner when it
@@ -47,7 +47,7 @@ def wait_for_turn(fd: int) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m meshproxy.child")
+    parser = argparse.ArgumentParser(prog="python -m meshproxy.runtime.child")
     parser.add_argument("role", choices=("_control", "_worker"))
     parser.add_argument("-c", "--config", required=True)
     parser.add_argument("--channel", required=True)
@@ -59,11 +59,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # reported like any config error (exit 2) and the angel's backoff applies.
     try:
         if args.role == "_control":
-            from meshproxy.processes import run_control
+            from meshproxy.runtime.modes import run_control
 
             cfg = start(args.config, "control")
             return asyncio.run(run_control(cfg, args.channel, args.heartbeat_fd))
-        from meshproxy.processes import run_worker
+        from meshproxy.runtime.modes import run_worker
 
         if args.standby_fd is not None and not wait_for_turn(args.standby_fd):
             return 0

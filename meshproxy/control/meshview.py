@@ -138,6 +138,9 @@ class TierRouting:
     blocked: dict[Address, str]  # members present but ruled out, with the reason
     names: dict[Address, str]  # gossip name of each member's mesh address
     gone: dict[Address, str]  # gossip members not in the set (dead, left), with the reason
+    # Members ruled out because they fail (suspect, dead, no healthy backend), not because
+    # they drain or left: nothing on their side will end the sessions still open on them.
+    failed: frozenset[Address] = frozenset()
 
 
 def _mesh(member: Member) -> Address | None:
@@ -189,9 +192,17 @@ def tier_routing(
         present = {a: m for a, m in found.items() if m.state is not State.LEFT}
         gone = {a: r for a, r in gone.items() if a not in present}
     servers = [static.get(address, ServerConfig(address)) for address in sorted(present)]
+    failed: frozenset[Address] = frozenset()
     if mode == "fail-open":
         servers += [s for a, s in static.items() if a not in present]
-    return TierRouting(mode, tuple(servers), blocked, names, gone)
+    else:
+        failed = frozenset(
+            address
+            for address, member in found.items()
+            if member.state in (State.SUSPECT, State.DEAD)
+            or (address in blocked and not member.meta.draining)
+        )
+    return TierRouting(mode, tuple(servers), blocked, names, gone, failed)
 
 
 def _rank(member: Member) -> tuple[int, int]:

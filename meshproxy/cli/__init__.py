@@ -1,0 +1,1 @@
+"""The ``meshproxy`` command (``main``) and its people-facing subcommands (``ctl``, ``demo``)."""

@@ -1,0 +1,80 @@
+"""Control-plane state of one pool or tier: each server's health, and the members it publishes."""
+
+from __future__ import annotations
+
+from meshproxy.config import Address, CheckConfig, EjectConfig, ServerConfig, UpstreamRef
+from meshproxy.dataplane.router import Member
+from meshproxy.health.state import ServerHealth, ServerState, Transition
+
+
+class Group:
+    """Control-plane state of one pool or tier: each server's health, and its snapshot."""
+
+    def __init__(self, ref: UpstreamRef) -> None:
+        self.ref = ref
+        self.check = CheckConfig()
+        self.eject = EjectConfig()
+        self.close_sessions_on_down = False
+        self.source_ip = ""
+        self.servers: dict[Address, ServerConfig] = {}
+        self.health: dict[Address, ServerHealth] = {}
+        self.members: tuple[Member, ...] = ()
+        # Tier members gossip rules out (suspect, draining, no healthy backend), with why:
+        # routing sees them SHUNNED while their own health history carries on underneath.
+        self.blocked: dict[Address, str] = {}
+        # Tier members gossip rules out as failing (suspect, dead, no healthy backend), as
+        # opposed to draining or gone: a middle that stopped answering cannot end its
+        # sessions itself, so close_sessions_on_down ends them here.
+        self.failed: frozenset[Address] = frozenset()
+        self.ended: frozenset[Address] = frozenset()  # servers whose sessions were ended
+
+    def configure(
+        self,
+        servers: tuple[ServerConfig, ...],
+        check: CheckConfig,
+        eject: EjectConfig,
+        close_sessions_on_down: bool,
+        source_ip: str,
+    ) -> list[tuple[Address, Transition]]:
+        """Take a new configuration; servers still present keep their health history."""
+        self.check, self.eject = check, eject
+        self.close_sessions_on_down, self.source_ip = close_sessions_on_down, source_ip
+        self.servers = {s.address: s for s in servers}
+        transitions = []
+        health: dict[Address, ServerHealth] = {}
+        for server in servers:
+            known = self.health.get(server.address)
+            if known is None:
+                health[server.address] = ServerHealth(server.state, check, eject)
+                continue
+            known.reconfigure(check, eject)
+            transition = known.set_admin(server.state)
+            if transition is not None:
+                transitions.append((server.address, transition))
+            health[server.address] = known
+        self.health = health
+        self.publish()
+        return transitions
+
+    def publish(self) -> None:
+        self.members = tuple(
+            Member(address, self.servers[address].weight, self._state(address, health))
+            for address, health in self.health.items()
+        )
+
+    def newly_ended(self) -> frozenset[Address]:
+        """Servers whose sessions must end now that they did not have to before: every
+        OFFLINE_HARD one, and with ``close_sessions_on_down`` every SHUNNED or failing one."""
+        ending = {m.address for m in self.members if m.state is ServerState.OFFLINE_HARD}
+        if self.close_sessions_on_down:
+            draining = self.blocked.keys() - self.failed  # it ends its sessions itself
+            down = {m.address for m in self.members if m.state is ServerState.SHUNNED}
+            ending |= (down - draining) | self.failed
+        newly, self.ended = frozenset(ending) - self.ended, frozenset(ending)
+        return newly
+
+    def _state(self, address: Address, health: ServerHealth) -> ServerState:
+        state = health.state
+        if state is ServerState.ONLINE and address in self.blocked:
+            return ServerState.SHUNNED
+        return state
