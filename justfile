@@ -27,6 +27,11 @@ demo *args:
 bench *args:
     {{venv}}/python -m bench.run {{args}}
 
+# the chain for 30 minutes under sysbench and a connection storm, a middle killed every
+# 4 minutes; reports RSS and fds per node process (`just soak --minutes 10` for less)
+soak *args:
+    {{venv}}/python -m bench.soak {{args}}
+
 # gossip failure detection: meshproxy vs Serf (local, lan), N = 5 and 20; writes bench/results/
 bench-gossip *args:
     {{venv}}/python -m bench.gossip {{args}}

@@ -34,10 +34,10 @@ class SysbenchError(RuntimeError):
     pass
 
 
-def _connection_args(port: int) -> list[str]:
+def connection_args(port: int, host: str = "127.0.0.1") -> list[str]:
     return [
         "--db-driver=mysql",
-        "--mysql-host=127.0.0.1",
+        f"--mysql-host={host}",
         f"--mysql-port={port}",
         f"--mysql-user={mariadb.APP_USER}",
         f"--mysql-password={mariadb.APP_PASSWORD}",
@@ -53,7 +53,7 @@ def _test_arg(workload: str) -> str:
 
 def prepare(port: int) -> None:
     """Create and fill the sbtest tables (4 tables x 10k rows)."""
-    argv = ["sysbench", "oltp_read_only", *_connection_args(port), "--threads=4", "prepare"]
+    argv = ["sysbench", "oltp_read_only", *connection_args(port), "--threads=4", "prepare"]
     _run(argv, timeout_s=300)
 
 
@@ -62,7 +62,7 @@ def run(workload: str, port: int, threads: int, duration_s: float) -> Sample:
     argv = [
         "sysbench",
         _test_arg(workload),
-        *_connection_args(port),
+        *connection_args(port),
         f"--threads={threads}",
         f"--time={max(round(duration_s), 1)}",
         "--percentile=95",

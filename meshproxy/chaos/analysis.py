@@ -50,6 +50,16 @@ def session_errors(timeline: Timeline, after: float, on: str | None = None) -> i
     )
 
 
+def broken_sessions(timeline: Timeline, victim: str, after: float) -> list[tuple[float, bool]]:
+    """For each session through ``victim`` that broke after ``after``: (seconds from
+    ``after`` to the break, whether the client gave up waiting: its own read timeout)."""
+    return [
+        (e.t - after, "timed out" in e.detail)
+        for e in timeline.client_events
+        if e.kind == "session_error" and e.t >= after and e.middle == victim
+    ]
+
+
 def errors_elsewhere(timeline: Timeline, after: float, victim: str) -> int:
     """Errors after ``after`` that no session through ``victim`` explains. A session that
     broke during its login names no middle yet (``""``) and is not counted: the proxies had

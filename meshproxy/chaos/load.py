@@ -166,7 +166,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--queries-per-session", type=int, default=20)
     parser.add_argument("--pause-s", type=float, default=0.01, help="between queries")
     parser.add_argument("--connect-timeout-s", type=float, default=5.0)
-    parser.add_argument("--read-timeout-s", type=float, default=3.0)
+    # Longer than any detection bound: a session the proxies leave hanging shows up as a
+    # timeout instead of passing for a session the edge ended.
+    parser.add_argument("--read-timeout-s", type=float, default=10.0)
     parser.add_argument("--middle", type=_middle_pair, action="append", default=[])
     args = parser.parse_args(argv)
     settings = Settings(

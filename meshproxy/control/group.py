@@ -22,10 +22,11 @@ class Group:
         # Tier members gossip rules out (suspect, draining, no healthy backend), with why:
         # routing sees them SHUNNED while their own health history carries on underneath.
         self.blocked: dict[Address, str] = {}
-        # Tier members gossip rules out as failing (suspect, dead, no healthy backend), as
-        # opposed to draining or gone: a middle that stopped answering cannot end its
-        # sessions itself, so close_sessions_on_down ends them here.
+        # Tier members gossip has seen fail (dead, no healthy backend) and those that drain:
+        # a middle that stopped answering cannot end its sessions, so close_sessions_on_down
+        # ends them here; a draining one ends its own, so they are left to it.
         self.failed: frozenset[Address] = frozenset()
+        self.draining: frozenset[Address] = frozenset()
         self.ended: frozenset[Address] = frozenset()  # servers whose sessions were ended
 
     def configure(
@@ -64,12 +65,13 @@ class Group:
 
     def newly_ended(self) -> frozenset[Address]:
         """Servers whose sessions must end now that they did not have to before: every
-        OFFLINE_HARD one, and with ``close_sessions_on_down`` every SHUNNED or failing one."""
-        ending = {m.address for m in self.members if m.state is ServerState.OFFLINE_HARD}
+        OFFLINE_HARD one; with ``close_sessions_on_down`` also every one its own health
+        made SHUNNED (unless it drains) and every one gossip has seen fail."""
+        states = {address: health.state for address, health in self.health.items()}
+        ending = {a for a, state in states.items() if state is ServerState.OFFLINE_HARD}
         if self.close_sessions_on_down:
-            draining = self.blocked.keys() - self.failed  # it ends its sessions itself
-            down = {m.address for m in self.members if m.state is ServerState.SHUNNED}
-            ending |= (down - draining) | self.failed
+            shunned = {a for a, state in states.items() if state is ServerState.SHUNNED}
+            ending |= (shunned - self.draining) | self.failed
         newly, self.ended = frozenset(ending) - self.ended, frozenset(ending)
         return newly
 

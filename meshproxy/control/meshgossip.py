@@ -194,7 +194,11 @@ class MeshGossip:
             meshview.tier_services(config, tier.name),
             config.node.name,
         )
-        group.blocked, group.failed = routing.blocked, routing.failed
+        group.blocked, group.failed, group.draining = (
+            routing.blocked,
+            routing.failed,
+            routing.draining,
+        )
         old_mode = self._modes.get(group.ref)
         if old_mode != routing.mode:
             self._modes[group.ref] = routing.mode
@@ -219,12 +223,12 @@ class MeshGossip:
                 continue
             before = {m.address: m.state for m in group.members}
             old_servers, old_blocked = dict(group.servers), dict(group.blocked)
-            old_failed = group.failed
+            old_verdicts = (group.failed, group.draining)
             servers = self.tier_servers(group, node.config)
-            if (servers, group.blocked, group.failed) == (
+            if (servers, group.blocked, (group.failed, group.draining)) == (
                 tuple(old_servers.values()),
                 old_blocked,
-                old_failed,
+                old_verdicts,
             ):
                 continue
             changed = True

@@ -138,9 +138,13 @@ class TierRouting:
     blocked: dict[Address, str]  # members present but ruled out, with the reason
     names: dict[Address, str]  # gossip name of each member's mesh address
     gone: dict[Address, str]  # gossip members not in the set (dead, left), with the reason
-    # Members ruled out because they fail (suspect, dead, no healthy backend), not because
-    # they drain or left: nothing on their side will end the sessions still open on them.
+    # Members ruled out on a confirmed failure (dead, no healthy backend), not because they
+    # drain or left: nothing on their side will end the sessions still open on them. A
+    # suspect is not failed yet: suspicion is often refuted within a probe interval (a busy
+    # or briefly stalled node), and ending sessions cannot be undone, while avoiding it for
+    # new sessions can; its sessions end when it is declared dead, within the bound.
     failed: frozenset[Address] = frozenset()
+    draining: frozenset[Address] = frozenset()  # members that announce they drain
 
 
 def _mesh(member: Member) -> Address | None:
@@ -199,10 +203,11 @@ def tier_routing(
         failed = frozenset(
             address
             for address, member in found.items()
-            if member.state in (State.SUSPECT, State.DEAD)
-            or (address in blocked and not member.meta.draining)
+            if member.state is State.DEAD
+            or (member.state is State.ALIVE and address in blocked and not member.meta.draining)
         )
-    return TierRouting(mode, tuple(servers), blocked, names, gone, failed)
+    draining = frozenset(a for a, m in present.items() if m.meta.draining)
+    return TierRouting(mode, tuple(servers), blocked, names, gone, failed, draining)
 
 
 def _rank(member: Member) -> tuple[int, int]:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from meshproxy import config, log
 from meshproxy.errors import ConfigError
+from meshproxy.runtime import memtrace
 
 
 def install_event_loop_policy() -> str:
@@ -32,6 +33,7 @@ def start(config_path: str, role: str) -> config.Config:
     cfg = config.load(config_path)
     log.setup(cfg.node.log_level, cfg.node.log_format, cfg.node.name, role)
     install_event_loop_policy()
+    memtrace.start_if_asked(cfg.node.name, role)
     return cfg
 
 

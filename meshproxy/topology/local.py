@@ -316,7 +316,7 @@ class LocalTopology:
     def _launch(self, node: Node, at: LoopbackAddressing) -> None:
         path = self.config_path(node.name)
         path.write_text(tomli_w.dumps(node_config(self.spec, node, at)))
-        with self.log_path(node.name).open("wb") as log:
+        with self.log_path(node.name).open("ab") as log:
             self.nodes[node.name] = subprocess.Popen(  # noqa: S603 - our own interpreter
                 [sys.executable, "-m", "meshproxy", "run", "-c", str(path)],
                 stdin=subprocess.DEVNULL,
@@ -353,6 +353,14 @@ class LocalTopology:
                 os.kill(pid, signal.SIGKILL)
         process.wait()
         self.killed.add(name)
+
+    def restart(self, name: str) -> None:
+        """Start a node again (after ``kill``) with the same config and addresses, and
+        return once it accepts connections."""
+        node = next(n for n in self.spec.nodes if n.name == name)
+        self._launch(node, self.addressing)
+        self._wait_ready(node, self.addressing)
+        self.killed.discard(name)
 
     def exited(self) -> dict[str, int]:
         """The nodes that exited by themselves (not by ``kill``), with their exit status."""

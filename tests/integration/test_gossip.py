@@ -262,8 +262,8 @@ def test_sessions_on_a_paused_middle_end_within_the_detection_bound(
 ) -> None:
     """Sessions open through a middle that is stopped with SIGSTOP (its kernel still ACKs,
     nothing answers) are closed by an edge with ``close_sessions_on_down`` within the gossip
-    detection bound, in every process mode, and each client is served by another middle on
-    its next connect; sessions on the other middles carry on."""
+    detection bound (when gossip declares it dead), in every process mode, and each client
+    is served by another middle on its next connect; sessions on the other middles carry on."""
     middles: dict[str, NodeProcess] = {}
     seeds: list[int] = []
     for name in ("p2", "p3", "p4"):

@@ -89,3 +89,16 @@ def test_a_sessions_middle_is_named_by_the_address_the_backend_saw() -> None:
     middles = {"10.231.3.12": "p2"}
     assert middle_of("monitor@10.231.3.12", middles) == "p2"
     assert middle_of("monitor@10.9.9.9", middles) == "10.9.9.9"
+
+
+def test_broken_sessions_tell_a_closed_session_from_a_client_timeout() -> None:
+    """Each session through the victim that broke after the fault is reported with its delay
+    and whether the client gave up on its own read timeout."""
+    t = _timeline()
+    t.client_events.append(
+        ClientEvent(
+            4.0, 6, "session_error", "p3", "(2013, 'Lost ... (The read operation timed out)')"
+        )
+    )
+    broken = analysis.broken_sessions(t, "p3", 1.0)
+    assert [(round(d, 3), timed_out) for d, timed_out in broken] == [(0.05, False), (3.0, True)]

@@ -32,14 +32,14 @@ def test_failing_members_end_their_sessions_once() -> None:
     out, not again while it stays out, and again if it fails after coming back."""
     tier = group(close_sessions_on_down=True)
     assert tier.newly_ended() == frozenset()
-    tier.blocked, tier.failed = {B: "gossip: p3 suspect"}, frozenset({B})
+    tier.blocked, tier.failed = {B: "gossip: p3 dead"}, frozenset({B})
     tier.publish()
     assert tier.newly_ended() == {B}
     assert tier.newly_ended() == frozenset()
     tier.blocked, tier.failed = {}, frozenset()
     tier.publish()
     assert tier.newly_ended() == frozenset()
-    tier.blocked, tier.failed = {B: "gossip: p3 suspect"}, frozenset({B})
+    tier.blocked, tier.failed = {B: "gossip: p3 dead"}, frozenset({B})
     tier.publish()
     assert tier.newly_ended() == {B}
 
@@ -53,12 +53,27 @@ def test_a_dead_member_gossip_dropped_ends_its_sessions() -> None:
     assert tier.newly_ended() == {C}
 
 
-def test_draining_members_keep_their_sessions() -> None:
-    """A draining member is ruled out for new sessions but ends its own: the edge leaves
-    them, even when its health check fails because it closed its listener."""
-    tier = group(close_sessions_on_down=True)
-    tier.blocked = {A: "gossip: p2 draining"}
+def fail_checks(tier: Group, address: Address) -> None:
+    """Fail the server's checks until its own health makes it SHUNNED."""
+    for _ in range(tier.check.fall):
+        tier.health[address].check_result(False, "refused", 0.0)
     tier.publish()
+
+
+def test_a_member_its_checks_shun_ends_its_sessions() -> None:
+    """A member whose own checks fail (cut off from this edge) has its sessions ended."""
+    tier = group(close_sessions_on_down=True)
+    fail_checks(tier, A)
+    assert tier.newly_ended() == {A}
+
+
+def test_draining_and_suspect_members_keep_their_sessions() -> None:
+    """A draining member keeps its sessions even when its checks fail (it closed its
+    listener and ends its sessions itself), and so does a suspect one, which may refute."""
+    tier = group(close_sessions_on_down=True)
+    tier.blocked = {A: "gossip: p2 draining", B: "gossip: p3 suspect"}
+    tier.draining = frozenset({A})
+    fail_checks(tier, A)
     assert tier.newly_ended() == frozenset()
 
 
@@ -66,6 +81,6 @@ def test_without_close_sessions_on_down_only_offline_hard_ends_sessions() -> Non
     """Without close_sessions_on_down a failing member keeps its sessions, while an operator's
     OFFLINE_HARD ends them either way."""
     tier = group(close_sessions_on_down=False, hard=C)
-    tier.blocked, tier.failed = {B: "gossip: p3 suspect"}, frozenset({B})
+    tier.blocked, tier.failed = {B: "gossip: p3 dead"}, frozenset({B})
     tier.publish()
     assert tier.newly_ended() == {C}

@@ -8,6 +8,7 @@ import threading
 import time
 
 from meshproxy import config as node_config
+from meshproxy.chaos import analysis
 from meshproxy.chaos.timeline import Check, Timeline
 from meshproxy.topology.spec import BACKENDS, Spec
 from tests.integration.chaos.conftest import REPO
@@ -51,6 +52,28 @@ def detection_bound_s(spec: Spec) -> float:
     gossip = node_settings(spec, edge(spec)).gossip
     assert gossip is not None
     return gossip.settings().detection_bound_s(len(spec.proxies())) + SAMPLE_S
+
+
+def victim_sessions_end(timeline: Timeline, victim: str, fault: float, bound: float) -> list[Check]:
+    """Every session open on a ruled-out ``victim`` ends within ``bound`` of the fault
+    (the edge closes it, the client does not wait out its own read timeout), and its client
+    is served by another middle right after."""
+    broken = analysis.broken_sessions(timeline, victim, fault)
+    delays = analysis.reconnects(timeline, victim, fault)
+    return [
+        Check(
+            "sessions on it ended by the edge",
+            round(max((d for d, _ in broken), default=0.0), 3),
+            bound,
+        ),
+        Check("sessions left to the client's timeout", sum(t for _, t in broken), 0, ""),
+        Check(
+            "broken session to reconnect",
+            round(max((d for d, _ in delays), default=0.0), 3),
+            RECONNECT_BOUND_S,
+        ),
+        Check("reconnects through it", sum(1 for _, m in delays if m == victim), 0, ""),
+    ]
 
 
 def check_bound_s(check: node_config.CheckConfig) -> float:

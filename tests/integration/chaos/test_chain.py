@@ -41,6 +41,7 @@ from tests.integration.chaos.kit import (
     rise_bound_s,
     since,
     victim,
+    victim_sessions_end,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
@@ -111,6 +112,7 @@ def test_pause_middle(stack: Stack, run: RunScenario) -> None:
             Check("new sessions through it while paused", stuck, 0, ""),
             Check("new connections failed", analysis.connect_errors(t, fault), 0, ""),
             Check("back in the edge's routing after unpause", back, bound),
+            *victim_sessions_end(t, target, fault, bound),
         ],
         detect,
         back,
@@ -154,6 +156,7 @@ def test_cut_middle_from_backends(stack: Stack, run: RunScenario) -> None:
                 0,
                 "",
             ),
+            *victim_sessions_end(t, target, fault, bound),
         ],
         detect,
         None,
@@ -193,6 +196,7 @@ def test_partition_edge_from_one_middle(stack: Stack, run: RunScenario) -> None:
                 "",
             ),
             Check("other middles declared it dead", 0 if other_view is None else 1, 0, ""),
+            *victim_sessions_end(t, target, fault, bound),
         ],
         detect,
         None,
