@@ -18,12 +18,12 @@ import os
 import tomllib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from meshproxy.errors import ConfigError, MeshproxyError
+from meshproxy.errors import ConfigError, MeshproxyError, describe
 
 if TYPE_CHECKING:
     from meshproxy.gossip.settings import GossipSettings
@@ -194,6 +194,28 @@ class TierConfig:
 class AdminConfig:
     bind: Address = Address("127.0.0.1", 6032)
     token: str = ""
+    token_file: str = ""  # the token in a file (a mounted secret), instead of ``token``
+    token_env: str = ""  # the name of an environment variable holding the token
+    tls_cert: str = ""  # serve HTTPS with this certificate chain and key
+    tls_key: str = ""
+
+    def bearer_token(self) -> str:
+        """The token, from wherever the config says it is (checked readable at load)."""
+        if self.token_file:
+            return Path(self.token_file).read_text().strip()
+        if self.token_env:
+            return os.environ.get(self.token_env, "").strip()
+        return self.token
+
+
+@dataclass(frozen=True)
+class MeshTlsConfig:
+    """Mutual TLS on every mesh hop: this node's certificate and key, and the mesh CA."""
+
+    ca: str
+    cert: str
+    key: str
+    expiry_warning_days: int = 14
 
 
 @dataclass(frozen=True)
@@ -204,6 +226,7 @@ class GossipConfig:
     advertise: Address | None = None  # default: bind
     seeds: tuple[Address, ...] = ()
     keys: tuple[str, ...] = ()  # base64 AES keys of 16, 24 or 32 bytes; the first encrypts
+    keys_file: str = ""  # the same, one per line, in a file (a mounted secret)
     allow_plaintext: bool = False
     discovery: Literal["static", "mdns"] = "static"
     probe_interval_ms: int = 200
@@ -224,9 +247,16 @@ class GossipConfig:
     def advertised(self) -> Address:
         return self.advertise or self.bind
 
+    def key_texts(self) -> tuple[str, ...]:
+        """The base64 keys: ``keys``, then those of ``keys_file``."""
+        if not self.keys_file:
+            return self.keys
+        lines = Path(self.keys_file).read_text().split()
+        return self.keys + tuple(line for line in lines if line)
+
     def key_bytes(self) -> tuple[bytes, ...]:
         """The keys, decoded (the config check has made sure they decode)."""
-        return tuple(base64.b64decode(key, validate=True) for key in self.keys)
+        return tuple(base64.b64decode(key, validate=True) for key in self.key_texts())
 
     def settings(self) -> GossipSettings:
         """The membership protocol's tuning; raises GossipError for inconsistent values."""
@@ -260,6 +290,7 @@ class Config:
     pool: tuple[PoolConfig, ...] = ()
     tier: tuple[TierConfig, ...] = ()
     gossip: GossipConfig | None = None
+    mesh_tls: MeshTlsConfig | None = None
     source: str = field(default="<memory>", compare=False)
 
     def pools(self) -> dict[str, PoolConfig]:
@@ -307,6 +338,7 @@ _MINIMUM: dict[str, int] = {
     "reap_after_s": 1,
     "leave_timeout_s": 0,
     "meta_refresh_s": 0,
+    "expiry_warning_days": 0,
 }
 
 # Key paths whose value may be a bare string standing for the table's first field.
@@ -416,13 +448,89 @@ def _type_name(value: object) -> str:
     }.get(type(value), type(value).__name__)
 
 
-def parse(data: Mapping[str, object], source: str = "<memory>") -> Config:
-    """Build and cross-check a Config from already-decoded TOML data."""
+def parse(data: Mapping[str, object], source: str = "<memory>", files: bool = True) -> Config:
+    """Build and cross-check a Config from already-decoded TOML data. Relative paths are
+    taken from the config file's folder; with ``files`` every file it names is read and
+    checked too (certificates load, keys decode), so a node never starts on a bad one."""
     loader = _Loader(source)
     config: Config = loader.build(Config, data, "")
-    config = dataclasses.replace(config, source=source)
+    config = _absolute_paths(dataclasses.replace(config, source=source))
     _check_references(config, loader)
+    if files:
+        _check_files(config, loader)
     return config
+
+
+def _absolute_paths(config: Config) -> Config:
+    base = Path(config.source).parent if config.source != "<memory>" else Path.cwd()
+
+    def fix(value: str) -> str:
+        return str(base / value) if value and not Path(value).is_absolute() else value
+
+    replace = dataclasses.replace
+    if config.admin is not None:
+        a = config.admin
+        admin = replace(
+            a, token_file=fix(a.token_file), tls_cert=fix(a.tls_cert), tls_key=fix(a.tls_key)
+        )
+        config = replace(config, admin=admin)
+    if config.gossip is not None:
+        config = replace(
+            config, gossip=replace(config.gossip, keys_file=fix(config.gossip.keys_file))
+        )
+    if config.mesh_tls is not None:
+        t = config.mesh_tls
+        config = replace(
+            config, mesh_tls=replace(t, ca=fix(t.ca), cert=fix(t.cert), key=fix(t.key))
+        )
+    return config
+
+
+def _check_files(config: Config, loader: _Loader) -> None:
+    """Read every file the config names, as the node will: a problem names its key."""
+    import ssl  # only here: a config without files never needs it
+
+    def readable(key: str, path: str) -> str:
+        try:
+            return Path(path).read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise loader.fail(key, f"cannot read {path}: {describe(exc)}") from None
+
+    def tls_files(keys: tuple[str, str, str], cert: str, key: str, ca: str = "") -> None:
+        cert_key, key_key, ca_key = keys
+        for name, path in ((cert_key, cert), (key_key, key), (ca_key, ca)):
+            if path:
+                readable(name, path)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        try:
+            context.load_cert_chain(cert, key)
+        except (ssl.SSLError, OSError) as exc:
+            reason = f"does not load with {cert_key}: {describe(exc)}"
+            raise loader.fail(key_key, reason) from None
+        if ca:
+            try:
+                context.load_verify_locations(ca)
+            except (ssl.SSLError, OSError) as exc:
+                raise loader.fail(ca_key, f"not a PEM CA bundle: {describe(exc)}") from None
+
+    admin = config.admin
+    if admin is not None:
+        if admin.token_file:
+            readable("admin.token_file", admin.token_file)
+        if (admin.token_file or admin.token_env) and len(admin.bearer_token()) < 16:
+            key = "admin.token_file" if admin.token_file else "admin.token_env"
+            raise loader.fail(key, "the token it holds must have at least 16 characters")
+        if bool(admin.tls_cert) != bool(admin.tls_key):
+            raise loader.fail("admin.tls_key", "admin.tls_cert and admin.tls_key go together")
+    gossip = config.gossip
+    if gossip is not None and gossip.keys_file:
+        readable("gossip.keys_file", gossip.keys_file)
+        _check_keys(gossip.key_texts(), "gossip.keys_file", loader)
+    if admin is not None and admin.tls_cert:
+        tls_files(("admin.tls_cert", "admin.tls_key", ""), admin.tls_cert, admin.tls_key)
+    if config.mesh_tls is not None:
+        t = config.mesh_tls
+        tls_files(("mesh_tls.cert", "mesh_tls.key", "mesh_tls.ca"), t.cert, t.key, t.ca)
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
@@ -440,9 +548,11 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(source, "", f"invalid TOML: {exc}") from None
 
 
-def load(path: str | Path) -> Config:
-    """Read a TOML file into a Config; every problem is a ConfigError naming the key."""
-    return parse(read_toml(path), str(path))
+def load(path: str | Path, files: bool = True) -> Config:
+    """Read a TOML file into a Config; every problem is a ConfigError naming the key.
+    ``files=False`` skips reading the files it names (for a config meant for elsewhere,
+    such as a container's, whose secrets are mounted there)."""
+    return parse(read_toml(path), str(path), files)
 
 
 def _check_references(config: Config, loader: _Loader) -> None:
@@ -469,8 +579,12 @@ def _check_references(config: Config, loader: _Loader) -> None:
     if node.mesh_bind is not None:
         binds[node.mesh_bind] = "node.mesh_bind"
     if config.admin is not None:
-        if len(config.admin.token) < 16:
-            raise loader.fail("admin.token", "required, at least 16 characters")
+        admin = config.admin
+        given = [k for k in ("token", "token_file", "token_env") if getattr(admin, k)]
+        if len(given) != 1:
+            raise loader.fail("admin.token", "give exactly one of token, token_file and token_env")
+        if admin.token and len(admin.token) < 16:
+            raise loader.fail("admin.token", "at least 16 characters")
         if config.admin.bind in binds:
             raise loader.fail(
                 "admin.bind", f"{config.admin.bind} is already bound by node.mesh_bind"
@@ -513,22 +627,12 @@ def _check_references(config: Config, loader: _Loader) -> None:
 def _check_gossip(config: Config, loader: _Loader) -> None:
     gossip = config.gossip
     assert gossip is not None
-    for i, key in enumerate(gossip.keys):
-        try:
-            raw = base64.b64decode(key, validate=True)
-        except (binascii.Error, ValueError):
-            raise loader.fail(f"gossip.keys[{i}]", "not valid base64") from None
-        if len(raw) not in (16, 24, 32):
-            raise loader.fail(
-                f"gossip.keys[{i}]",
-                f"decodes to {len(raw)} bytes; an AES key is 16, 24 or 32 bytes "
-                "(make one with: head -c 32 /dev/urandom | base64)",
-            )
-    if not gossip.keys and not gossip.allow_plaintext:
+    _check_keys(gossip.keys, "gossip.keys", loader, indexed=True)
+    if not gossip.keys and not gossip.keys_file and not gossip.allow_plaintext:
         raise loader.fail(
             "gossip.keys",
-            "gossip needs at least one key (base64 of 16, 24 or 32 random bytes), "
-            "or allow_plaintext = true to run unauthenticated",
+            "gossip needs at least one key (base64 of 16, 24 or 32 random bytes) in keys or"
+            " keys_file, or allow_plaintext = true to run unauthenticated",
         )
     if gossip.advertise is None and _wildcard(gossip.bind.host):
         raise loader.fail(
@@ -557,6 +661,21 @@ def _check_gossip(config: Config, loader: _Loader) -> None:
             raise loader.fail(
                 "node.mesh_advertise",
                 f"required when node.mesh_bind is a wildcard address ({node.mesh_bind})",
+            )
+
+
+def _check_keys(keys: Sequence[str], key: str, loader: _Loader, indexed: bool = False) -> None:
+    for i, text in enumerate(keys):
+        where = f"{key}[{i}]" if indexed else f"{key} (key {i + 1})"
+        try:
+            raw = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise loader.fail(where, "not valid base64") from None
+        if len(raw) not in (16, 24, 32):
+            raise loader.fail(
+                where,
+                f"decodes to {len(raw)} bytes; an AES key is 16, 24 or 32 bytes "
+                "(make one with: head -c 32 /dev/urandom | base64)",
             )
 
 

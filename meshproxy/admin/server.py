@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ssl
+
 from aiohttp import web
 
 from meshproxy import config, log
@@ -19,12 +21,22 @@ class AdminServer:
         admin = self.node.config.admin
         if admin is None:
             return
-        api = AdminAPI(self.node, admin.token)
+        api = AdminAPI(self.node, admin.bearer_token())
         self._runner = web.AppRunner(api.app(), access_log=None, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, admin.bind.host, admin.bind.port, reuse_address=True)
+        context = None
+        if admin.tls_cert:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(admin.tls_cert, admin.tls_key)
+        site = web.TCPSite(
+            self._runner,
+            admin.bind.host,
+            admin.bind.port,
+            reuse_address=True,
+            ssl_context=context,
+        )
         await site.start()
-        log.event("admin_listening", bind=str(admin.bind))
+        log.event("admin_listening", bind=str(admin.bind), tls="yes" if context else "no")
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import ssl
 import sys
 import tomllib
 import urllib.error
@@ -25,10 +26,17 @@ class ApiError(Exception):
 
 
 class Client:
-    def __init__(self, url: str, token: str, timeout_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        timeout_s: float = 10.0,
+        context: ssl.SSLContext | None = None,
+    ) -> None:
         self.url = url.rstrip("/")
         self.token = token
         self.timeout_s = timeout_s
+        self.context = context
 
     def call(self, method: str, path: str, body: object = None) -> Any:
         data = None if body is None else json.dumps(body).encode()
@@ -39,7 +47,9 @@ class Client:
         if data is not None:
             request.add_header("Content-Type", "application/json")
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:  # noqa: S310
+            with urllib.request.urlopen(  # noqa: S310
+                request, timeout=self.timeout_s, context=self.context
+            ) as response:
                 payload = response.read()
                 kind = response.headers.get_content_type()
         except urllib.error.HTTPError as exc:
@@ -57,15 +67,31 @@ class Client:
 def client(args: argparse.Namespace) -> Client:
     url = args.url or os.environ.get("MESHPROXY_ADMIN_URL", "")
     token = args.token or os.environ.get("MESHPROXY_ADMIN_TOKEN", "")
+    context = None
+    if args.cafile:
+        context = ssl.create_default_context(cafile=args.cafile)
     if args.config:
         cfg = config.load(args.config)
-        if cfg.admin is None:
+        admin = cfg.admin
+        if admin is None:
             raise ConfigError(args.config, "admin", "this node has no [admin] section")
-        url = url or f"http://{cfg.admin.bind}"
-        token = token or cfg.admin.token
+        url = url or f"{'https' if admin.tls_cert else 'http'}://{admin.bind}"
+        token = token or admin.bearer_token()
+        if admin.tls_cert and context is None:
+            context = pinned(admin.tls_cert)
     if not url or not token:
         raise ConfigError("meshproxy ctl", "", "give -c CONFIG, or --url and --token")
-    return Client(url, token)
+    return Client(url, token, context=context)
+
+
+def pinned(cert: str) -> ssl.SSLContext:
+    """Trust exactly the node's own admin certificate (read from its config): the node we
+    were pointed at is the identity, whatever name or address it is reached by."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.load_verify_locations(cert)
+    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    return context
 
 
 def _value(text: str) -> object:
@@ -159,6 +185,7 @@ def add_connection_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-c", "--config", help="the node's config file (for admin.bind and token)")
     parser.add_argument("--url", help="admin API URL, e.g. http://127.0.0.1:6032")
     parser.add_argument("--token", help="bearer token (or MESHPROXY_ADMIN_TOKEN)")
+    parser.add_argument("--cafile", help="CA bundle to verify an https admin API with")
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -22,8 +22,9 @@ from meshproxy.dataplane.listener import Entrance
 from meshproxy.dataplane.plane import DataPlane, Route
 from meshproxy.dataplane.router import Member
 from meshproxy.dataplane.upstream import ConnectReport, WarmPool
-from meshproxy.errors import describe
+from meshproxy.errors import ConnectFailed, describe
 from meshproxy.health.state import ServerState
+from meshproxy.security.meshtls import MeshTls
 from meshproxy.supervise import Supervisor
 
 MESH = "mesh"
@@ -59,6 +60,7 @@ class PlaneHost:
         self._report = report
         self.tasks = Supervisor()
         self.draining = False
+        self.tls: MeshTls | None = None
         self._sync_groups(config)  # member snapshots may arrive before start()
 
     # ----------------------------------------------------------------- config
@@ -71,6 +73,7 @@ class PlaneHost:
         """
         self.plane.routes = routes(self.config)
         self._sync_groups(self.config)
+        self._take_tls(self.config)
         wanted = binds(self.config)
         failure: OSError | None = None
         for name, (address, backlog) in wanted.items():
@@ -99,6 +102,7 @@ class PlaneHost:
             name, mesh=name == MESH, max_connections=1, header_timeout_s=1.0
         )
         configure_entrance(entrance, new, listener)
+        entrance.tls = self.tls if entrance.mesh else None  # before its first client
         await self.plane.bind(entrance, address, backlog, self.reuse_port)
 
     async def bind(self, keep: set[str], new: Config) -> list[str]:
@@ -144,6 +148,7 @@ class PlaneHost:
         listeners = {listener.name: listener for listener in new.listener}
         for name, entrance in plane.entrances.items():
             configure_entrance(entrance, new, listeners.get(name))
+            entrance.tls = self.tls if entrance.mesh else None
         plane.routes = routes(new)
         self._sync_groups(new)
         self._sync_warm(new)
@@ -154,11 +159,30 @@ class PlaneHost:
         if self.draining:
             log.event("config_ignored", reason="draining")
             return []
+        self._take_tls(new)
         before = binds(self.config)
         keep = {name for name, spec in binds(new).items() if before.get(name) == spec}
         changes = await self.bind(keep, new)
         self.take(new)
         return changes
+
+    def _take_tls(self, new: Config) -> None:
+        """Read the mesh TLS files again (every config change and reload rotates them); a
+        file that no longer loads keeps the contexts as they were, and says so."""
+        wanted = new.mesh_tls
+        if wanted is None or self.tls is None:
+            if (wanted is None) != (self.tls is None):
+                for pool in self.warm.values():
+                    pool.close()  # warm sockets of the other kind would be refused
+            self.tls = None if wanted is None else MeshTls(wanted.ca, wanted.cert, wanted.key)
+        else:
+            try:
+                self.tls.load(wanted.ca, wanted.cert, wanted.key)
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                self.counters.inc("mesh_tls_reload_failures")
+                log.warning("mesh_tls_reload_failed", error=describe(exc))
+                return
+        self.plane.connector.tls = self.tls
 
     def _sync_groups(self, config: Config) -> None:
         groups = {
@@ -229,7 +253,10 @@ class PlaneHost:
             for address in eligible:
                 for _ in range(tier.warm_connections - pool.count(address)):
                     try:
-                        await pool.fill(address, connect_s)
+                        await pool.fill(address, connect_s, self.tls)
+                    except ConnectFailed as exc:
+                        self._report(ref, address, exc.reason)
+                        break
                     except (OSError, TimeoutError) as exc:
                         self._report(ref, address, describe(exc))
                         break

@@ -24,6 +24,7 @@ from meshproxy.dataplane.hop import HopHeader
 from meshproxy.dataplane.pump import Half, Session, set_nodelay
 from meshproxy.dataplane.router import Member, choose
 from meshproxy.errors import ConnectFailed, NoUpstream, UpstreamError, describe
+from meshproxy.security.meshtls import MeshTls, peer_of
 
 # Called with (group, member, error detail) on failure and (group, member, None) on success.
 ConnectReport = Callable[[UpstreamRef, Address, str | None], None]
@@ -134,12 +135,19 @@ class WarmPool:
     def count(self, address: Address) -> int:
         return len(self.idle.get(address, ()))
 
-    async def fill(self, address: Address, timeout_s: float) -> None:
+    async def fill(self, address: Address, timeout_s: float, tls: MeshTls | None) -> None:
+        """Open one idle socket (with ``tls``, its handshake done: a client then skips it
+        too); raises OSError or TimeoutError."""
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(timeout_s):
             transport, idle = await loop.create_connection(
-                lambda: _Idle(self, address), address.host, address.port
+                lambda: _Idle(self, address),
+                address.host,
+                address.port,
+                ssl=tls.client if tls is not None else None,
             )
+        if tls is not None:
+            check_middle(transport)
         set_nodelay(transport)
         self.idle.setdefault(address, deque()).append(idle)
 
@@ -155,6 +163,15 @@ class WarmPool:
         for sockets in list(self.idle.values()):
             for idle in list(sockets):
                 idle.discard()
+
+
+def check_middle(transport: asyncio.Transport) -> None:
+    """A tier member must prove it is a middle of this mesh (raises ConnectFailed)."""
+    peer = peer_of(transport)
+    if peer is None or peer.role != "middle":
+        transport.abort()
+        role = "none" if peer is None else repr(peer.role)
+        raise ConnectFailed("", f"peer certificate role {role}, not 'middle'")
 
 
 class UpstreamView(typing.Protocol):
@@ -191,6 +208,7 @@ class Connector:
         self.counters = counters
         # Attempts still waiting for a connect or a greeting, by member.
         self._dialing: dict[Address, set[Dialing]] = {}
+        self.tls: MeshTls | None = None  # mutual TLS to tier members, with [mesh_tls]
 
     def abandon(self, address: Address, reason: str) -> int:
         """Fail the attempts to ``address`` that have not seen a greeting yet, so that they
@@ -276,6 +294,7 @@ class Connector:
                 transport.set_protocol(dialing)
             else:
                 connect_s = max(min(self.connect_s, remaining_s), 0.001)
+                tls = self.tls if ref.kind is UpstreamKind.TIER else None
                 async with asyncio.timeout(connect_s) as dialing.connecting:
                     source = self._groups[ref].source_ip
                     transport, _ = await loop.create_connection(
@@ -283,8 +302,11 @@ class Connector:
                         address.host,
                         address.port,
                         local_addr=(source, 0) if source else None,
+                        ssl=tls.client if tls is not None else None,
                     )
                 dialing.connecting = None
+                if tls is not None:
+                    check_middle(transport)
                 set_nodelay(transport)
             if header is not None:
                 transport.write(header.encode())
