@@ -1,4 +1,4 @@
-"""The ``meshproxy`` command: run, check-config, members, ctl, demo, topology."""
+"""The ``meshproxy`` command: run, check-config, members, ctl, certs, demo, topology."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from meshproxy import __version__, config, topology
-from meshproxy.cli import ctl
+from meshproxy.cli import certs, ctl
 from meshproxy.errors import ConfigError
 from meshproxy.runtime.child import start
 
@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     members.set_defaults(func=cmd_members)
 
     ctl.add_parser(sub)
+    certs.add_parser(sub)
     topology.add_parser(sub)
     return parser
 

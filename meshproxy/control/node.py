@@ -176,6 +176,11 @@ class Node:
             raise ApplyError("admin.bind cannot change at runtime: restart the node")
         if old.gossip != new.gossip:
             raise ApplyError("the [gossip] section cannot change at runtime: restart the node")
+        if (old.mesh_tls is None) != (new.mesh_tls is None):
+            raise ApplyError(
+                "[mesh_tls] cannot be added or removed at runtime: restart the node"
+                " (its files can change: a reload reads them again)"
+            )
         probe_binds(old, new)
         try:
             for link in self.links:

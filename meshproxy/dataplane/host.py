@@ -167,22 +167,25 @@ class PlaneHost:
         return changes
 
     def _take_tls(self, new: Config) -> None:
-        """Read the mesh TLS files again (every config change and reload rotates them); a
-        file that no longer loads keeps the contexts as they were, and says so."""
+        """Read the mesh TLS files again: every config change and reload rotates them. A
+        file that no longer loads keeps the contexts as they were, and says so. (Adding or
+        removing [mesh_tls] takes a restart: the control plane refuses it at runtime.)"""
         wanted = new.mesh_tls
-        if wanted is None or self.tls is None:
-            if (wanted is None) != (self.tls is None):
-                for pool in self.warm.values():
-                    pool.close()  # warm sockets of the other kind would be refused
-            self.tls = None if wanted is None else MeshTls(wanted.ca, wanted.cert, wanted.key)
+        if wanted is None:
+            return
+        if self.tls is None:
+            self.tls = MeshTls(wanted.ca, wanted.cert, wanted.key, self._tls_refused)
         else:
             try:
                 self.tls.load(wanted.ca, wanted.cert, wanted.key)
             except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
                 self.counters.inc("mesh_tls_reload_failures")
                 log.warning("mesh_tls_reload_failed", error=describe(exc))
-                return
         self.plane.connector.tls = self.tls
+
+    def _tls_refused(self, reason: str, detail: str) -> None:
+        self.counters.inc("mesh_tls_refused", entrance=MESH, reason=reason)
+        log.warning("mesh_tls_refused", reason=reason, detail=detail)
 
     def _sync_groups(self, config: Config) -> None:
         groups = {

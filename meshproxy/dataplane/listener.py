@@ -17,14 +17,7 @@ from meshproxy.counters import Counters
 from meshproxy.dataplane.hop import Decoded, HopDecoder, HopHeader, Rejected
 from meshproxy.dataplane.mysql import ER_CON_COUNT_ERROR, error_packet
 from meshproxy.dataplane.pump import set_nodelay
-from meshproxy.security.meshtls import (
-    HANDSHAKE_TIMEOUT_S,
-    MESH_ROLES,
-    MeshTls,
-    describe_failure,
-    peer_of,
-    refusal,
-)
+from meshproxy.security.meshtls import MESH_ROLES, MeshTls, peer_of
 
 # Stop reading from a client whose upstream is not connected yet past this many bytes.
 PENDING_LIMIT = 256 * 1024
@@ -63,7 +56,6 @@ class Inbound(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None
         self._decoder: HopDecoder | None = HopDecoder() if entrance.mesh else None
         self._header_timer: asyncio.TimerHandle | None = None
-        self._handshake: asyncio.Task[None] | None = None
         self.peer_node = ""  # the node a mesh peer's certificate names
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -93,36 +85,14 @@ class Inbound(asyncio.Protocol):
             entrance.header_timeout_s, self._reject, "no hop header in time"
         )
         if entrance.tls is not None:
-            # Nothing may reach the hop decoder before the handshake has taken the stream.
-            self.transport.pause_reading()
-            self._handshake = loop.create_task(self._upgrade(entrance.tls))
-
-    async def _upgrade(self, tls: MeshTls) -> None:
-        """Mutual TLS first: only a peer with a certificate of the mesh CA, in a mesh
-        role, gets as far as sending a hop header."""
-        transport = self.transport
-        assert transport is not None
-        try:
-            secure = await asyncio.get_running_loop().start_tls(
-                transport,
-                self,
-                tls.server,
-                server_side=True,
-                ssl_handshake_timeout=min(self.entrance.header_timeout_s, HANDSHAKE_TIMEOUT_S),
-            )
-        except (OSError, TimeoutError, ConnectionError) as exc:
-            self._refuse_tls(refusal(exc), describe_failure(exc))
-            return
-        if secure is None:  # closed during the handshake
-            self._refuse_tls("closed during handshake", "connection closed")
-            return
-        self.transport = secure
-        peer = peer_of(secure)
-        if peer is None or peer.role not in MESH_ROLES:
-            role = "none" if peer is None else repr(peer.role)
-            self._refuse_tls("not a mesh role", f"certificate role {role}")
-            return
-        self.peer_node = peer.node
+            # The handshake is done (asyncio runs it before connection_made): the peer's
+            # certificate is from the mesh CA; it must also name a mesh role.
+            peer = peer_of(transport)
+            if peer is None or peer.role not in MESH_ROLES:
+                role = "none" if peer is None else repr(peer.role)
+                self._refuse_tls("not a mesh role", f"certificate role {role}")
+                return
+            self.peer_node = peer.node
 
     def _refuse_tls(self, reason: str, detail: str) -> None:
         self._counters.inc("mesh_tls_refused", entrance=self.entrance.name, reason=reason)
@@ -162,7 +132,9 @@ class Inbound(asyncio.Protocol):
             else:
                 self._reject("closed in the middle of a hop header")
             return False
-        return True  # keep the transport open: the upstream's answer may still come
+        # Keep the transport open: the upstream's answer may still come (TLS, which has no
+        # half-close, closes whatever we answer).
+        return self.entrance.tls is None
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.lost:
@@ -170,9 +142,8 @@ class Inbound(asyncio.Protocol):
         self.lost = True
         if self._header_timer is not None:
             self._header_timer.cancel()
-        for task in (self._task, self._handshake):
-            if task is not None and not task.done():
-                task.cancel()
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
         if not self.linked:
             self.entrance.active -= 1
 

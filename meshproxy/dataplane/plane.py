@@ -21,6 +21,7 @@ from meshproxy.dataplane.mysql import ER_PROXY_NO_UPSTREAM, error_packet
 from meshproxy.dataplane.pump import Session, link
 from meshproxy.dataplane.upstream import Connector, ConnectReport, UpstreamView, WarmPool
 from meshproxy.errors import UpstreamError
+from meshproxy.security.meshtls import HANDSHAKE_TIMEOUT_S
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,7 @@ class DataPlane:
         new connections over them.
         """
         loop = asyncio.get_running_loop()
+        tls = entrance.tls
         server = await loop.create_server(
             functools.partial(Inbound, entrance, self.serve, self.counters),
             address.host,
@@ -83,6 +85,8 @@ class DataPlane:
             backlog=backlog,
             reuse_address=True,
             reuse_port=reuse_port,
+            ssl=tls.server if tls is not None else None,
+            ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S if tls is not None else None,
         )
         previous, entrance.server = entrance.server, server
         self.entrances[entrance.name] = entrance

@@ -46,7 +46,9 @@ class Half(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.eof = True
-        return self.session.half_closed()
+        # TLS has no half-close: a TLS transport closes on EOF whatever we answer.
+        tls = self.transport is not None and self.transport.get_extra_info("sslcontext")
+        return self.session.half_closed() and not tls
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.session.close()

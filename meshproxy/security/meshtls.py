@@ -12,11 +12,12 @@ Only ``ssl`` is imported here: workers build these contexts, and stay light.
 from __future__ import annotations
 
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 MESH_ROLES = frozenset({"edge", "middle"})
-HANDSHAKE_TIMEOUT_S = 10.0
+HANDSHAKE_TIMEOUT_S = 10.0  # a peer that has not finished its handshake by then is dropped
 
 
 @dataclass(frozen=True)
@@ -25,33 +26,53 @@ class Peer:
     role: str
 
 
-class MeshTls:
-    """The server and client contexts of one node, rebuilt from its files on ``load``.
+Refused = Callable[[str, str], None]  # (a short reason for a counter label, the detail)
 
-    Each connection takes the context current at its start, so a reload (new certificate,
-    key or CA bundle, a CA removed) applies to new hops at once and to none in flight.
+
+class MeshTls:
+    """The server and client contexts of one node.
+
+    ``load`` reads the files into the same contexts again, since a listening server keeps
+    the context it was created with: a new certificate and key apply to every handshake
+    from then on, and a CA added to the bundle is trusted at once (one removed stays
+    trusted until the node restarts). Failed handshakes on the server side are reported
+    to ``on_refused``.
     """
 
-    def __init__(self, ca: str, cert: str, key: str) -> None:
-        self.files = (ca, cert, key)
-        self.server, self.client = _contexts(ca, cert, key)
+    def __init__(self, ca: str, cert: str, key: str, on_refused: Refused) -> None:
+        self.server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.server.verify_mode = ssl.CERT_REQUIRED
+        # The documented hook into asyncio's TLS: every server-side handshake runs in an
+        # object of this class, so a refused peer is counted although asyncio drops it
+        # before our protocol ever sees it.
+        self.server.sslobject_class = _reporting(on_refused)
+        self.client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        self.client.check_hostname = False  # dialled by address: CA and role identify a peer
+        for context in (self.server, self.client):
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+        self.load(ca, cert, key)
 
     def load(self, ca: str, cert: str, key: str) -> None:
-        """Read the files again (raises ssl.SSLError or OSError, changing nothing)."""
-        self.server, self.client = _contexts(ca, cert, key)
+        """Read the files (raises ssl.SSLError or OSError; a failure leaves the contexts
+        as they were, as the config check loaded the same files first)."""
+        for context in (self.server, self.client):
+            context.load_cert_chain(cert, key)
+            context.load_verify_locations(ca)
         self.files = (ca, cert, key)
 
 
-def _contexts(ca: str, cert: str, key: str) -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server.verify_mode = ssl.CERT_REQUIRED
-    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    client.check_hostname = False  # dialled by address: the CA and the role identify a peer
-    for context in (server, client):
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.load_cert_chain(cert, key)
-        context.load_verify_locations(ca)
-    return server, client
+def _reporting(on_refused: Refused) -> type[ssl.SSLObject]:
+    class ReportingSSLObject(ssl.SSLObject):
+        def do_handshake(self) -> None:
+            try:
+                super().do_handshake()
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                raise
+            except ssl.SSLError as exc:
+                on_refused(refusal(exc), describe_failure(exc))
+                raise
+
+    return ReportingSSLObject
 
 
 def peer_of(transport: Any) -> Peer | None:
