@@ -56,3 +56,12 @@ class NodeCollector:
                 server_active.add_metric([upstream, server["server"]], server["active"])
         yield state
         yield server_active
+        tls = status.get("mesh_tls")
+        if tls and "expires_in_s" in tls:
+            expiry = GaugeMetricFamily(
+                "meshproxy_mesh_tls_cert_expires_in_seconds",
+                "seconds until this node's mesh certificate expires",
+                labels=["cert"],
+            )
+            expiry.add_metric([tls["cert"]], tls["expires_in_s"])
+            yield expiry

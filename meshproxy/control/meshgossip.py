@@ -84,6 +84,12 @@ class MeshGossip:
     # ---- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
+        if self.config.allow_plaintext:
+            log.warning(
+                "gossip_plaintext",
+                reason="gossip.allow_plaintext: unkeyed gossip is accepted, and sent"
+                " unauthenticated when no key is set; give every node gossip.keys",
+            )
         await self.agent.start([_addr(seed) for seed in self.config.seeds])
         self.tasks.spawn("gossip metadata", self._meta_loop)
         if self.config.discovery == "mdns":

@@ -28,6 +28,7 @@ from meshproxy.config import (
     UpstreamKind,
     UpstreamRef,
 )
+from meshproxy.control import certwatch
 from meshproxy.control.group import Group
 from meshproxy.counters import Counters
 from meshproxy.dataplane.host import PlaneHost, binds
@@ -141,6 +142,8 @@ class Node:
         """Configure the groups and start the health loops."""
         self._take(self.config)
         self.tasks.spawn("ejection expiry", self._expiry_loop)
+        if self.config.mesh_tls is not None:
+            self.tasks.spawn("certificate expiry", self._cert_loop)
 
     async def start_gossip(self) -> None:
         """Join the gossip mesh if the config has [gossip] (raises OSError if it cannot bind)."""
@@ -187,7 +190,9 @@ class Node:
                 await link.apply_config(new)
         except OSError as exc:
             raise ApplyError(f"cannot bind: {describe(exc)}") from None
-        return _describe_binds(old, new) + self._take(new)
+        changes = _describe_binds(old, new) + self._take(new)
+        certwatch.warn_if_needed(new)
+        return changes
 
     def _take(self, new: Config) -> list[str]:
         old, self.config = self.config, new
@@ -335,6 +340,12 @@ class Node:
                 for address, health in list(group.health.items()):
                     self._apply(group, address, health.tick(now))
 
+    async def _cert_loop(self) -> None:
+        """Warn about the mesh certificate at start, on every reload and every hour."""
+        while True:
+            certwatch.warn_if_needed(self.config)
+            await asyncio.sleep(3600)
+
     # ----------------------------------------------------------------- status
 
     def total_counters(self) -> Counters:
@@ -377,6 +388,7 @@ class Node:
             },
             "counters": self.total_counters().as_dict(),
             "gossip": self.gossip.summary() if self.gossip is not None else None,
+            "mesh_tls": certwatch.cert_status(self.config),
         }
 
     def active_sessions(self) -> int:
