@@ -76,9 +76,10 @@ class _Poller:
 class Observer:
     """Samples every proxy node's view until :meth:`stop`; thread-safe readers."""
 
-    def __init__(self, spec: Spec, t0: float) -> None:
+    def __init__(self, spec: Spec, t0: float, admin_token: str) -> None:
         self.spec = spec
         self.t0 = t0
+        self.admin_token = admin_token
         self.changes: list[Change] = []
         self.views: dict[str, View] = {}
         self._ips = names_by_ip(spec)
@@ -99,7 +100,7 @@ class Observer:
             thread.join(timeout=5)
 
     def _run(self, name: str) -> None:
-        poller = _Poller(self.spec.address(name, self.spec.mesh_network), self.spec.admin_token)
+        poller = _Poller(self.spec.address(name, self.spec.mesh_network), self.admin_token)
         while not self._stop.is_set():
             started = time.time()
             status = poller.get("/status")

@@ -90,7 +90,7 @@ class Scenario:
         self.duration_s = duration_s
         self.artifacts = artifacts
         self.t0 = time.time()
-        self.observer = Observer(stack.spec, self.t0)
+        self.observer = Observer(stack.spec, self.t0, stack.admin_token)
         self.faults: list[Fault] = []
         # Every app host runs the load through its own edge; worker numbers stay distinct.
         apps = [n.name for n in stack.spec.nodes if n.role == "app"]

@@ -22,6 +22,7 @@ import docker
 from docker.models.containers import Container
 
 from meshproxy.chaos.images import Images
+from meshproxy.topology import secrets
 from meshproxy.topology.spec import Spec
 
 RULE_COMMENT = "meshproxy-chaos"
@@ -46,6 +47,9 @@ class Stack:
         self.spec = spec
         self.project = f"meshproxy-{spec.name}"
         self.compose_file = compose_dir / "docker-compose.yml"
+        # The rendered files are committed; their secrets are made here, on first use.
+        self.secrets_dir = secrets.ensure(spec, compose_dir / secrets.DIR)
+        self.admin_token = secrets.admin_token(self.secrets_dir)
         self.images = images
         self.client = docker.from_env()
         self._partitions: list[list[str]] = []

@@ -25,7 +25,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Protocol
@@ -36,6 +36,7 @@ from meshproxy.config import Address
 from meshproxy.errors import ConfigError
 from meshproxy.runtime.children import die_with_parent
 from meshproxy.testbed import mariadb
+from meshproxy.topology import secrets
 from meshproxy.topology.render import node_config
 from meshproxy.topology.spec import BACKENDS, FIRST_HOST, Backend, Node, Service, Spec
 
@@ -58,6 +59,7 @@ class LoopbackAddressing:
     hosts: Mapping[str, str]
     ports: Mapping[str, Mapping[str, int]]
     backends: Mapping[str, str]
+    secret_files: Mapping[str, Path] = field(default_factory=dict)  # secret name -> file
 
     @classmethod
     def plan(
@@ -65,6 +67,7 @@ class LoopbackAddressing:
         spec: Spec,
         backends: Mapping[str, str],
         port: Callable[[str], int] = mariadb.free_port,
+        secrets_dir: Path = Path(secrets.DIR),
     ) -> LoopbackAddressing:
         """Give every proxy its address 127.0.0.N and a port from ``port(host)`` for each
         thing it binds; ``backends`` says where the started backends listen."""
@@ -92,7 +95,8 @@ class LoopbackAddressing:
                 taken[what] = chosen
             hosts[node.name] = host
             ports[node.name] = taken
-        return cls(hosts, ports, dict(backends))
+        files = {name: secrets_dir / file for name, file in secrets.files(spec).items()}
+        return cls(hosts, ports, dict(backends), files)
 
     def _at(self, node: Node, what: str) -> str:
         return f"{self.hosts[node.name]}:{self.ports[node.name][what]}"
@@ -114,6 +118,9 @@ class LoopbackAddressing:
 
     def source_ip(self, node: Node) -> str:
         return self.hosts[node.name]
+
+    def secret(self, name: str) -> str:
+        return str(self.secret_files[name])
 
     def stream_ports(self, node: Node) -> list[Address]:
         """The TCP ports that accept connections once the node is up (not gossip's)."""
@@ -305,7 +312,10 @@ class LocalTopology:
     def start(self) -> None:
         names = [b.name for b in self.spec.backends]
         self.backend_kind.start(mariadb.prepare_workdir(self.dir), names, self.backends)
-        at = LoopbackAddressing.plan(self.spec, {b.name: str(b.address) for b in self.backends})
+        where = secrets.ensure(self.spec, self.dir / secrets.DIR)
+        at = LoopbackAddressing.plan(
+            self.spec, {b.name: str(b.address) for b in self.backends}, secrets_dir=where
+        )
         self._addressing = at
         for group in start_groups(self.spec):
             for node in group:
@@ -458,7 +468,8 @@ def run_local(spec: Spec) -> int:
                 print(line)
             print(
                 f"applications log in as user {mariadb.APP_USER!r}, password"
-                f" {mariadb.APP_PASSWORD!r}; admin token {spec.admin_token!r}"
+                f" {mariadb.APP_PASSWORD!r}; mesh TLS, gossip key and admin token are in"
+                f" {topology.dir / secrets.DIR}"
             )
             if edge is not None:
                 print(f"  e.g. meshproxy ctl -c {topology.config_path(edge.name)} status")

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import tomli_w
 import yaml
 
+from meshproxy.topology import secrets
 from meshproxy.topology.spec import BACKENDS, Backend, Node, Service, Spec
 
 MESH_PORT = 7001
@@ -61,6 +62,9 @@ class Addressing(Protocol):
     def source_ip(self, node: Node) -> str:
         """The local address a node dials its upstreams from (``""``: the kernel chooses)."""
 
+    def secret(self, name: str) -> str:
+        """Where a node finds the secret ``name`` (see :mod:`meshproxy.topology.secrets`)."""
+
 
 @dataclass(frozen=True)
 class DockerAddressing:
@@ -87,6 +91,9 @@ class DockerAddressing:
     def source_ip(self, node: Node) -> str:
         return ""
 
+    def secret(self, name: str) -> str:
+        return f"/run/secrets/{name}"  # where compose mounts a service's secrets
+
 
 def node_config(spec: Spec, node: Node, addressing: Addressing | None = None) -> dict[str, Any]:
     """The meshproxy config (TOML-shaped data) of one edge or middle; addresses and ports
@@ -99,17 +106,18 @@ def node_config(spec: Spec, node: Node, addressing: Addressing | None = None) ->
     if node.role == "middle":
         data["node"]["mesh_bind"] = at.mesh(node)
         data["node"]["tier"] = node.tier
-    data["admin"] = {"bind": at.admin(node), "token": spec.admin_token}
+    data["admin"] = {"bind": at.admin(node), "token_file": at.secret(secrets.ADMIN_TOKEN)}
     data["angel"] = {"watchdog_s": 2.0, "fast_crash_s": 10.0, "max_fast_crashes": 5}
-    gossip: dict[str, Any] = {
+    data["gossip"] = {
         "bind": at.gossip(node),
         "seeds": [at.gossip(other) for other in spec.proxies() if other != node],
+        "keys_file": at.secret(secrets.GOSSIP_KEYS),
     }
-    if spec.gossip_key:
-        gossip["keys"] = [spec.gossip_key]
-    else:
-        gossip["allow_plaintext"] = True
-    data["gossip"] = gossip
+    data["mesh_tls"] = {
+        "ca": at.secret(secrets.CA),
+        "cert": at.secret(secrets.cert(node)),
+        "key": at.secret(secrets.key(node)),
+    }
 
     def tier_table(name: str) -> dict[str, Any]:
         members = [n for n in spec.nodes if n.role == "middle" and n.tier == name]
@@ -183,6 +191,7 @@ def compose(spec: Spec) -> dict[str, Any]:
             path = f"{CONFIG_DIR}/{node.name}.toml"
             entry["command"] = ["meshproxy", "run", "-c", path]
             entry["volumes"] = [f"./configs/{node.name}.toml:{path}:ro"]
+            entry["secrets"] = secrets.of_node(node)
         entry["networks"] = _networks(spec, node.name, node.networks)
         services[node.name] = entry
     for backend in spec.backends:
@@ -203,6 +212,10 @@ def compose(spec: Spec) -> dict[str, Any]:
         "networks": {
             n.name: {"ipam": {"config": [{"subnet": str(n.subnet)}]}} for n in spec.networks
         },
+        # Made by `topology render` (and the chaos suite) in secrets/, which git ignores.
+        "secrets": {
+            name: {"file": f"./{secrets.DIR}/{file}"} for name, file in secrets.files(spec).items()
+        },
     }
 
 
@@ -219,11 +232,13 @@ def render(spec: Spec) -> dict[str, str]:
 
 
 def write(spec: Spec, out: str | Path) -> list[Path]:
-    """Render a spec into ``out`` (created if missing); returns the files written."""
+    """Render a spec into ``out`` (created if missing), and make the secrets it does not
+    have yet in ``out/secrets/``; returns the rendered files written."""
     written = []
     for relative, text in render(spec).items():
         path = Path(out) / relative
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")
         written.append(path)
+    secrets.ensure(spec, Path(out) / secrets.DIR)
     return written

@@ -60,10 +60,8 @@ class Node:
 class Spec:
     name: str
     mesh_network: str
-    admin_token: str
     monitor_user: str
     monitor_password: str
-    gossip_key: str
     networks: tuple[Network, ...]
     services: tuple[Service, ...]
     tiers: tuple[Tier, ...]
@@ -155,18 +153,20 @@ def parse(data: Mapping[str, Any], source: str = "<memory>") -> Spec:
     """Build and cross-check a Spec from decoded TOML data."""
     r = _Reader(source)
     r.table(data, "", {"topology", "network", "service", "tier", "backend", "node"}, set())
+    raw_top = data.get("topology")
+    for gone in ("admin_token", "gossip_key"):
+        if isinstance(raw_top, Mapping) and gone in raw_top:
+            raise r.fail(
+                f"topology.{gone}",
+                "secrets no longer sit in specs: rendering makes the admin token, the gossip"
+                " key and the mesh certificates in a secrets/ folder that git ignores",
+            )
     top = r.table(
-        data["topology"],
-        "topology",
-        {"name", "mesh_network", "admin_token", "monitor"},
-        {"gossip_key", "description"},
+        data["topology"], "topology", {"name", "mesh_network", "monitor"}, {"description"}
     )
     monitor = r.table(top["monitor"], "topology.monitor", {"user", "password"}, set())
     if "description" in top:
         r.string(top["description"], "topology.description")
-    admin_token = r.string(top["admin_token"], "topology.admin_token")
-    if len(admin_token) < 16:
-        raise r.fail("topology.admin_token", "at least 16 characters")
 
     networks = []
     for i, raw in enumerate(r.array(data, "network")):
@@ -225,10 +225,8 @@ def parse(data: Mapping[str, Any], source: str = "<memory>") -> Spec:
     spec = Spec(
         name=r.name(top["name"], "topology.name"),
         mesh_network=r.name(top["mesh_network"], "topology.mesh_network"),
-        admin_token=admin_token,
         monitor_user=r.string(monitor["user"], "topology.monitor.user"),
         monitor_password=r.string(monitor["password"], "topology.monitor.password"),
-        gossip_key=r.string(top.get("gossip_key", ""), "topology.gossip_key"),
         networks=tuple(networks),
         services=tuple(services),
         tiers=tuple(tiers),

@@ -52,7 +52,8 @@ def test_the_three_issue_topologies_exist() -> None:
         (lambda d: d["network"][1].update(subnet="10.0.0.0/29"), "network[1].subnet", "small"),
         (lambda d: d["network"][1].update(subnet="10.231.1.0/25"), "network[1].subnet", "overlap"),
         (lambda d: d["network"][0].update(subnet="nope"), "network[0].subnet", "IPv4"),
-        (lambda d: d["topology"].update(admin_token="short"), "topology.admin_token", "16"),
+        (lambda d: d["topology"].update(admin_token="x" * 20), "topology.admin_token", "secrets"),
+        (lambda d: d["topology"].update(gossip_key="a2V5"), "topology.gossip_key", "secrets/"),
         (lambda d: d["topology"].update(mesh_network="x"), "topology.mesh_network", "no network"),
         (lambda d: d["topology"]["monitor"].pop("user"), "topology.monitor.user", "missing"),
         (lambda d: d["node"][1].update(name="P1"), "node[1].name", "lower-case"),
@@ -88,11 +89,35 @@ def test_every_rendered_node_config_parses(spec_path: Path) -> None:
     )
     for node in proxies:
         path = f"configs/{node.name}.toml"
-        cfg = config.parse(tomllib.loads(files[path]), path)
+        cfg = config.parse(tomllib.loads(files[path]), path, files=False)
         assert (cfg.node.name, cfg.node.role) == (node.name, node.role)
         assert cfg.gossip is not None
         assert cfg.admin is not None
+        assert cfg.mesh_tls is not None
         assert len(cfg.gossip.seeds) == len(proxies) - 1
+
+
+@pytest.mark.parametrize("spec_path", SPECS, ids=lambda p: p.stem)
+def test_rendered_topologies_hold_no_secret_and_mount_every_one_they_name(
+    spec_path: Path,
+) -> None:
+    """Rendered configs carry no token or key, only secret files, keyed gossip and mesh TLS;
+    each secret a node's config names is mounted into its container and made in secrets/."""
+    spec = topology.load(spec_path)
+    files = topology.render(spec)
+    document = yaml.safe_load(files["docker-compose.yml"])
+    for node in spec.proxies():
+        cfg = config.parse(tomllib.loads(files[f"configs/{node.name}.toml"]), "x", files=False)
+        assert cfg.admin is not None
+        assert cfg.gossip is not None
+        assert cfg.mesh_tls is not None
+        assert (cfg.admin.token, cfg.gossip.keys, cfg.gossip.allow_plaintext) == ("", (), False)
+        named = [cfg.admin.token_file, cfg.gossip.keys_file, cfg.mesh_tls.ca]
+        named += [cfg.mesh_tls.cert, cfg.mesh_tls.key]
+        mounted = document["services"][node.name]["secrets"]
+        assert sorted(p.removeprefix("/run/secrets/") for p in named) == sorted(mounted)
+        for name in mounted:
+            assert document["secrets"][name]["file"].startswith("./secrets/")
 
 
 @pytest.mark.parametrize("spec_path", SPECS, ids=lambda p: p.stem)
@@ -117,8 +142,13 @@ def test_committed_compose_output_matches_its_spec(spec_path: Path, tmp_path: Pa
     out = tmp_path / spec_path.stem
     assert cli.main(["topology", "render", str(spec_path), "-o", str(out)]) == 0
     committed_dir = ROOT / "compose" / spec_path.stem
-    rendered = {p.relative_to(out) for p in out.rglob("*") if p.is_file()}
-    committed = {p.relative_to(committed_dir) for p in committed_dir.rglob("*") if p.is_file()}
+
+    def tracked(root: Path) -> set[Path]:  # secrets/ is made per render and never committed
+        files = {p.relative_to(root) for p in root.rglob("*") if p.is_file()}
+        return {p for p in files if p.parts[0] != "secrets"}
+
+    rendered, committed = tracked(out), tracked(committed_dir)
+    assert (out / "secrets" / "ca.pem").exists(), "render makes the topology's secrets"
     assert committed == rendered, f"re-render: meshproxy topology render {spec_path.name}"
     for relative in sorted(rendered):
         assert (out / relative).read_bytes() == (committed_dir / relative).read_bytes(), (

@@ -15,6 +15,7 @@ from meshproxy.cli import main as cli
 from meshproxy.cli.demo import Cast
 from meshproxy.errors import ConfigError
 from meshproxy.testbed import mariadb
+from meshproxy.topology import secrets
 from meshproxy.topology.local import LocalTopology, LoopbackAddressing, start_groups
 from meshproxy.topology.render import DockerAddressing, node_config
 from meshproxy.topology.spec import Spec
@@ -28,9 +29,9 @@ def _ports(start: int = 20000) -> Callable[[str], int]:
     return lambda host: next(counter)
 
 
-def _plan(spec: Spec) -> LoopbackAddressing:
+def _plan(spec: Spec, secrets_dir: Path = Path("secrets")) -> LoopbackAddressing:
     backends = {b.name: f"127.0.0.1:{3300 + i}" for i, b in enumerate(spec.backends)}
-    return LoopbackAddressing.plan(spec, backends, _ports())
+    return LoopbackAddressing.plan(spec, backends, _ports(), secrets_dir)
 
 
 def _binds(doc: dict[str, Any]) -> list[str]:
@@ -42,11 +43,14 @@ def _binds(doc: dict[str, Any]) -> list[str]:
 
 
 @pytest.mark.parametrize("spec_path", SPECS, ids=lambda p: p.stem)
-def test_loopback_configs_are_valid_and_bind_only_their_own_address(spec_path: Path) -> None:
-    """Each proxy's loopback config is a valid node config that binds only on the node's own
-    127.0.0.N, and no two binds of the topology share an address and port."""
+def test_loopback_configs_are_valid_and_bind_only_their_own_address(
+    spec_path: Path, tmp_path: Path
+) -> None:
+    """Each proxy's loopback config is a valid node config, whose secrets (certificate, key,
+    gossip key, admin token) load, that binds only on the node's own 127.0.0.N; no two
+    binds of the topology share an address and port."""
     spec = topology.load(spec_path)
-    at = _plan(spec)
+    at = _plan(spec, secrets.ensure(spec, tmp_path / "secrets"))
     seen: list[str] = []
     for node in spec.proxies():
         doc = node_config(spec, node, at)

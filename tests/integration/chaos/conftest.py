@@ -51,7 +51,7 @@ def artifacts() -> Path:
 
 def wait_healthy(stack: Stack, timeout_s: float = READY_TIMEOUT_S) -> None:
     """Until every proxy sees every member alive and every upstream server ONLINE."""
-    observer = Observer(stack.spec, 0.0)
+    observer = Observer(stack.spec, 0.0, stack.admin_token)
     observer.start()
     try:
         proxies = [n.name for n in stack.spec.proxies()]

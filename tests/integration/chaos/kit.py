@@ -44,7 +44,8 @@ def backend_diallers(spec: Spec) -> list[str]:
 
 
 def node_settings(spec: Spec, name: str) -> node_config.Config:
-    return node_config.load(REPO / "compose" / spec.name / "configs" / f"{name}.toml")
+    # The container's config: its secrets are mounted there, not here.
+    return node_config.load(REPO / "compose" / spec.name / "configs" / f"{name}.toml", files=False)
 
 
 def detection_bound_s(spec: Spec) -> float:

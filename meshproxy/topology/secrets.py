@@ -1,0 +1,74 @@
+"""The secrets of a rendered topology: made per render, kept out of committed files.
+
+``ensure`` fills a folder (``compose/<name>/secrets/`` next to the compose file, or the
+temporary folder of ``topology up --local``) with a mesh CA, a certificate and key per
+proxy, a gossip key and an admin token, and keeps what is already there: rendering again
+must not rotate a running topology's secrets, and a node added to the spec gets its own.
+The folder ignores itself in git (a ``.gitignore`` of ``*``). Configs name each secret by
+its compose secret name; :class:`~meshproxy.topology.render.Addressing` says where it is.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import secrets as token_source
+from pathlib import Path
+
+from meshproxy.security import pki
+from meshproxy.topology.spec import Node, Spec
+
+DIR = "secrets"
+CA = "mesh-ca"
+GOSSIP_KEYS = "gossip-keys"
+ADMIN_TOKEN = "admin-token"  # noqa: S105 - the secret's name, not its value
+
+
+def cert(node: Node) -> str:
+    return f"{node.name}-cert"
+
+
+def key(node: Node) -> str:
+    return f"{node.name}-key"
+
+
+def files(spec: Spec) -> dict[str, str]:
+    """Every secret's name and its file in the folder."""
+    table = {CA: pki.CA_CERT, GOSSIP_KEYS: "gossip.keys", ADMIN_TOKEN: "admin.token"}
+    for node in spec.proxies():
+        table[cert(node)] = f"{node.name}.pem"
+        table[key(node)] = f"{node.name}.key"
+    return table
+
+
+def of_node(node: Node) -> list[str]:
+    """The secrets a proxy's container mounts (the CA key stays on the rendering host)."""
+    return [CA, cert(node), key(node), GOSSIP_KEYS, ADMIN_TOKEN]
+
+
+def ensure(spec: Spec, directory: Path) -> Path:
+    """Make whatever of the spec's secrets ``directory`` does not hold yet; returns it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ignore = directory / ".gitignore"
+    if not ignore.exists():
+        ignore.write_text("# secrets of this topology: made by `meshproxy topology render`\n*\n")
+    pki.init_ca(directory, f"meshproxy {spec.name} mesh CA")
+    for node in spec.proxies():
+        if not (directory / f"{node.name}.pem").exists():
+            pki.issue(directory, node.name, node.role)
+    _private(directory / "gossip.keys", base64.b64encode(os.urandom(32)).decode() + "\n")
+    _private(directory / "admin.token", token_source.token_urlsafe(24) + "\n")
+    return directory
+
+
+def admin_token(directory: Path) -> str:
+    """The topology's admin token (``ensure`` made it)."""
+    return (directory / "admin.token").read_text().strip()
+
+
+def _private(path: Path, text: str) -> None:
+    if path.exists():
+        return
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
