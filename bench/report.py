@@ -133,6 +133,23 @@ def checks(summaries: list[Summary]) -> list[Check]:
         )
         passed = p95 is not None and p95 <= P95_TARGET
         out.append(Check(s.workload, f"{s.target} p95 x HAProxy", p95, P95_TARGET, passed))
+    return out + tls_checks(summaries)
+
+
+TLS_QPS_TARGET = 0.85  # the chain with mesh TLS against the chain without, same run
+
+
+def tls_checks(summaries: list[Summary]) -> list[Check]:
+    """Chain QPS with mutual TLS on the mesh hop >= 0.85x the plaintext chain's."""
+    by = {(s.workload, s.target): s for s in summaries}
+    out = []
+    for (workload, target), tls in by.items():
+        plain = by.get((workload, "chain"))
+        if target != "chain-tls" or workload == STORM or plain is None:
+            continue
+        ratio = _ratio(tls.rate, plain.rate)
+        passed = ratio is not None and ratio >= TLS_QPS_TARGET
+        out.append(Check(workload, "chain-tls QPS x chain", ratio, TLS_QPS_TARGET, passed))
     return out
 
 

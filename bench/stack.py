@@ -9,6 +9,7 @@ sysbench and the server:
     single      sysbench -> meshproxy middle (listener, pool:main) -> MariaDB
     single-w2   the same with ``workers = 2`` (two data-plane processes on SO_REUSEPORT)
     chain       sysbench -> meshproxy edge -> (mesh hop) -> the same middle -> MariaDB
+    chain-tls   the same chain with mutual TLS on the mesh hop ([mesh_tls]: its own pair)
 
 Why HAProxy runs with ``nbthread 1``: a meshproxy node's data plane is one event loop in
 one process (one worker under the angel by default, or the only process with
@@ -34,6 +35,7 @@ from types import TracebackType
 import pymysql
 
 from bench.procs import Child, Processes, wait_port
+from meshproxy.security import pki
 from meshproxy.testbed import mariadb
 
 MESHPROXY_LOG_LEVEL = "warning"
@@ -64,6 +66,7 @@ TARGET_LABELS = {
     "single": "meshproxy single hop",
     "single-w2": "meshproxy single, 2 workers",
     "chain": "meshproxy chain",
+    "chain-tls": "meshproxy chain, mesh TLS",
 }
 ALL_TARGETS = tuple(TARGET_LABELS)
 
@@ -88,6 +91,16 @@ frontend mysql
 backend mariadb
     server db1 127.0.0.1:{server_port} check inter {CHECK_INTERVAL_MS}ms fall {CHECK_FALL} rise 1
 """
+
+
+def mesh_tls(directory: Path, node: str, role: str) -> str:
+    """A node's [mesh_tls] section, with a certificate from the bench's own CA."""
+    pki.init_ca(directory)
+    files = pki.issue(directory, node, role)
+    return (
+        f'\n[mesh_tls]\nca = "{directory / pki.CA_CERT}"\n'
+        f'cert = "{files.cert}"\nkey = "{files.key}"\n'
+    )
 
 
 def middle_config(single_port: int, mesh_port: int, server_port: int, workers: int = 1) -> str:
@@ -223,6 +236,13 @@ class Stack:
             if "chain" in self.wanted:
                 edge, edge_port = self._start_edge(mesh_port)
                 self._add("chain", edge_port, (edge.process.pid, middle.process.pid))
+        if "chain-tls" in self.wanted:
+            pki_dir = self.workdir / "pki"
+            middle, _, mesh_port = self._start_middle(
+                db_port, tls=mesh_tls(pki_dir, "bench-middle", "middle")
+            )
+            edge, edge_port = self._start_edge(mesh_port, mesh_tls(pki_dir, "bench-edge", "edge"))
+            self._add("chain-tls", edge_port, (edge.process.pid, middle.process.pid))
         if "single-w2" in self.wanted:
             middle, single_port, _ = self._start_middle(db_port, workers=2)
             self._add("single-w2", single_port, (middle.process.pid,))
@@ -258,19 +278,22 @@ class Stack:
         wait_mysql(child, port)
         return child
 
-    def _start_middle(self, db_port: int, workers: int = 1) -> tuple[Child, int, int]:
+    def _start_middle(
+        self, db_port: int, workers: int = 1, tls: str = ""
+    ) -> tuple[Child, int, int]:
         single_port, mesh_port = mariadb.free_port(), mariadb.free_port()
-        text = middle_config(single_port, mesh_port, db_port, workers)
-        name = "middle" if workers == 1 else f"middle-w{workers}"
+        text = middle_config(single_port, mesh_port, db_port, workers) + tls
+        name = ("middle" if workers == 1 else f"middle-w{workers}") + ("-tls" if tls else "")
         return self._start_meshproxy(name, text, single_port), single_port, mesh_port
 
-    def _start_edge(self, mesh_port: int) -> tuple[Child, int]:
+    def _start_edge(self, mesh_port: int, tls: str = "") -> tuple[Child, int]:
         port = mariadb.free_port()
-        return self._start_meshproxy("edge", edge_config(port, mesh_port), port), port
+        text = edge_config(port, mesh_port) + tls
+        return self._start_meshproxy("edge-tls" if tls else "edge", text, port), port
 
     def node_warnings(self) -> dict[str, list[str]]:
         """What the meshproxy nodes logged at warning level or above (restarts, say)."""
-        nodes = [c for c in self.processes.children if c.name in ("middle", "edge")]
+        nodes = [c for c in self.processes.children if c.name.startswith(("middle", "edge"))]
         return {c.name: c.warnings() for c in nodes}
 
     def pids(self) -> dict[str, int]:

@@ -8,7 +8,10 @@ import json
 import signal
 import socket
 import ssl
+import subprocess
+import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -230,3 +233,34 @@ def reload_signal(node: NodeProcess) -> None:
     """SIGHUP to the node's angel: it re-reads its config and every process applies it."""
     assert node.process is not None
     node.process.send_signal(signal.SIGHUP)
+
+
+def test_admin_api_over_https_with_the_token_from_a_file(
+    nodes: NodeFactory, shared_mariadb: mariadb.MariaDB, mesh_pki: Pki, tmp_path: Path
+) -> None:
+    """An admin API with a certificate serves HTTPS only, takes its token from a file, and
+    ``meshproxy ctl -c`` reaches it by trusting that certificate; the status shows the
+    node's mesh certificate and its expiry."""
+    doc, _, admin_port = secured_middle("m1", shared_mariadb.port, mesh_pki.tls("m1", "middle"))
+    admin_files = pki.issue(mesh_pki.dir, "m1-admin", "middle", out=tmp_path / "admin")
+    (tmp_path / "admin.token").write_text("token-from-a-file-0123456789\n")
+    doc["admin"] = {
+        "bind": addr(admin_port),
+        "token_file": str(tmp_path / "admin.token"),
+        "tls_cert": str(admin_files.cert),
+        "tls_key": str(admin_files.key),
+    }
+    node = nodes.start(doc)
+    status = subprocess.run(
+        [sys.executable, "-m", "meshproxy", "ctl", "-c", str(node.config_path), "status"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    document = json.loads(status.stdout)
+    assert document["mesh_tls"]["node"] == "m1"
+    assert document["mesh_tls"]["role_matches"] is True
+    assert document["mesh_tls"]["expires_in_s"] > 300 * 86400
+    with pytest.raises((urllib.error.URLError, ConnectionError)):
+        urllib.request.urlopen(f"http://{HOST}:{admin_port}/status", timeout=5)
