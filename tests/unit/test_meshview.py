@@ -38,6 +38,19 @@ def a(port: int) -> Address:
     return Address("127.0.0.1", port)
 
 
+def every_kind() -> list[Member]:
+    """One middle in each state gossip can report: fine, suspect, draining, backendless,
+    dead and left."""
+    return [
+        middle("p2", 7002),
+        middle("p3", 7003, State.SUSPECT),
+        middle("p4", 7004, draining=True),
+        middle("p5", 7005, healthy=0),
+        middle("p6", 7006, State.DEAD),
+        middle("p7", 7007, State.LEFT),
+    ]
+
+
 def test_alive_middles_of_the_tier_are_members_and_eligible() -> None:
     """Middles of this tier that are alive and have a healthy backend become members, none
     ruled out; edges, middles of other tiers and this node itself are not members."""
@@ -58,15 +71,7 @@ def test_suspect_draining_and_backendless_middles_are_ruled_out_with_a_reason() 
     """A suspect middle, a draining one and one without a healthy backend for the service
     stay members (health history kept) but are ruled out, each with its reason; a dead one
     and one that left are dropped."""
-    members = [
-        middle("p2", 7002),
-        middle("p3", 7003, State.SUSPECT),
-        middle("p4", 7004, draining=True),
-        middle("p5", 7005, healthy=0),
-        middle("p6", 7006, State.DEAD),
-        middle("p7", 7007, State.LEFT),
-    ]
-    routing = meshview.tier_routing(TIER, members, {"mysql"}, "p1")
+    routing = meshview.tier_routing(TIER, every_kind(), {"mysql"}, "p1")
     assert [s.address for s in routing.servers] == [a(7002), a(7003), a(7004), a(7005)]
     assert routing.blocked == {
         a(7003): "gossip: p3 suspect",
@@ -79,15 +84,7 @@ def test_suspect_draining_and_backendless_middles_are_ruled_out_with_a_reason() 
 def test_failing_middles_are_told_apart_from_suspect_draining_and_departed_ones() -> None:
     """Dead and backendless middles are failing (nothing on their side ends their sessions);
     a suspect one (it may refute), a draining one and one that left are not."""
-    members = [
-        middle("p2", 7002),
-        middle("p3", 7003, State.SUSPECT),
-        middle("p4", 7004, draining=True),
-        middle("p5", 7005, healthy=0),
-        middle("p6", 7006, State.DEAD),
-        middle("p7", 7007, State.LEFT),
-    ]
-    routing = meshview.tier_routing(TIER, members, {"mysql"}, "p1")
+    routing = meshview.tier_routing(TIER, every_kind(), {"mysql"}, "p1")
     assert routing.failed == {a(7005), a(7006)}
 
 
