@@ -45,12 +45,19 @@ def _trace(path: Path, start_s: float, every_s: float) -> None:
     ignore = (tracemalloc.Filter(False, tracemalloc.__file__),)
     time.sleep(every_s)
     baseline = tracemalloc.take_snapshot().filter_traces(ignore)
+    own_at_baseline = tracemalloc.get_tracemalloc_memory()
     began = time.monotonic()
     while True:
         time.sleep(every_s)
         snapshot = tracemalloc.take_snapshot().filter_traces(ignore)
         growth = snapshot.compare_to(baseline, "traceback")[:TOP]
-        lines = [f"# {time.monotonic() - began:.0f} s after the baseline; top {TOP} by growth"]
+        # Its own memory (traces, interned tracebacks) is in the process's RSS too: the
+        # soak takes its growth since the baseline out of the growth it judges.
+        own = tracemalloc.get_tracemalloc_memory()
+        lines = [
+            f"# tracemalloc_growth_bytes {own - own_at_baseline} (its own memory: {own})",
+            f"# {time.monotonic() - began:.0f} s after the baseline; top {TOP} by growth",
+        ]
         for stat in growth:
             lines.append(f"{stat.size_diff / 1024:+.1f} KiB {stat.count_diff:+d} blocks")
             # File and line only: formatting source lines would fill linecache, itself
