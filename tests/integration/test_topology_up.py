@@ -17,7 +17,10 @@ from typing import IO
 import pymysql
 import pytest
 
+from meshproxy.config import Address
 from meshproxy.testbed import mariadb
+from meshproxy.topology import load_spec
+from meshproxy.topology.local import LocalTopology, MariaDBBackends
 from tests.integration.harness import session_members, wait_until
 
 pytestmark = pytest.mark.integration
@@ -122,3 +125,34 @@ def test_topology_up_local_serves_through_the_edge_and_leaves_nothing(backend: s
         output.close()
         for pid in session_members(process.pid):  # don't leak them into the rest of the suite
             os.kill(pid, signal.SIGKILL)
+
+
+def test_a_killed_node_restarts_with_its_addresses_and_secrets() -> None:
+    """A middle of a local topology that is killed and restarted comes back on the same
+    addresses with the same certificate, and the edge routes to it again over mesh TLS."""
+    spec = load_spec("chain")
+    with LocalTopology(spec, MariaDBBackends(), prefix="meshproxy-test-restart-") as topology:
+        at = topology.addressing
+        p4 = next(n for n in spec.nodes if n.name == "p4")
+        edge = next(n for n in spec.nodes if n.role == "edge")
+        listener = Address.parse(at.listener(edge, spec.services[0]))
+        topology.kill("p4")
+        topology.restart("p4")
+        assert "p4" not in topology.killed
+
+        def through_p4() -> bool:
+            conn = pymysql.connect(
+                host=listener.host,
+                port=listener.port,
+                user=mariadb.APP_USER,
+                password=mariadb.APP_PASSWORD,
+                database=mariadb.DATABASE,
+                connect_timeout=5,
+            )
+            with conn, conn.cursor() as cursor:
+                cursor.execute("SELECT USER()")
+                (user,) = cursor.fetchone()
+            return bool(user.endswith("@" + at.source_ip(p4)))
+
+        wait_until(through_p4, 20, "a session through the restarted middle p4")
+        assert topology.exited() == {}
