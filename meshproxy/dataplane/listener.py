@@ -56,7 +56,6 @@ class Inbound(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None
         self._decoder: HopDecoder | None = HopDecoder() if entrance.mesh else None
         self._header_timer: asyncio.TimerHandle | None = None
-        self.peer_node = ""  # the node a mesh peer's certificate names
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport, so no isinstance here.
@@ -91,8 +90,6 @@ class Inbound(asyncio.Protocol):
             if peer is None or peer.role not in MESH_ROLES:
                 role = "none" if peer is None else repr(peer.role)
                 self._refuse_tls("not a mesh role", f"certificate role {role}")
-                return
-            self.peer_node = peer.node
 
     def _refuse_tls(self, reason: str, detail: str) -> None:
         self._counters.inc("mesh_tls_refused", entrance=self.entrance.name, reason=reason)

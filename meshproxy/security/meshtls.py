@@ -58,7 +58,6 @@ class MeshTls:
         for context in (self.server, self.client):
             context.load_cert_chain(cert, key)
             context.load_verify_locations(ca)
-        self.files = (ca, cert, key)
 
 
 def _reporting(on_refused: Refused) -> type[ssl.SSLObject]:
