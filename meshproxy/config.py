@@ -247,12 +247,13 @@ class GossipConfig:
     def advertised(self) -> Address:
         return self.advertise or self.bind
 
+    def file_keys(self) -> tuple[str, ...]:
+        """The base64 keys of ``keys_file``, one per line (none without one)."""
+        return tuple(Path(self.keys_file).read_text().split()) if self.keys_file else ()
+
     def key_texts(self) -> tuple[str, ...]:
         """The base64 keys: ``keys``, then those of ``keys_file``."""
-        if not self.keys_file:
-            return self.keys
-        lines = Path(self.keys_file).read_text().split()
-        return self.keys + tuple(line for line in lines if line)
+        return self.keys + self.file_keys()
 
     def key_bytes(self) -> tuple[bytes, ...]:
         """The keys, decoded (the config check has made sure they decode)."""
@@ -520,12 +521,10 @@ def _check_files(config: Config, loader: _Loader) -> None:
         if (admin.token_file or admin.token_env) and len(admin.bearer_token()) < 16:
             key = "admin.token_file" if admin.token_file else "admin.token_env"
             raise loader.fail(key, "the token it holds must have at least 16 characters")
-        if bool(admin.tls_cert) != bool(admin.tls_key):
-            raise loader.fail("admin.tls_key", "admin.tls_cert and admin.tls_key go together")
     gossip = config.gossip
     if gossip is not None and gossip.keys_file:
         readable("gossip.keys_file", gossip.keys_file)
-        _check_keys(gossip.key_texts(), "gossip.keys_file", loader)
+        _check_keys(gossip.file_keys(), "gossip.keys_file", loader)
     if admin is not None and admin.tls_cert:
         tls_files(("admin.tls_cert", "admin.tls_key", ""), admin.tls_cert, admin.tls_key)
     if config.mesh_tls is not None:
@@ -585,6 +584,8 @@ def _check_references(config: Config, loader: _Loader) -> None:
             raise loader.fail("admin.token", "give exactly one of token, token_file and token_env")
         if admin.token and len(admin.token) < 16:
             raise loader.fail("admin.token", "at least 16 characters")
+        if bool(admin.tls_cert) != bool(admin.tls_key):
+            raise loader.fail("admin.tls_key", "admin.tls_cert and admin.tls_key go together")
         if config.admin.bind in binds:
             raise loader.fail(
                 "admin.bind", f"{config.admin.bind} is already bound by node.mesh_bind"
