@@ -60,6 +60,18 @@ def broken_sessions(timeline: Timeline, victim: str, after: float) -> list[tuple
     ]
 
 
+def longest_wait(timeline: Timeline, victim: str, after: float) -> float:
+    """The longest a query through ``victim`` waited after ``after``: until the session
+    broke, or until it was answered after a stall (0 when none was held up)."""
+    waits = [d for d, _ in broken_sessions(timeline, victim, after)]
+    waits += [
+        float(e.detail) - max(0.0, after - e.t)
+        for e in timeline.client_events
+        if e.kind == "stalled" and e.middle == victim and e.t + float(e.detail) >= after
+    ]
+    return round(max(waits, default=0.0), 3)
+
+
 def errors_elsewhere(timeline: Timeline, after: float, victim: str) -> int:
     """Errors after ``after`` that no session through ``victim`` explains. A session that
     broke during its login names no middle yet (``""``) and is not counted: the proxies had

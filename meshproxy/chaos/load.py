@@ -6,7 +6,8 @@ Each worker thread opens a session through the edge, asks the backend who connec
 (``USER()`` names the address the last proxy dialled from, which ``--middle ADDR=NAME``
 maps to a node name), runs a few paced queries and disconnects, so new connections keep
 flowing. A failed connect or a broken session is counted and the worker reconnects at
-once. Output is JSON lines on stdout, one per 100 ms bucket and one per client event, so
+once; a query that answers only after half a second is reported as stalled. Output is
+JSON lines on stdout, one per 100 ms bucket and one per client event, so
 the harness can follow the load live and build the scenario's timeline from it.
 """
 
@@ -26,6 +27,7 @@ import pymysql
 
 BUCKET_S = 0.1
 CONNECT_RETRY_S = 0.05
+STALL_S = 0.5  # a query that took this long is reported (a "SELECT 1" takes milliseconds)
 
 
 @dataclass
@@ -112,8 +114,21 @@ def worker(index: int, settings: Settings, totals: Totals, out: Output, stop: fl
                         out.emit({"ev": "reconnected", "t": time.time(), "w": index, "m": middle})
                         failed_at = None
                     for _ in range(settings.queries_per_session):
+                        asked = time.time()
                         cur.execute("SELECT 1")
                         cur.fetchall()
+                        waited = time.time() - asked
+                        if waited >= STALL_S:
+                            # Served in the end, but it hung: a paused middle that woke up.
+                            out.emit(
+                                {
+                                    "ev": "stalled",
+                                    "t": asked,
+                                    "w": index,
+                                    "m": middle,
+                                    "d": f"{waited:.3f}",
+                                }
+                            )
                         with totals.lock:
                             totals.queries += 1
                         time.sleep(settings.pause_s)

@@ -36,13 +36,14 @@ class Change:
 
 @dataclass(frozen=True)
 class ClientEvent:
-    """A load worker's error, or its first successful connect after one."""
+    """A load worker's error, its first successful connect after one, or a query that was
+    answered only after a stall."""
 
     t: float
     worker: int
-    kind: str  # "connect_error", "session_error" or "reconnected"
+    kind: str  # "connect_error", "session_error", "reconnected" or "stalled"
     middle: str  # the middle that carried the session ("" when unknown)
-    detail: str = ""
+    detail: str = ""  # the error; for "stalled", the seconds the query waited
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ class Timeline:
         return all(check.ok for check in self.checks)
 
     def error_count(self) -> int:
-        return sum(1 for e in self.client_events if e.kind != "reconnected")
+        return sum(1 for e in self.client_events if e.kind.endswith("_error"))
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)

@@ -102,3 +102,17 @@ def test_broken_sessions_tell_a_closed_session_from_a_client_timeout() -> None:
     )
     broken = analysis.broken_sessions(t, "p3", 1.0)
     assert [(round(d, 3), timed_out) for d, timed_out in broken] == [(0.05, False), (3.0, True)]
+
+
+def test_longest_wait_counts_breaks_and_stalls_after_the_fault() -> None:
+    """A query through the victim counts for as long as it waited after the fault, whether
+    its session broke or it was answered late (a middle that woke up); other middles' and
+    earlier stalls do not count."""
+    t = _timeline()
+    t.client_events += [
+        ClientEvent(0.2, 7, "stalled", "p3", "0.6"),  # over before the fault
+        ClientEvent(0.9, 8, "stalled", "p3", "3.1"),  # 3.0 s of it after the fault at 1.0
+        ClientEvent(1.5, 9, "stalled", "p2", "9.0"),  # another middle
+    ]
+    assert analysis.longest_wait(t, "p3", 1.0) == 3.0
+    assert t.error_count() == 5  # the five errors of the base timeline; stalls are none
