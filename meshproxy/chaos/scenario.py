@@ -112,6 +112,23 @@ class Scenario:
         """Let the load run undisturbed until ``until_s`` into the scenario."""
         time.sleep(max(0.0, until_s - self.now()))
 
+    def settle_on(self, middle: str, sessions: int, timeout_s: float) -> None:
+        """Let the load run until ``sessions`` sessions have gone through ``middle`` (a
+        fault on it tests nothing while no session is open there); raises TimeoutError."""
+        deadline = time.monotonic() + timeout_s
+        while self.sessions_through(middle) < sessions:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no {sessions} sessions through {middle} in {timeout_s} s")
+            time.sleep(0.05)
+
+    def sessions_through(self, middle: str) -> int:
+        """New sessions through ``middle`` so far, from the load's live output."""
+        return sum(
+            bucket[3].get(middle, 0)
+            for load in self._loads
+            for bucket in list(load.buckets.values())
+        )
+
     def inject(self, action: str, do: Callable[[], float | None]) -> float:
         """Run one fault or repair and note it on the timeline; returns its time: when
         ``do`` was called, or the epoch time ``do`` returns (when it knows better)."""

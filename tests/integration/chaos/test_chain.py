@@ -91,8 +91,9 @@ def test_pause_middle(stack: Stack, run: RunScenario) -> None:
     spec, p1, target = stack.spec, edge(stack.spec), victim(stack.spec)
     bound = detection_bound_s(spec)
     try:
-        with run("pause-middle", 12.0) as scenario:
+        with run("pause-middle", 16.0) as scenario:
             scenario.settle(2.5)
+            scenario.settle_on(target, 20, 5.0)
             fault = scenario.inject(f"pause {target}", lambda: stack.pause(target))
             scenario.observer.wait_for(p1, target, "route", RULED_OUT, bound + 2)
             scenario.settle(fault + bound + 1.0)
@@ -130,8 +131,9 @@ def test_cut_middle_from_backends(stack: Stack, run: RunScenario) -> None:
     pool_check = node_settings(spec, target).pool[0].check
     bound = check_bound_s(pool_check) + detection_bound_s(spec)
     try:
-        with run("cut-middle-from-backends", 10.0) as scenario:
+        with run("cut-middle-from-backends", 12.0) as scenario:
             scenario.settle(2.5)
+            scenario.settle_on(target, 20, 5.0)
             fault = scenario.inject(
                 f"disconnect {target} from {back_net}", lambda: stack.disconnect(target, back_net)
             )
@@ -169,13 +171,14 @@ def test_partition_edge_from_one_middle(stack: Stack, run: RunScenario) -> None:
     tier_check = node_settings(spec, p1).tier[0].check
     bound = check_bound_s(tier_check)
     try:
-        with run("partition-edge-middle", 9.0) as scenario:
+        with run("partition-edge-middle", 11.0) as scenario:
             scenario.settle(2.5)
+            scenario.settle_on(target, 20, 5.0)
             fault = scenario.inject(
                 f"partition {p1} | {target}", lambda: stack.partition(p1, target)
             )
             scenario.observer.wait_for(p1, target, "route", RULED_OUT, bound + 2)
-            scenario.settle(7.0)
+            scenario.settle(fault + 4.5)
             repair = scenario.inject(f"heal {p1} | {target}", stack.heal)
     finally:
         stack.heal()
