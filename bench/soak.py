@@ -174,6 +174,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--storm-threads", type=int, default=6)
     parser.add_argument("--rss-target-kib", type=float, default=1024.0, help="per 100k sessions")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where JSON goes")
+    parser.add_argument(
+        "--no-trace",
+        action="store_true",
+        help="no tracemalloc in the nodes (RSS without the observer's own effect)",
+    )
     return parser.parse_args(argv)
 
 
@@ -203,7 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def soak(args: argparse.Namespace, spec: Spec, kind: MariaDBBackends, trace_dir: Path) -> int:
     duration_s, warmup_s = args.minutes * 60, args.warmup_minutes * 60
-    os.environ[memtrace.DIR_ENV] = str(trace_dir)
+    if not args.no_trace:
+        os.environ[memtrace.DIR_ENV] = str(trace_dir)
     # Tracing starts a window before the warm-up ends, so that the traces' own memory has
     # grown to its steady size by the time growth is judged.
     os.environ[memtrace.START_ENV] = str(warmup_s - WINDOW_S)
