@@ -124,6 +124,11 @@ class TimeoutsConfig:
     hop_header_s: int = 60
 
 
+# How an entrance serves MySQL clients: pump their bytes to an upstream, or be their MySQL
+# server and run their statements on pooled backend connections.
+Mode = Literal["passthrough", "session"]
+
+
 @dataclass(frozen=True)
 class ListenerConfig:
     name: str
@@ -131,8 +136,12 @@ class ListenerConfig:
     upstream: UpstreamRef
     service: str = "mysql"
     protocol: Literal["mysql", "tcp"] = "mysql"
+    mode: Mode = "passthrough"
     max_connections: int = 10000
     backlog: int = 1024
+    # Session mode: TLS offered to clients (certificate chain and key, PEM).
+    tls_cert: str = ""
+    tls_key: str = ""
 
 
 @dataclass(frozen=True)
@@ -140,6 +149,33 @@ class ServiceConfig:
     name: str
     upstream: UpstreamRef
     protocol: Literal["mysql", "tcp"] = "mysql"
+    mode: Mode = "passthrough"
+
+
+@dataclass(frozen=True)
+class UserConfig:
+    """A login of session mode: who may connect, and how its statements reach the servers."""
+
+    name: str
+    # The clear password, or MySQL's stored hash ("*" + 40 hex digits, as in mysql.user).
+    password: str = ""
+    password_env: str = ""  # the password in an environment variable instead
+    pool: str = ""  # default: the pool of the listener or service the client came in by
+    default_schema: str = ""
+    max_connections: int = 10000
+    require_tls: bool = False
+    # Whom meshproxy logs in as on the servers; default: the same name and password.
+    backend_user: str = ""
+    backend_password: str = ""
+    backend_password_env: str = ""
+
+    def secret(self) -> str:
+        return os.environ.get(self.password_env, "") if self.password_env else self.password
+
+    def backend_secret(self) -> str:
+        if self.backend_password_env:
+            return os.environ.get(self.backend_password_env, "")
+        return self.backend_password
 
 
 @dataclass(frozen=True)
@@ -167,6 +203,19 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class ConnectionsConfig:
+    """Session mode's authenticated backend connections to each server of a pool."""
+
+    idle: int = 4  # kept open and logged in, per server and backend login
+    max_per_server: int = 64  # per process: clients beyond it wait for a connection
+    checkout_timeout_ms: int = 3000  # then the client gets an ERR instead of waiting on
+    max_age_s: int = 3600
+    max_idle_s: int = 600
+    ping_after_idle_ms: int = 1000  # a connection idle longer is pinged before reuse
+    max_packet_mib: int = 64  # the largest client packet held for a statement
+
+
+@dataclass(frozen=True)
 class PoolConfig:
     name: str
     servers: tuple[ServerConfig, ...]
@@ -174,6 +223,7 @@ class PoolConfig:
     source_ip: str = ""
     check: CheckConfig = field(default_factory=CheckConfig)
     eject: EjectConfig = field(default_factory=EjectConfig)
+    connections: ConnectionsConfig = field(default_factory=ConnectionsConfig)
 
 
 @dataclass(frozen=True)
@@ -290,6 +340,7 @@ class Config:
     service: tuple[ServiceConfig, ...] = ()
     pool: tuple[PoolConfig, ...] = ()
     tier: tuple[TierConfig, ...] = ()
+    user: tuple[UserConfig, ...] = ()
     gossip: GossipConfig | None = None
     mesh_tls: MeshTlsConfig | None = None
     source: str = field(default="<memory>", compare=False)
@@ -340,6 +391,13 @@ _MINIMUM: dict[str, int] = {
     "leave_timeout_s": 0,
     "meta_refresh_s": 0,
     "expiry_warning_days": 0,
+    "idle": 0,
+    "max_per_server": 1,
+    "checkout_timeout_ms": 1,
+    "max_age_s": 1,
+    "max_idle_s": 1,
+    "ping_after_idle_ms": 0,
+    "max_packet_mib": 1,
 }
 
 # Key paths whose value may be a bare string standing for the table's first field.
@@ -556,7 +614,7 @@ def load(path: str | Path, files: bool = True) -> Config:
 
 def _check_references(config: Config, loader: _Loader) -> None:
     node = config.node
-    for section in ("listener", "service", "pool", "tier"):
+    for section in ("listener", "service", "pool", "tier", "user"):
         seen: set[str] = set()
         for i, item in enumerate(getattr(config, section)):
             if item.name in seen:
@@ -609,6 +667,7 @@ def _check_references(config: Config, loader: _Loader) -> None:
         binds[listener.bind] = f"{key}.bind"
     for i, service in enumerate(config.service):
         _check_upstream(config, loader, f"service[{i}].upstream", service.upstream)
+    _check_session_mode(config, loader)
     if config.timeouts.connect_budget_ms < config.timeouts.connect_ms:
         raise loader.fail(
             "timeouts.connect_budget_ms",
@@ -623,6 +682,55 @@ def _check_references(config: Config, loader: _Loader) -> None:
             raise loader.fail("service", "a middle needs at least one [[service]]")
     elif not config.listener and not gossip_only:
         raise loader.fail("listener", "an edge needs at least one [[listener]]")
+
+
+def _check_session_mode(config: Config, loader: _Loader) -> None:
+    entrances: list[tuple[str, ListenerConfig | ServiceConfig]]
+    entrances = [(f"listener[{i}]", e) for i, e in enumerate(config.listener)]
+    entrances += [(f"service[{i}]", e) for i, e in enumerate(config.service)]
+    sessions = [(key, e) for key, e in entrances if e.mode == "session"]
+    for key, entrance in sessions:
+        if entrance.upstream.kind is not UpstreamKind.POOL:
+            raise loader.fail(
+                f"{key}.mode", "session mode runs statements on a pool's servers: use pool:<name>"
+            )
+        if entrance.protocol != "mysql":
+            raise loader.fail(f"{key}.mode", "session mode needs protocol = 'mysql'")
+    for i, listener in enumerate(config.listener):
+        if bool(listener.tls_cert) != bool(listener.tls_key):
+            raise loader.fail(f"listener[{i}].tls_key", "tls_cert and tls_key go together")
+        if listener.tls_cert and listener.mode != "session":
+            raise loader.fail(f"listener[{i}].tls_cert", "TLS to clients needs mode = 'session'")
+    if sessions and not config.user:
+        raise loader.fail("user", "session mode needs at least one [[user]] to log clients in")
+    pools = config.pools()
+    for i, user in enumerate(config.user):
+        key = f"user[{i}]"
+        if not user.name:
+            raise loader.fail(f"{key}.name", "must not be empty")
+        if user.pool and user.pool not in pools:
+            defined = ", ".join(sorted(pools)) or "none"
+            raise loader.fail(f"{key}.pool", f"no pool named {user.pool!r} (defined: {defined})")
+        if user.password and user.password_env:
+            raise loader.fail(f"{key}.password_env", "give password or password_env, not both")
+        if user.backend_password and user.backend_password_env:
+            raise loader.fail(
+                f"{key}.backend_password_env",
+                "give backend_password or backend_password_env, not both",
+            )
+        stored = user.password.startswith("*")
+        if stored and (len(user.password) != 41 or not _is_hex(user.password[1:])):
+            raise loader.fail(
+                f"{key}.password", "a stored hash is '*' followed by 40 hexadecimal digits"
+            )
+
+
+def _is_hex(text: str) -> bool:
+    try:
+        bytes.fromhex(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _check_gossip(config: Config, loader: _Loader) -> None:

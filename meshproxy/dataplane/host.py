@@ -21,6 +21,7 @@ from meshproxy.counters import Counters
 from meshproxy.dataplane.listener import Entrance
 from meshproxy.dataplane.plane import DataPlane, Route
 from meshproxy.dataplane.router import Member
+from meshproxy.dataplane.sessionmode import maintain_forever
 from meshproxy.dataplane.upstream import ConnectReport, WarmPool
 from meshproxy.errors import ConnectFailed, describe
 from meshproxy.health.state import ServerState
@@ -83,6 +84,7 @@ class PlaneHost:
             raise failure or OSError("nothing could be bound")
         self.take(self.config)
         self.tasks.spawn("idle sweeper", self._sweep_loop)
+        self.tasks.spawn("session pools", maintain_forever, self.plane.session_mode)
 
     async def _bind_reporting(
         self, name: str, address: Address, backlog: int, new: Config
@@ -152,6 +154,10 @@ class PlaneHost:
         plane.routes = routes(new)
         self._sync_groups(new)
         self._sync_warm(new)
+        plane.session_mode.configure(new)
+        for ref, view in self.groups.items():
+            if ref.kind is UpstreamKind.POOL:
+                plane.session_mode.set_members(ref.name, view.members)
 
     async def apply_config(self, new: Config) -> list[str]:
         """Bind, then take the rest (raises OSError with nothing changed if a bind fails).
@@ -220,6 +226,8 @@ class PlaneHost:
             pool = self.warm.get(ref.name) if ref.kind is UpstreamKind.TIER else None
             if pool is not None:
                 pool.wanted.set()
+            if ref.kind is UpstreamKind.POOL:
+                self.plane.session_mode.set_members(ref.name, members)
 
     # ----------------------------------------------------------------- loops
 
@@ -297,17 +305,23 @@ class PlaneHost:
                 name: [e.active, e.max_connections] for name, e in self.plane.entrances.items()
             },
             "active": {str(a): n for a, n in self.plane.active.items() if n},
+            "session_mode": self.plane.session_mode.stats(),
         }
 
 
 def routes(config: Config) -> dict[str, Route]:
     table = {
-        listener.name: Route(listener.upstream, listener.service, listener.protocol == "mysql")
+        listener.name: Route(
+            listener.upstream,
+            listener.service,
+            listener.protocol == "mysql",
+            listener.mode == "session",
+        )
         for listener in config.listener
     }
     for service in config.service:
         table[f"service:{service.name}"] = Route(
-            service.upstream, service.name, service.protocol == "mysql"
+            service.upstream, service.name, service.protocol == "mysql", service.mode == "session"
         )
     return table
 

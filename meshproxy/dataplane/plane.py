@@ -19,6 +19,7 @@ from meshproxy.dataplane.hop import HopHeader
 from meshproxy.dataplane.listener import Entrance, Inbound
 from meshproxy.dataplane.mysql import ER_PROXY_NO_UPSTREAM, error_packet
 from meshproxy.dataplane.pump import Session, link
+from meshproxy.dataplane.sessionmode import SessionMode
 from meshproxy.dataplane.upstream import Connector, ConnectReport, UpstreamView, WarmPool
 from meshproxy.errors import UpstreamError
 from meshproxy.security.meshtls import HANDSHAKE_TIMEOUT_S
@@ -31,6 +32,7 @@ class Route:
     ref: UpstreamRef
     service: str
     greeting: bool
+    session: bool = False  # session mode: meshproxy is the MySQL server, pools the backends
 
 
 class DataPlane:
@@ -56,6 +58,7 @@ class DataPlane:
         # Keyed by listener name, and "service:<name>" for what the mesh port serves.
         self.routes: dict[str, Route] = {}
         self.entrances: dict[str, Entrance] = {}
+        self.session_mode = SessionMode(node_name, counters, report)
         self.connector = Connector(
             groups=groups,
             active=self.active,
@@ -118,6 +121,9 @@ class DataPlane:
             if header.hops > self.max_hops:
                 return self._refuse(inbound, f"hop limit exceeded ({header.hops} hops)")
             route, client, hops = found, header.client, header.hops
+        if route.session:
+            self._start_session(inbound, route, client)
+            return None
         next_header = (
             HopHeader(route.service, client, hops + 1)
             if route.ref.kind is UpstreamKind.TIER
@@ -158,6 +164,30 @@ class DataPlane:
         session.idle_since = time.monotonic()
         link(session, transport, bytes(inbound.pending), inbound.eof)
         return None
+
+    def _start_session(self, inbound: Inbound, route: Route, client: str) -> None:
+        """Session mode: the client logs in to us; its statements run on pooled connections."""
+        transport = inbound.transport
+        assert transport is not None
+        inbound.linked = True  # from here on the session accounts for the entrance's slot
+        self.open_sessions += 1
+        self.no_sessions.clear()
+        self.session_mode.accept(
+            transport,
+            bytes(inbound.pending),
+            pool=route.ref.name,
+            peer=inbound.peer,
+            client=client,
+            entrance=inbound.entrance.name,
+            on_close=functools.partial(self._session_closed, inbound.entrance),
+        )
+
+    def _session_closed(self, entrance: Entrance, session: object) -> None:
+        entrance.active -= 1
+        self.open_sessions -= 1
+        if not self.open_sessions:
+            self.no_sessions.set()
+        self.counters.inc("connections_closed", entrance=entrance.name)
 
     def _refuse(self, inbound: Inbound, reason: str) -> None:
         self.counters.inc("hops_refused", reason=reason.split(" (", maxsplit=1)[0])
@@ -215,6 +245,7 @@ class DataPlane:
         for address in list(self.sessions):
             for session in list(self.sessions[address]):
                 session.close()
+        self.session_mode.close()
         for server in servers:
             await server.wait_closed()
         self.entrances.clear()

@@ -1,0 +1,322 @@
+"""Session mode's pool: authenticated backend connections per server, kept warm.
+
+Each server has a cap on its connections (per process), idle connections per backend
+login kept open and logged in, age and idle recycling, a ping before reusing a connection
+that sat idle, and a wait queue with a deadline when the cap is reached. A connection goes
+back to the idle list only in a known state: the session that returns it has nothing
+pinned on it, or it has been reset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from meshproxy import log
+from meshproxy.config import Address, ConnectionsConfig
+from meshproxy.counters import Counters
+from meshproxy.dataplane.backend import BackendConnection, LoginKey
+from meshproxy.dataplane.pump import set_nodelay
+from meshproxy.errors import ConnectFailed, MeshproxyError, ProtocolError, describe
+from meshproxy.mysql.constants import Command
+from meshproxy.mysql.state import Values
+
+# (server, error detail or None on success): feeds the pool's passive ejection.
+Report = Callable[[Address, str | None], None]
+
+
+class PoolTimeout(MeshproxyError):
+    """No backend connection became free before the checkout deadline."""
+
+
+@dataclass
+class Credentials:
+    """SHA1(password) per backend user: from the config, or learned at a client's login."""
+
+    sha1: dict[str, bytes] = field(default_factory=dict)
+
+
+@dataclass
+class ServerStats:
+    in_use: int = 0
+    created: int = 0
+    failed: int = 0
+    reused: int = 0
+    waits: int = 0
+    timeouts: int = 0
+
+
+class ServerPool:
+    """The backend connections of one process to one server."""
+
+    def __init__(
+        self,
+        pool: str,
+        address: Address,
+        settings: ConnectionsConfig,
+        credentials: Credentials,
+        counters: Counters,
+        report: Report,
+        connect_s: float,
+        source_ip: str = "",
+    ) -> None:
+        self.pool = pool
+        self.address = address
+        self.settings = settings
+        self.credentials = credentials
+        self.counters = counters
+        self.report = report
+        self.connect_s = connect_s
+        self.source_ip = source_ip
+        self.idle: dict[LoginKey, deque[BackendConnection]] = {}
+        self.total = 0  # open or being opened
+        self.stats = ServerStats()
+        self.accepting = True  # False: OFFLINE_SOFT or worse; no new checkouts
+        self.keys_seen: dict[LoginKey, float] = {}
+        # The session state a new connection starts with, per login: a new client session
+        # expects exactly that, whichever connection serves it.
+        self.baseline: dict[LoginKey, Values] = {}
+        self._waiters: deque[tuple[LoginKey, asyncio.Future[BackendConnection | None]]] = deque()
+
+    # ----------------------------------------------------------------- checkout
+
+    def take_idle(self, key: LoginKey, now: float) -> BackendConnection | None:
+        """An idle connection usable without a ping, or None (the slow path decides)."""
+        conns = self.idle.get(key)
+        if not conns or not self.accepting:
+            return None
+        conn = conns[-1]  # the most recently used: warm, and likely not timed out
+        if (now - conn.last_used) * 1000 > self.settings.ping_after_idle_ms:
+            return None
+        conns.pop()
+        self.stats.in_use += 1
+        self.stats.reused += 1
+        return conn
+
+    async def acquire(self, key: LoginKey, timeout_s: float) -> BackendConnection:
+        """A connection for ``key``: idle (pinged if it sat), new, or freed within the
+        deadline. Raises PoolTimeout, or ConnectFailed when the server cannot be used."""
+        deadline = time.monotonic() + timeout_s
+        self.keys_seen[key] = time.monotonic()
+        while True:
+            if not self.accepting:
+                raise ConnectFailed(str(self.address), "server is not taking new connections")
+            conn = await self._idle_checked(key)
+            if conn is not None:
+                self.stats.in_use += 1
+                self.stats.reused += 1
+                return conn
+            if self.total >= self.settings.max_per_server:
+                self._close_idle_of_other_logins(key)
+            if self.total < self.settings.max_per_server:
+                conn = await self._open(key, max(deadline - time.monotonic(), 0.001))
+                self.stats.in_use += 1
+                return conn
+            conn = await self._wait(key, deadline)
+            if conn is not None:
+                self.stats.in_use += 1
+                self.stats.reused += 1
+                return conn
+
+    async def _idle_checked(self, key: LoginKey) -> BackendConnection | None:
+        conns = self.idle.get(key)
+        while conns:
+            conn = conns.pop()
+            idle_ms = (time.monotonic() - conn.last_used) * 1000
+            if idle_ms <= self.settings.ping_after_idle_ms:
+                return conn
+            try:
+                reply = await conn.exchange(Command.PING, b"", self.connect_s)
+            except ConnectFailed as exc:
+                self._forget(conn, f"ping failed: {exc.reason}")
+                continue
+            if reply.error() is None:
+                return conn
+            self._forget(conn, f"ping answered {reply.error()}")
+        return None
+
+    async def _wait(self, key: LoginKey, deadline: float) -> BackendConnection | None:
+        future: asyncio.Future[BackendConnection | None] = (
+            asyncio.get_running_loop().create_future()
+        )
+        entry = (key, future)
+        self._waiters.append(entry)
+        self.stats.waits += 1
+        try:
+            async with asyncio.timeout(max(deadline - time.monotonic(), 0)):
+                return await future
+        except TimeoutError:
+            if future.done() and future.result() is not None:
+                return future.result()  # handed one just as the deadline passed
+            self.stats.timeouts += 1
+            self.counters.inc("backend_checkout_timeouts", pool=self.pool, server=str(self.address))
+            raise PoolTimeout(
+                f"no connection to {self.address} became free within "
+                f"{self.settings.checkout_timeout_ms} ms ({self.settings.max_per_server} in use)"
+            ) from None
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                handed = future.result()
+                if handed is not None:  # the client left as a connection came: keep it
+                    self._give(handed)
+            raise
+        finally:
+            if entry in self._waiters:
+                self._waiters.remove(entry)
+
+    async def _open(self, key: LoginKey, timeout_s: float) -> BackendConnection:
+        sha1 = self.credentials.sha1.get(key.user)
+        self.total += 1
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(min(self.connect_s, timeout_s)):
+                transport, conn = await loop.create_connection(
+                    lambda: BackendConnection(self.address, key),
+                    self.address.host,
+                    self.address.port,
+                    local_addr=(self.source_ip, 0) if self.source_ip else None,
+                )
+            set_nodelay(transport)
+            await conn.login(key.user, sha1, max(timeout_s, self.connect_s))
+        except (OSError, TimeoutError, ConnectFailed, ProtocolError) as exc:
+            self.total -= 1
+            self.stats.failed += 1
+            detail = exc.reason if isinstance(exc, ConnectFailed) else describe(exc)
+            self.counters.inc("backend_connect_failures", pool=self.pool, server=str(self.address))
+            self.report(self.address, detail)
+            self._wake_one()
+            raise ConnectFailed(str(self.address), detail) from None
+        except BaseException:
+            self.total -= 1
+            self._wake_one()
+            raise
+        conn.on_lost = self._lost
+        self.baseline.setdefault(key, conn.state.values)
+        self.stats.created += 1
+        self.counters.inc("backend_connections_created", pool=self.pool, server=str(self.address))
+        self.report(self.address, None)
+        return conn
+
+    async def fresh(self, key: LoginKey) -> BackendConnection:
+        """A newly opened connection (one that has never selected a schema)."""
+        if self.total >= self.settings.max_per_server:
+            conns = self.idle.get(key)
+            if conns:
+                self._forget(conns[0], "room for a fresh connection")
+            else:
+                self._close_idle_of_other_logins(key)
+        if self.total >= self.settings.max_per_server:
+            raise PoolTimeout(f"{self.address} has {self.total} connections, its cap")
+        conn = await self._open(key, self.settings.checkout_timeout_ms / 1000)
+        self.stats.in_use += 1
+        return conn
+
+    # ----------------------------------------------------------------- return
+
+    def release(self, conn: BackendConnection) -> None:
+        """A connection back from a session, in a known state."""
+        self.stats.in_use -= 1
+        self._give(conn)
+
+    def _give(self, conn: BackendConnection) -> None:
+        if conn.closed:
+            return  # _lost has accounted for it
+        if not self.accepting:
+            self._forget(conn, "server not taking new connections")
+            return
+        for i, (key, future) in enumerate(self._waiters):
+            if key == conn.key and not future.done():
+                del self._waiters[i]
+                future.set_result(conn)
+                return
+        self.idle.setdefault(conn.key, deque()).append(conn)
+        if self._waiters:  # someone waits for another login: make room for it
+            self._close_idle_of_other_logins(self._waiters[0][0])
+
+    def discard(self, conn: BackendConnection, reason: str) -> None:
+        """A connection a session cannot hand back in a known state."""
+        self.stats.in_use -= 1
+        self._forget(conn, reason)
+
+    def _forget(self, conn: BackendConnection, reason: str) -> None:
+        conns = self.idle.get(conn.key)
+        if conns is not None and conn in conns:
+            conns.remove(conn)
+        if not conn.closed:
+            conn.on_lost = None
+            conn.close()
+            self.total -= 1
+        log.debug("backend_connection_closed", server=str(self.address), reason=reason)
+        self._wake_one()
+
+    def _lost(self, conn: BackendConnection) -> None:
+        conns = self.idle.get(conn.key)
+        if conns is not None and conn in conns:
+            conns.remove(conn)
+        self.total -= 1
+        self._wake_one()
+
+    def _wake_one(self) -> None:
+        """Room for one more connection: a waiter of another login may open it."""
+        for i, (_, future) in enumerate(self._waiters):
+            if not future.done():
+                del self._waiters[i]
+                future.set_result(None)  # None: try again (open one, or take an idle one)
+                return
+
+    def _close_idle_of_other_logins(self, key: LoginKey) -> None:
+        for other, conns in self.idle.items():
+            if other != key and conns:
+                self._forget(conns[0], "room for another login")
+                return
+
+    # ----------------------------------------------------------------- upkeep
+
+    def empty(self, reason: str) -> None:
+        """Close every idle connection (the server went SHUNNED or OFFLINE_HARD)."""
+        for conns in list(self.idle.values()):
+            for conn in list(conns):
+                self._forget(conn, reason)
+
+    def idle_count(self) -> int:
+        return sum(len(conns) for conns in self.idle.values())
+
+    async def maintain(self, now: float) -> None:
+        """Recycle old and long-idle connections; open idle ones up to the wanted number
+        for each login seen lately (raises nothing: failures are reported and counted)."""
+        settings = self.settings
+        for conns in list(self.idle.values()):
+            for conn in list(conns):
+                if now - conn.born > settings.max_age_s:
+                    self._forget(conn, "max_age_s")
+                elif now - conn.last_used > settings.max_idle_s:
+                    self._forget(conn, "max_idle_s")
+        if not self.accepting:
+            return
+        for key, seen in list(self.keys_seen.items()):
+            if now - seen > settings.max_idle_s:
+                del self.keys_seen[key]
+                continue
+            if key.user not in self.credentials.sha1:
+                continue
+            while (
+                len(self.idle.get(key, ())) < settings.idle
+                and self.total < settings.max_per_server
+                and self.accepting
+            ):
+                try:
+                    conn = await self._open(key, self.connect_s)
+                except ConnectFailed:
+                    return
+                self.idle.setdefault(key, deque()).append(conn)
+
+    def close(self) -> None:
+        self.accepting = False
+        self.empty("shutting down")
+        for _, future in self._waiters:
+            if not future.done():
+                future.set_result(None)
+        self._waiters.clear()

@@ -1,0 +1,776 @@
+"""Session mode's client side: meshproxy is the MySQL server a client logs in to.
+
+A ``ClientSession`` owns one client connection: it runs the login (``mysql.login``), then
+takes the client's commands one at a time and runs each on a backend connection borrowed
+from the pool, forwarding the answer as it arrives. Between statements the connection goes
+back to the pool unless something pins it (an open transaction, a lock, a user variable,
+...: see ``mysql.statements``); before a statement runs on a connection, the session's
+state (schema, tracked variables) is made to match what the client set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import time
+import typing
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from meshproxy import log
+from meshproxy.dataplane.backend import BackendConnection, LoginKey, Prepared, Sink
+from meshproxy.dataplane.backendpool import PoolTimeout, ServerPool
+from meshproxy.errors import ConnectFailed, MeshproxyError, ProtocolError
+from meshproxy.mysql import login as logins
+from meshproxy.mysql.constants import (
+    ER_MALFORMED_PACKET,
+    ER_NET_PACKET_TOO_LARGE,
+    ER_PROXY_BACKEND_LOST,
+    ER_PROXY_NO_UPSTREAM,
+    ER_PROXY_POOL_TIMEOUT,
+    ER_UNKNOWN_COM_ERROR,
+    ER_UNKNOWN_STMT_HANDLER,
+    WIRE_CAPS,
+    Command,
+    Status,
+)
+from meshproxy.mysql.packets import Framer, Packet, PacketTooLarge, err_payload, frame, ok_payload
+from meshproxy.mysql.response import NO_RESPONSE, Response
+from meshproxy.mysql.state import Values, restore_sql
+from meshproxy.mysql.statements import Effects, classify
+
+if typing.TYPE_CHECKING:
+    from meshproxy.dataplane.sessionmode import SessionMode
+
+_LOGIN_MAX = 64 * 1024
+_QUEUE_MAX = 64  # client packets held while a command runs (clients rarely pipeline)
+_NO_EFFECTS = Effects()
+_MAX_PREPARED_PER_CONNECTION = 256
+ER_UNKNOWN_THREAD = 1094
+
+
+class SessionClosed(MeshproxyError):
+    """The client session ended while a command of it was being prepared."""
+
+
+class Refusal(MeshproxyError):
+    """A command gets this ERR instead of running (the session carries on)."""
+
+    def __init__(self, code: int, message: str, sql_state: str = "HY000") -> None:
+        super().__init__(message)
+        self.payload = err_payload(code, message, sql_state)
+
+
+@dataclass
+class ClientStatement:
+    """A statement the client prepared, by the id meshproxy gave it."""
+
+    sql: bytes
+    schema: str
+    params: int
+    columns: int
+    types: bytes = b""  # the parameter types of the last execute that sent them
+
+
+@dataclass
+class Flight:
+    """The command on its way: what it was, and what it does to the session when it ends."""
+
+    command: int
+    effects: Effects
+    conn: BackendConnection
+    statement: ClientStatement | None = None
+    argument: bytes = b""  # COM_INIT_DB's schema, COM_STMT_PREPARE's text
+    client_stmt_id: int = 0
+    answered: bool = False  # a byte of the answer has reached the client
+
+
+@dataclass
+class Pins:
+    """Why the session keeps its backend connection between statements."""
+
+    reasons: set[str] = field(default_factory=set)
+    lock: bool = False  # LOCK TABLES / FLUSH TABLES WITH READ LOCK, until UNLOCK TABLES
+    transaction: bool = False
+
+    def holding(self) -> bool:
+        return bool(self.reasons) or self.lock or self.transaction
+
+
+class ClientSession(asyncio.Protocol, Sink):
+    def __init__(
+        self,
+        mode: SessionMode,
+        pool: str,
+        peer: str,
+        client: str,
+        entrance: str,
+        on_close: Callable[[ClientSession], None],
+    ) -> None:
+        self.mode = mode
+        self._on_close = on_close
+        self.entrance = entrance
+        self.counted = False  # counted in its user's open sessions
+        self.pool_name = pool
+        self.peer = peer  # the TCP peer: a client, or the edge that forwarded it
+        self.client = client  # the original client address (from the hop header)
+        self.connection_id = mode.new_connection_id(self)
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self._framer = Framer(_LOGIN_MAX)
+        self._login: logins.ServerLogin | None = None
+        self._queue: deque[Packet] = deque()
+        self._reading_paused = False
+        self.user = ""
+        self.account: logins.Account | None = None
+        self.key: LoginKey | None = None
+        self.schema = ""
+        self.values: Values | None = None  # None until the first backend connection
+        self.last_insert_id = 0
+        self.server: ServerPool | None = None
+        self.conn: BackendConnection | None = None  # held: in flight or pinned
+        self.pins = Pins()
+        self.flight: Flight | None = None
+        self.infile = False  # the client is sending a LOCAL INFILE's contents
+        self.statements: dict[int, ClientStatement] = {}
+        self._next_stmt_id = 1
+        self._task: asyncio.Task[None] | None = None
+        self.started = time.monotonic()
+
+    # ----------------------------------------------------------------- client transport
+
+    def start(self, transport: asyncio.Transport, pending: bytes) -> None:
+        """Take over an accepted client connection: greet it and read its login."""
+        self.transport = transport
+        transport.set_protocol(self)
+        self._login = self.mode.new_login(self)
+        transport.write(frame(0, self._login.greeting()))
+        if pending:
+            self.data_received(pending)
+        if not self.closed:
+            transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        try:
+            packets = self._framer.feed(data)
+        except PacketTooLarge:
+            self.mode.counters.inc("session_protocol_errors", reason="packet too large")
+            limit = self._framer.max_payload
+            self._fail(ER_NET_PACKET_TOO_LARGE, f"Got a packet bigger than {limit} bytes", 1)
+            return
+        if self._login is not None:
+            for packet in packets:
+                if self._login is None:
+                    self._queue.append(packet)  # sent right behind its login: a command
+                else:
+                    self._login_step(packet)
+            if self._login is None and not self.closed:
+                self._drain()
+            return
+        self._queue.extend(packets)
+        if len(self._queue) > _QUEUE_MAX and not self._reading_paused and self.transport:
+            self._reading_paused = True
+            self.transport.pause_reading()
+        self._drain()
+
+    def eof_received(self) -> bool:
+        self.close("client closed")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.close("client connection lost")
+
+    def pause_writing(self) -> None:
+        # The client reads slower than the server answers: stop reading the server.
+        conn = self.conn
+        if conn is not None and conn.transport is not None:
+            conn.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        conn = self.conn
+        if conn is not None and conn.transport is not None and not conn.closed:
+            conn.transport.resume_reading()
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None:
+            flight = self.flight
+            if flight is not None:
+                flight.answered = True
+            self.transport.write(data)
+
+    def _send(self, seq: int, payload: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(frame(seq, payload))
+
+    def _fail(self, code: int, message: str, seq: int, sql_state: str = "08S01") -> None:
+        """Tell the client why and end the session (its stream is beyond repair)."""
+        self._send(seq, err_payload(code, message, sql_state))
+        self.close(message)
+
+    def close(self, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        busy = self.flight is not None or self.infile
+        if self._task is not None and not self._task.done():
+            busy = True  # an exchange of ours may be running on the connection
+            self._task.cancel()
+        conn, self.conn = self.conn, None
+        if conn is not None and self.server is not None:
+            if busy or self.pins.holding():
+                # Mid-statement or holding session state: it cannot go back as it is.
+                self.server.discard(conn, f"its client session ended ({reason})")
+            else:
+                self.server.release(conn)
+        self.flight = None
+        if self.transport is not None:
+            self.transport.close()
+        self.mode.session_closed(self)
+        self._on_close(self)
+
+    # ----------------------------------------------------------------- login
+
+    def _login_step(self, packet: Packet) -> None:
+        login = self._login
+        assert login is not None
+        step = login.receive(packet)
+        seq = packet.last_seq + 1
+        if isinstance(step, logins.Send):
+            self._send(seq, step.payload)
+        elif isinstance(step, logins.StartTls):
+            self._task = asyncio.get_running_loop().create_task(self._start_tls())
+        elif isinstance(step, logins.Refused):
+            self.mode.login_refused(self, login, step.reason)
+            self._send(seq, step.err)
+            self.close(f"login refused: {step.reason}")
+        else:
+            for i, payload in enumerate(step.payloads):
+                self._send(seq + i, payload)
+            self._logged_in(step)
+
+    async def _start_tls(self) -> None:
+        transport = self.transport
+        context = self.mode.tls_context(self.pool_name)
+        assert transport is not None
+        assert context is not None
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(10):
+                tls = await loop.start_tls(transport, self, context, server_side=True)
+        except (OSError, TimeoutError) as exc:
+            self.mode.counters.inc("session_tls_failures")
+            log.warning("session_tls_failed", peer=self.peer, error=str(exc))
+            self.close("TLS handshake failed")
+            return
+        if tls is None:
+            self.close("TLS handshake failed")
+            return
+        self.transport = tls
+
+    def _logged_in(self, step: logins.Accepted) -> None:
+        self._login = None
+        account, login = step.account, step.login
+        self.user = account.name
+        self.account = account
+        backend_user = self.mode.backend_user_of(account.name, step.sha1_password)
+        self.key = LoginKey(backend_user, login.capabilities & WIRE_CAPS, login.collation)
+        self.schema = login.database or self.mode.default_schema(account.name)
+        self._framer.max_payload = self.mode.max_packet(self.pool_name)
+        self.mode.login_accepted(self)
+
+    # ----------------------------------------------------------------- commands
+
+    def _drain(self) -> None:
+        while self._queue and not self.closed:
+            if self.infile:
+                self._infile_packet(self._queue.popleft())
+                continue
+            if self.flight is not None or (self._task is not None and not self._task.done()):
+                return
+            self._command(self._queue.popleft())
+        if self._reading_paused and self.transport is not None and not self.closed:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    def _command(self, packet: Packet) -> None:
+        payload = packet.payload
+        if not payload:
+            self.mode.counters.inc("session_protocol_errors", reason="empty packet")
+            self._fail(ER_MALFORMED_PACKET, "Malformed communication packet", 1)
+            return
+        command = payload[0]
+        self.mode.statements += 1
+        if command == Command.QUIT:
+            self.close("client quit")
+        elif command == Command.PING:
+            self._send(1, ok_payload(self._status()))
+        elif command == Command.QUERY:
+            self._query(payload)
+        elif command == Command.INIT_DB or command == Command.STMT_PREPARE:
+            self._run(command, payload, _NO_EFFECTS)
+        elif command in (
+            Command.STMT_EXECUTE,
+            Command.STMT_SEND_LONG_DATA,
+            Command.STMT_FETCH,
+            Command.STMT_RESET,
+        ):
+            self._statement_command(command, payload)
+        elif command == Command.STMT_CLOSE:
+            if len(payload) >= 5:
+                self.statements.pop(struct.unpack_from("<I", payload, 1)[0], None)
+        elif command == Command.RESET_CONNECTION:
+            self._reset_session()
+            self._send(1, ok_payload(self._status()))
+        elif command == Command.SET_OPTION:
+            self._run(command, payload, Effects(pins={"set option"}))
+        elif command in (Command.FIELD_LIST, Command.STATISTICS, Command.DEBUG):
+            self._run(command, payload, _NO_EFFECTS)
+        else:
+            self.mode.counters.inc("session_commands_refused", command=f"0x{command:02x}")
+            self._send(1, err_payload(ER_UNKNOWN_COM_ERROR, "Unknown command", "08S01"))
+
+    def _status(self) -> int:
+        status = Status.AUTOCOMMIT if self._autocommit() else 0
+        if self.pins.transaction:
+            status |= Status.IN_TRANS
+        return int(status)
+
+    def _autocommit(self) -> bool:
+        value = self.values.get("autocommit") if self.values else b"1"
+        return value not in (b"0", b"OFF")
+
+    def _query(self, payload: bytes) -> None:
+        sql = payload[1:].decode("utf-8", "replace")
+        effects = classify(sql)
+        if effects.kill is not None:
+            self._kill(*effects.kill)
+            return
+        self._run(Command.QUERY, payload, effects)
+
+    def _statement_command(self, command: int, payload: bytes) -> None:
+        if len(payload) < 5:
+            self.mode.counters.inc("session_protocol_errors", reason="short statement command")
+            self._fail(ER_MALFORMED_PACKET, "Malformed communication packet", 1)
+            return
+        stmt_id = struct.unpack_from("<I", payload, 1)[0]
+        statement = self.statements.get(stmt_id)
+        if statement is None:
+            if command == Command.STMT_SEND_LONG_DATA:
+                return  # it has no answer, not even an error
+            name = {
+                Command.STMT_EXECUTE: "mysqld_stmt_execute",
+                Command.STMT_FETCH: "mysqld_stmt_fetch",
+                Command.STMT_RESET: "mysqld_stmt_reset",
+            }[Command(command)]
+            message = f"Unknown prepared statement handler ({stmt_id}) given to {name}"
+            self._send(1, err_payload(ER_UNKNOWN_STMT_HANDLER, message))
+            return
+        effects = _NO_EFFECTS
+        if command == Command.STMT_SEND_LONG_DATA:
+            effects = Effects(pins={"long data"})
+        elif command == Command.STMT_RESET and self.conn is None:
+            self._send(1, ok_payload(self._status()))  # nothing of it lives on a backend
+            return
+        elif command == Command.STMT_EXECUTE and len(payload) > 5 and payload[5] & 0x07:
+            effects = Effects(pins={"cursor"})
+        self._run(command, payload, effects, statement, stmt_id)
+
+    # ----------------------------------------------------------------- running one
+
+    def _run(
+        self,
+        command: int,
+        payload: bytes,
+        effects: Effects,
+        statement: ClientStatement | None = None,
+        stmt_id: int = 0,
+    ) -> None:
+        """Run a command on a backend connection: at once when one is ready in the right
+        state, otherwise in a task that checks one out and brings it into that state."""
+        conn = self.conn
+        server = self.server
+        if conn is None and server is not None and self.values is not None:
+            conn = server.take_idle(self.key, time.monotonic())  # type: ignore[arg-type]
+            if conn is not None:
+                self.conn = conn
+        if conn is not None and self._in_step(conn, effects, statement):
+            data = self._bytes_for(conn, command, payload, statement)
+            self._send_command(conn, command, data, effects, statement, stmt_id)
+            return
+        self._task = asyncio.get_running_loop().create_task(
+            self._run_slowly(command, payload, effects, statement, stmt_id)
+        )
+
+    def _in_step(
+        self, conn: BackendConnection, effects: Effects, statement: ClientStatement | None
+    ) -> bool:
+        state = conn.state
+        if state.values is not self.values:
+            if state.values != self.values:
+                return False
+            state.values = self.values  # equal: make the next check an identity check
+        if state.schema != self.schema:
+            return False
+        if effects.last_insert_id and conn.insert_owner is not self:
+            return False
+        if effects.last_state and conn.last_owner is not self:
+            return False
+        return statement is None or (statement.schema, statement.sql) in conn.statements
+
+    async def _run_slowly(
+        self,
+        command: int,
+        payload: bytes,
+        effects: Effects,
+        statement: ClientStatement | None,
+        stmt_id: int,
+    ) -> None:
+        try:
+            conn = self.conn or await self._checkout()
+            self.conn = conn
+            await self._bring_in_step(conn, effects, statement)
+        except SessionClosed:
+            return
+        except Refusal as refusal:
+            self._task = None
+            self._send(1, refusal.payload)
+            self._release_if_free()
+            self._drain()
+            return
+        except (ConnectFailed, ProtocolError) as exc:
+            self._task = None
+            self._backend_failed(str(exc), answered=False, seq=1)
+            return
+        self._task = None
+        if self.closed:
+            return
+        data = self._bytes_for(conn, command, payload, statement)
+        self._send_command(conn, command, data, effects, statement, stmt_id)
+
+    async def _checkout(self) -> BackendConnection:
+        """A connection from this session's server (chosen at its first statement)."""
+        key = self.key
+        assert key is not None
+        server = self.server
+        if server is None or not server.accepting:
+            server = self.mode.choose_server(self.pool_name)
+            if server is None:
+                raise Refusal(
+                    ER_PROXY_NO_UPSTREAM,
+                    f"meshproxy {self.mode.node_name}: no server of pool {self.pool_name!r}"
+                    " is available",
+                )
+            self.server = server
+        timeout_s = server.settings.checkout_timeout_ms / 1000
+        try:
+            conn = await server.acquire(key, timeout_s)
+        except PoolTimeout as exc:
+            raise Refusal(ER_PROXY_POOL_TIMEOUT, f"meshproxy: {exc}") from None
+        if self.closed:
+            server.release(conn)
+            raise SessionClosed()
+        if self.values is None:
+            self.values = server.baseline.get(key, conn.state.values)
+        return conn
+
+    async def _bring_in_step(
+        self, conn: BackendConnection, effects: Effects, statement: ClientStatement | None
+    ) -> None:
+        """Make the connection's state the session's (raises Refusal with the server's
+        own error when it refuses, e.g. a schema that no longer exists)."""
+        timeout_s = self.mode.exchange_timeout_s
+        if conn.state.schema != self.schema:
+            if not self.schema:
+                # A connection cannot leave its schema: take a fresh one instead.
+                assert self.server is not None
+                self.server.discard(conn, "session without a schema")
+                self.conn = None
+                conn = await self.server.fresh(self.key)  # type: ignore[arg-type]
+                self.conn = conn
+            else:
+                reply = await conn.exchange(Command.INIT_DB, self.schema.encode(), timeout_s)
+                if reply.response.error is not None:
+                    raise Refusal(*reply.response.error, "42000")
+                conn.state.schema = self.schema
+        assert self.values is not None
+        if conn.state.values is not self.values:
+            sql = restore_sql(conn.state.values, self.values, conn.flavor)
+            if sql is not None:
+                self.mode.counters.inc("session_state_restores")
+                await conn.query(sql, timeout_s)
+            conn.state.values = self.values
+        if effects.last_insert_id and conn.insert_owner is not self:
+            await conn.query(f"DO LAST_INSERT_ID({self.last_insert_id})".encode(), timeout_s)
+            conn.insert_owner = self
+        if effects.last_state and conn.last_owner is not self:
+            # FOUND_ROWS() and ROW_COUNT() must not tell another client's counts.
+            await conn.query(b"SELECT 1 FROM DUAL WHERE 0", timeout_s)
+        if statement is not None and (statement.schema, statement.sql) not in conn.statements:
+            await self._prepare_on(conn, statement)
+
+    async def _prepare_on(self, conn: BackendConnection, statement: ClientStatement) -> None:
+        reply = await conn.exchange(
+            Command.STMT_PREPARE, statement.sql, self.mode.exchange_timeout_s
+        )
+        if reply.response.error is not None or reply.response.prepared is None:
+            code, message = reply.response.error or (0, "prepare failed")
+            raise Refusal(code, message)
+        backend_id, columns, params = reply.response.prepared
+        if len(conn.statements) >= _MAX_PREPARED_PER_CONNECTION:
+            oldest = next(iter(conn.statements))
+            old = conn.statements.pop(oldest)
+            conn.send_more(
+                frame(0, bytes((Command.STMT_CLOSE,)) + struct.pack("<I", old.backend_id))
+            )
+        conn.statements[statement.schema, statement.sql] = Prepared(backend_id, params, columns)
+
+    def _bytes_for(
+        self,
+        conn: BackendConnection,
+        command: int,
+        payload: bytes,
+        statement: ClientStatement | None,
+    ) -> bytes:
+        """The command as this backend connection must see it (statement ids mapped)."""
+        if statement is None:
+            return frame(0, payload)
+        prepared = conn.statements[statement.schema, statement.sql]
+        body = payload[5:]
+        if command == Command.STMT_EXECUTE and statement.params:
+            body = self._bind_types(body, statement, prepared)
+        return frame(0, bytes((command,)) + struct.pack("<I", prepared.backend_id) + body)
+
+    @staticmethod
+    def _bind_types(body: bytes, statement: ClientStatement, prepared: Prepared) -> bytes:
+        """A client sends parameter types with its first execute only; a backend
+        connection that has not seen them yet needs them again."""
+        bitmap = (statement.params + 7) // 8
+        flag_at = 5 + bitmap  # flags (1) + iteration count (4) + NULL bitmap
+        if len(body) <= flag_at:
+            return body
+        types_len = 2 * statement.params
+        if body[flag_at] == 1:
+            statement.types = body[flag_at + 1 : flag_at + 1 + types_len]
+            prepared.types_sent = True
+            return body
+        if prepared.types_sent or not statement.types:
+            return body
+        prepared.types_sent = True
+        return body[:flag_at] + b"\x01" + statement.types + body[flag_at + 1 :]
+
+    def _send_command(
+        self,
+        conn: BackendConnection,
+        command: int,
+        data: bytes,
+        effects: Effects,
+        statement: ClientStatement | None,
+        stmt_id: int,
+    ) -> None:
+        conn.last_owner = self
+        if command in NO_RESPONSE:
+            conn.send_more(data)
+            self._apply_effects(effects)
+            self._release_if_free()
+            return
+        flight = Flight(command, effects, conn, statement, client_stmt_id=stmt_id)
+        if command in (Command.INIT_DB, Command.STMT_PREPARE):
+            flight.argument = data[5:]
+        self.flight = flight
+        if command == Command.STMT_PREPARE:
+            conn.forward(data, command, _Renumbering(self))
+        else:
+            conn.forward(data, command, self)
+
+    # ----------------------------------------------------------------- answers (Sink)
+
+    def answered(self, response: Response) -> None:
+        flight = self.flight
+        assert flight is not None
+        self.flight = None
+        conn = flight.conn
+        # Pins hold even when the statement failed: part of a multi-statement may have run.
+        self._apply_effects(flight.effects)
+        self.mode.count_pins(flight.effects)
+        if response.error is None:
+            self.pins.transaction = bool(response.status & Status.IN_TRANS)
+            if response.status & Status.CURSOR_EXISTS:
+                self.pins.reasons.add("cursor")
+                self.mode.counters.inc("session_pins", reason="cursor")
+            if response.last_insert_id:
+                self.last_insert_id = response.last_insert_id
+                conn.insert_owner = self
+            if flight.command == Command.INIT_DB:
+                self.schema = conn.state.schema = flight.argument.decode("utf-8", "replace")
+            elif flight.command == Command.STMT_PREPARE and response.prepared is not None:
+                self._prepared(flight, response)
+        if flight.effects.read_back:
+            self._task = asyncio.get_running_loop().create_task(self._read_back(conn))
+            return
+        self._release_if_free()
+        self._drain()
+
+    def _prepared(self, flight: Flight, response: Response) -> None:
+        assert response.prepared is not None
+        backend_id, columns, params = response.prepared
+        sql = flight.argument
+        flight.conn.statements[self.schema, sql] = Prepared(backend_id, params, columns)
+        self.statements[flight.client_stmt_id] = ClientStatement(sql, self.schema, params, columns)
+
+    async def _read_back(self, conn: BackendConnection) -> None:
+        try:
+            state = await conn.read_back(self.mode.exchange_timeout_s)
+        except (ConnectFailed, ProtocolError) as exc:
+            self._task = None
+            log.warning("session_read_back_failed", server=str(conn.address), error=str(exc))
+            self.close("state read-back failed")
+            return
+        self._task = None
+        self.schema = state.schema
+        self.values = self.mode.intern(state.values)
+        conn.state.values = self.values
+        self._release_if_free()
+        self._drain()
+
+    def backend_lost(self, reason: str) -> None:
+        flight = self.flight
+        self.flight = None
+        answered = flight is not None and flight.answered
+        seq = 1
+        if flight is not None and answered:
+            seq = -1  # mid-answer: no ERR can follow in good order
+        self._backend_failed(reason, answered=answered, seq=seq)
+
+    def _backend_failed(self, reason: str, answered: bool, seq: int) -> None:
+        """The backend connection broke: the statement errs; the session carries on
+        unless it had state only that connection held (a transaction, a pin)."""
+        conn, self.conn = self.conn, None
+        if conn is not None and self.server is not None:
+            self.server.discard(conn, reason)
+        self.mode.counters.inc("session_backend_failures")
+        message = f"meshproxy: lost the backend connection during the statement ({reason})"
+        if seq < 0 or self.pins.holding() or self.infile:
+            if seq > 0:
+                self._send(seq, err_payload(ER_PROXY_BACKEND_LOST, message, "08S01"))
+            self.close(f"backend lost: {reason}")
+            return
+        self._send(seq, err_payload(ER_PROXY_BACKEND_LOST, message, "08S01"))
+        self._drain()
+
+    def _apply_effects(self, effects: Effects) -> None:
+        pins = self.pins
+        if effects.pins:
+            pins.reasons |= effects.pins
+        if effects.lock:
+            pins.lock = True
+        elif effects.unlock:
+            pins.lock = False
+
+    def _release_if_free(self) -> None:
+        conn = self.conn
+        if conn is None or self.pins.holding() or self.infile or self.flight is not None:
+            return
+        self.conn = None
+        assert self.server is not None
+        self.server.release(conn)
+
+    # ----------------------------------------------------------------- LOCAL INFILE
+
+    def _infile_packet(self, packet: Packet) -> None:
+        conn = self.conn
+        assert conn is not None
+        conn.send_more(frame(packet.seq, packet.payload))
+        if not packet.payload:
+            self.infile = False
+            conn.infile_sent()
+
+    def infile_requested(self) -> None:
+        self.infile = True
+        self._drain()  # the file's first packets may be queued already
+
+    # ----------------------------------------------------------------- resets and KILL
+
+    def _reset_session(self) -> None:
+        """COM_RESET_CONNECTION: the session starts over as it was right after login."""
+        conn, self.conn = self.conn, None
+        if conn is not None and self.server is not None:
+            if self.pins.holding():
+                self.server.discard(conn, "client reset its session")
+            else:
+                self.server.release(conn)
+        self.pins = Pins()
+        self.statements.clear()
+        if self.server is not None and self.key is not None:
+            self.values = self.server.baseline.get(self.key)
+        self.last_insert_id = 0
+        self.mode.counters.inc("session_resets")
+
+    def _kill(self, query_only: bool, connection_id: int) -> None:
+        target = self.mode.session_by_id(connection_id)
+        if target is None:
+            self._send(1, err_payload(ER_UNKNOWN_THREAD, f"Unknown thread id: {connection_id}"))
+            return
+        if target is not self and target.user != self.user:
+            message = f"You are not owner of thread {connection_id}"
+            self._send(1, err_payload(1095, message))
+            return
+        self._task = asyncio.get_running_loop().create_task(
+            self._kill_on_server(target, query_only)
+        )
+
+    async def _kill_on_server(self, target: ClientSession, query_only: bool) -> None:
+        conn, server = target.conn, target.server
+        try:
+            if conn is not None and server is not None and target.flight is not None:
+                helper = await server.acquire(self.key, 2.0)  # type: ignore[arg-type]
+                try:
+                    what = "QUERY " if query_only else ""
+                    await helper.query(f"KILL {what}{conn.thread_id}".encode(), 2.0)
+                finally:
+                    server.release(helper)
+        except (ConnectFailed, ProtocolError, PoolTimeout) as exc:
+            self._task = None
+            self._send(1, err_payload(ER_PROXY_BACKEND_LOST, f"meshproxy: KILL failed: {exc}"))
+            self._drain()
+            return
+        self._task = None
+        if not query_only and target is not self:
+            target.close("killed")
+        self._send(1, ok_payload(self._status()))
+        if not query_only and target is self:
+            self.close("killed itself")
+            return
+        self._drain()
+
+
+class _Renumbering(Sink):
+    """Forwards a prepare's answer, with the backend's statement id replaced by the one the
+    client is given (the id is in the first packet, at the start of the first chunk)."""
+
+    def __init__(self, session: ClientSession) -> None:
+        self.session = session
+        self.first = True
+
+    def write(self, data: bytes) -> None:
+        session = self.session
+        if self.first and len(data) >= 9 and data[4] == 0:
+            self.first = False
+            flight = session.flight
+            assert flight is not None
+            flight.client_stmt_id = session._next_stmt_id
+            session._next_stmt_id += 1
+            data = data[:5] + struct.pack("<I", flight.client_stmt_id) + data[9:]
+        self.first = False
+        session.write(data)
+
+    def answered(self, response: Response) -> None:
+        self.session.answered(response)
+
+    def infile_requested(self) -> None:
+        self.session.infile_requested()
+
+    def backend_lost(self, reason: str) -> None:
+        self.session.backend_lost(reason)

@@ -1,0 +1,316 @@
+"""Session mode of one process: logins, backend pools, and the client sessions open.
+
+The data plane hands a client to ``accept`` when its entrance's route is in session mode;
+everything a ``ClientSession`` needs from its surroundings (accounts, pools, the server to
+use, counters) it asks this object for. It learns configs and server states from the data
+plane host, like the rest of the data plane.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from meshproxy import log
+from meshproxy.config import (
+    Address,
+    Config,
+    ConnectionsConfig,
+    ListenerConfig,
+    UpstreamKind,
+    UpstreamRef,
+)
+from meshproxy.counters import Counters
+from meshproxy.dataplane.backend import sha1_of
+from meshproxy.dataplane.backendpool import Credentials, Report, ServerPool
+from meshproxy.dataplane.router import Member, choose
+from meshproxy.dataplane.session import ClientSession
+from meshproxy.dataplane.upstream import ConnectReport
+from meshproxy.health.state import ServerState
+from meshproxy.mysql import auth
+from meshproxy.mysql.login import Account, ServerLogin
+from meshproxy.mysql.state import Values
+from meshproxy.mysql.statements import Effects
+
+_INTERNED_MAX = 4096
+ER_TOO_MANY_USER_CONNECTIONS = 1203
+
+
+@dataclass(frozen=True)
+class User:
+    account: Account
+    pool: str
+    default_schema: str
+    max_connections: int
+    backend_user: str
+    backend_sha1: bytes | None  # None: learned from the first native login
+
+
+class SessionMode:
+    def __init__(self, node_name: str, counters: Counters, report: ConnectReport) -> None:
+        self.node_name = node_name
+        self.counters = counters
+        self._report = report
+        self.users: dict[str, User] = {}
+        self.credentials = Credentials()
+        self.pools: dict[str, dict[Address, ServerPool]] = {}
+        self.settings: dict[str, ConnectionsConfig] = {}
+        self.members: dict[str, tuple[Member, ...]] = {}
+        self.sessions: dict[int, ClientSession] = {}
+        self.per_user: dict[str, int] = {}
+        self.statements = 0
+        self.exchange_timeout_s = 5.0
+        self.connect_s = 1.0
+        self._tls: dict[str, ssl.SSLContext] = {}
+        self._rsa: auth.RsaKey | None = None
+        self._sha2_cached: set[str] = set()
+        self._interned: dict[tuple[tuple[str, bytes | None], ...], Values] = {}
+        self._prefix = (os.getpid() & 0x7F) << 24
+        self._next_id = 1
+        self._rng = random.Random()
+
+    # ----------------------------------------------------------------- config
+
+    def configure(self, config: Config) -> None:
+        """Take the users, pools and timeouts of ``config``; open sessions carry on."""
+        self.connect_s = config.timeouts.connect_ms / 1000
+        users = {}
+        for user in config.user:
+            secret = auth.Secret.parse(user.secret())
+            backend_user = user.backend_user or user.name
+            backend_password = user.backend_secret()
+            sha1 = None
+            if backend_password:
+                sha1 = sha1_of(backend_password)
+            elif not user.backend_user and secret.clear is not None:
+                sha1 = sha1_of(secret.clear)
+            account = Account(user.name, secret, user.require_tls)
+            users[user.name] = User(
+                account, user.pool, user.default_schema, user.max_connections, backend_user, sha1
+            )
+            if sha1 is not None:
+                self.credentials.sha1[backend_user] = sha1
+        self.users = users
+        wanted = {pool.name: pool for pool in config.pool}
+        for name in set(self.pools) - set(wanted):
+            for server in self.pools.pop(name).values():
+                server.close()
+        for name, pool in wanted.items():
+            servers = self.pools.setdefault(name, {})
+            self.settings[name] = pool.connections
+            addresses = {s.address for s in pool.servers}
+            for address in set(servers) - addresses:
+                servers.pop(address).close()
+            for address in addresses:
+                found = servers.get(address)
+                if found is None:
+                    found = servers[address] = ServerPool(
+                        name,
+                        address,
+                        pool.connections,
+                        self.credentials,
+                        self.counters,
+                        self._report_for(name),
+                        self.connect_s,
+                        pool.source_ip,
+                    )
+                found.settings = pool.connections
+                found.connect_s = self.connect_s
+                found.source_ip = pool.source_ip
+        self._tls = {}
+        for listener in config.listener:
+            if listener.tls_cert:
+                self._tls[listener.name] = _server_context(listener)
+        if self._rsa is None and any(u.account.secret.clear for u in users.values()):
+            self._rsa = auth.RsaKey()
+
+    def _report_for(self, pool: str) -> Report:
+        ref = UpstreamRef(UpstreamKind.POOL, pool)
+
+        def report(address: Address, error: str | None) -> None:
+            self._report(ref, address, error)
+
+        return report
+
+    def set_members(self, pool: str, members: tuple[Member, ...]) -> None:
+        """Server states from the control plane: only ONLINE servers take checkouts."""
+        self.members[pool] = members
+        servers = self.pools.get(pool, {})
+        for member in members:
+            server = servers.get(member.address)
+            if server is None:
+                continue
+            server.accepting = member.state is ServerState.ONLINE
+            if member.state in (ServerState.SHUNNED, ServerState.OFFLINE_HARD):
+                server.empty(f"server {member.state}")
+
+    # ----------------------------------------------------------------- sessions
+
+    def accept(
+        self,
+        transport: Any,
+        pending: bytes,
+        pool: str,
+        peer: str,
+        client: str,
+        entrance: str,
+        on_close: Callable[[ClientSession], None],
+    ) -> ClientSession:
+        session = ClientSession(self, pool, peer, client, entrance, on_close)
+        self.counters.inc("session_connections", entrance=entrance)
+        session.start(transport, pending)
+        return session
+
+    def new_connection_id(self, session: ClientSession) -> int:
+        connection_id = self._prefix | self._next_id
+        self._next_id = self._next_id % 0xFFFFFF + 1
+        self.sessions[connection_id] = session
+        return connection_id
+
+    def session_by_id(self, connection_id: int) -> ClientSession | None:
+        return self.sessions.get(connection_id)
+
+    def new_login(self, session: ClientSession) -> ServerLogin:
+        host = session.client.rpartition(":")[0] or session.client
+        return ServerLogin(
+            session.connection_id,
+            self._account,
+            self._rsa,
+            self._sha2_cached,
+            tls_offered=self.tls_context(session.entrance) is not None,
+            peer_host=host,
+        )
+
+    def _account(self, name: str) -> Account | None:
+        user = self.users.get(name)
+        return user.account if user is not None else None
+
+    def tls_context(self, entrance: str) -> ssl.SSLContext | None:
+        return self._tls.get(entrance)
+
+    def backend_user_of(self, name: str, sha1_password: bytes | None) -> str:
+        """The server login of a user (learning its password hash from a native login)."""
+        user = self.users[name]
+        if (
+            user.backend_sha1 is None
+            and sha1_password is not None
+            and not user.account.secret.clear
+        ):
+            self.credentials.sha1.setdefault(user.backend_user, sha1_password)
+        return user.backend_user
+
+    def default_schema(self, name: str) -> str:
+        return self.users[name].default_schema
+
+    def max_packet(self, pool: str) -> int:
+        settings = self.settings.get(pool) or ConnectionsConfig()
+        return settings.max_packet_mib * 1024 * 1024
+
+    def login_accepted(self, session: ClientSession) -> None:
+        user = self.users[session.user]
+        if user.pool:
+            session.pool_name = user.pool
+        count = self.per_user.get(session.user, 0)
+        if count >= user.max_connections:
+            self.counters.inc("logins_refused", user=session.user, reason="max_connections")
+            message = (
+                f"User {session.user} already has more than 'max_user_connections' active"
+                " connections"
+            )
+            session._fail(ER_TOO_MANY_USER_CONNECTIONS, message, 2, "42000")
+            return
+        self.per_user[session.user] = count + 1
+        session.counted = True
+        self.counters.inc("logins", user=session.user)
+
+    def login_refused(self, session: ClientSession, login: ServerLogin, reason: str) -> None:
+        self.counters.inc("logins_refused", user=login.user_name or "", reason=reason)
+        log.warning("login_refused", client=session.client, user=login.user_name, reason=reason)
+
+    def session_closed(self, session: ClientSession) -> None:
+        self.sessions.pop(session.connection_id, None)
+        if session.counted:
+            self.per_user[session.user] -= 1
+
+    def choose_server(self, pool: str) -> ServerPool | None:
+        servers = self.pools.get(pool, {})
+        members = self.members.get(pool, ())
+        active = {address: server.stats.in_use for address, server in servers.items()}
+        eligible = tuple(
+            m for m in members if m.address in servers and servers[m.address].accepting
+        )
+        member = choose(eligible, active, (), self._rng)
+        return servers.get(member.address) if member is not None else None
+
+    def intern(self, values: Values) -> Values:
+        """One dict per distinct state, so that most checks are identity checks."""
+        key = tuple(values.items())
+        found = self._interned.get(key)
+        if found is not None:
+            return found
+        if len(self._interned) < _INTERNED_MAX:
+            self._interned[key] = values
+        return values
+
+    def count_pins(self, effects: Effects) -> None:
+        for reason in effects.pins:
+            self.counters.inc("session_pins", reason=reason)
+        if effects.lock:
+            self.counters.inc("session_pins", reason="lock tables")
+
+    # ----------------------------------------------------------------- upkeep
+
+    async def maintain(self) -> None:
+        """Recycle and refill every server's idle connections (failures are reported)."""
+        now = time.monotonic()
+        for servers in list(self.pools.values()):
+            for server in list(servers.values()):
+                await server.maintain(now)
+
+    def close(self) -> None:
+        for session in list(self.sessions.values()):
+            session.close("shutting down")
+        for servers in self.pools.values():
+            for server in servers.values():
+                server.close()
+
+    def stats(self) -> dict[str, Any]:
+        pools: dict[str, Any] = {}
+        for name, servers in self.pools.items():
+            pools[name] = {
+                str(address): {
+                    "in_use": server.stats.in_use,
+                    "idle": server.idle_count(),
+                    "open": server.total,
+                    "created": server.stats.created,
+                    "failed": server.stats.failed,
+                    "reused": server.stats.reused,
+                    "waits": server.stats.waits,
+                    "timeouts": server.stats.timeouts,
+                }
+                for address, server in servers.items()
+            }
+        return {
+            "client_sessions": len(self.sessions),
+            "statements": self.statements,
+            "users": dict(self.per_user),
+            "pools": pools,
+        }
+
+
+def _server_context(listener: ListenerConfig) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(listener.tls_cert, listener.tls_key)
+    return context
+
+
+async def maintain_forever(mode: SessionMode, interval_s: float = 1.0) -> None:
+    while True:
+        await mode.maintain()
+        await asyncio.sleep(interval_s)

@@ -1,0 +1,159 @@
+"""Numbers of the MySQL protocol: capability and status flags, commands, error codes."""
+
+from __future__ import annotations
+
+import enum
+
+MAX_PAYLOAD = 0xFFFFFF  # a payload this long continues in the next packet
+
+
+class Cap(enum.IntFlag):
+    LONG_PASSWORD = 1
+    FOUND_ROWS = 1 << 1
+    LONG_FLAG = 1 << 2
+    CONNECT_WITH_DB = 1 << 3
+    NO_SCHEMA = 1 << 4
+    COMPRESS = 1 << 5
+    ODBC = 1 << 6
+    LOCAL_FILES = 1 << 7
+    IGNORE_SPACE = 1 << 8
+    PROTOCOL_41 = 1 << 9
+    INTERACTIVE = 1 << 10
+    SSL = 1 << 11
+    IGNORE_SIGPIPE = 1 << 12
+    TRANSACTIONS = 1 << 13
+    RESERVED = 1 << 14
+    SECURE_CONNECTION = 1 << 15
+    MULTI_STATEMENTS = 1 << 16
+    MULTI_RESULTS = 1 << 17
+    PS_MULTI_RESULTS = 1 << 18
+    PLUGIN_AUTH = 1 << 19
+    CONNECT_ATTRS = 1 << 20
+    PLUGIN_AUTH_LENENC_DATA = 1 << 21
+    CAN_HANDLE_EXPIRED_PASSWORDS = 1 << 22
+    SESSION_TRACK = 1 << 23
+    DEPRECATE_EOF = 1 << 24
+
+
+# What meshproxy offers clients. Not COMPRESS (clients fall back to plain packets) and not
+# SESSION_TRACK (we track state ourselves; OK packets stay in the form every client reads).
+SERVER_CAPS = (
+    Cap.LONG_PASSWORD
+    | Cap.FOUND_ROWS
+    | Cap.LONG_FLAG
+    | Cap.CONNECT_WITH_DB
+    | Cap.NO_SCHEMA
+    | Cap.ODBC
+    | Cap.LOCAL_FILES
+    | Cap.IGNORE_SPACE
+    | Cap.PROTOCOL_41
+    | Cap.INTERACTIVE
+    | Cap.IGNORE_SIGPIPE
+    | Cap.TRANSACTIONS
+    | Cap.SECURE_CONNECTION
+    | Cap.MULTI_STATEMENTS
+    | Cap.MULTI_RESULTS
+    | Cap.PS_MULTI_RESULTS
+    | Cap.PLUGIN_AUTH
+    | Cap.CONNECT_ATTRS
+    | Cap.PLUGIN_AUTH_LENENC_DATA
+    | Cap.DEPRECATE_EOF
+)
+
+# The client flags that change what a server sends or how it behaves for the session: a
+# backend connection serves only clients that chose the same ones, so that its answers reach
+# them byte for byte, never re-encoded.
+WIRE_CAPS = (
+    Cap.FOUND_ROWS
+    | Cap.LONG_FLAG
+    | Cap.NO_SCHEMA
+    | Cap.LOCAL_FILES
+    | Cap.IGNORE_SPACE
+    | Cap.INTERACTIVE
+    | Cap.MULTI_STATEMENTS
+    | Cap.MULTI_RESULTS
+    | Cap.PS_MULTI_RESULTS
+    | Cap.DEPRECATE_EOF
+)
+
+# What a backend connection always asks for, besides the client's WIRE_CAPS.
+BACKEND_CAPS = (
+    Cap.LONG_PASSWORD
+    | Cap.PROTOCOL_41
+    | Cap.TRANSACTIONS
+    | Cap.SECURE_CONNECTION
+    | Cap.PLUGIN_AUTH
+    | Cap.PLUGIN_AUTH_LENENC_DATA
+    | Cap.CONNECT_ATTRS
+)
+
+
+class Status(enum.IntFlag):
+    IN_TRANS = 1
+    AUTOCOMMIT = 1 << 1
+    MORE_RESULTS_EXISTS = 1 << 3
+    NO_GOOD_INDEX_USED = 1 << 4
+    NO_INDEX_USED = 1 << 5
+    CURSOR_EXISTS = 1 << 6
+    LAST_ROW_SENT = 1 << 7
+    DB_DROPPED = 1 << 8
+    NO_BACKSLASH_ESCAPES = 1 << 9
+    METADATA_CHANGED = 1 << 10
+    QUERY_WAS_SLOW = 1 << 11
+    PS_OUT_PARAMS = 1 << 12
+    IN_TRANS_READONLY = 1 << 13
+    SESSION_STATE_CHANGED = 1 << 14
+
+
+class Command(enum.IntEnum):
+    SLEEP = 0x00
+    QUIT = 0x01
+    INIT_DB = 0x02
+    QUERY = 0x03
+    FIELD_LIST = 0x04
+    CREATE_DB = 0x05
+    DROP_DB = 0x06
+    REFRESH = 0x07
+    SHUTDOWN = 0x08
+    STATISTICS = 0x09
+    PROCESS_INFO = 0x0A
+    CONNECT = 0x0B
+    PROCESS_KILL = 0x0C
+    DEBUG = 0x0D
+    PING = 0x0E
+    TIME = 0x0F
+    DELAYED_INSERT = 0x10
+    CHANGE_USER = 0x11
+    BINLOG_DUMP = 0x12
+    TABLE_DUMP = 0x13
+    CONNECT_OUT = 0x14
+    REGISTER_SLAVE = 0x15
+    STMT_PREPARE = 0x16
+    STMT_EXECUTE = 0x17
+    STMT_SEND_LONG_DATA = 0x18
+    STMT_CLOSE = 0x19
+    STMT_RESET = 0x1A
+    SET_OPTION = 0x1B
+    STMT_FETCH = 0x1C
+    DAEMON = 0x1D
+    BINLOG_DUMP_GTID = 0x1E
+    RESET_CONNECTION = 0x1F
+
+
+# Error codes meshproxy itself answers with, worded as a MySQL server words them.
+ER_CON_COUNT_ERROR = 1040  # Too many connections
+ER_HANDSHAKE_ERROR = 1043  # Bad handshake
+ER_ACCESS_DENIED_ERROR = 1045
+ER_NO_DB_ERROR = 1046
+ER_UNKNOWN_COM_ERROR = 1047
+ER_NET_PACKET_TOO_LARGE = 1153
+ER_NET_READ_ERROR = 1158
+ER_UNKNOWN_STMT_HANDLER = 1243
+ER_NOT_SUPPORTED_AUTH_MODE = 1251
+ER_MALFORMED_PACKET = 1835
+ER_SECURE_TRANSPORT_REQUIRED = 3159
+ER_PROXY_NO_UPSTREAM = 9001  # ProxySQL's code when no backend could be reached
+ER_PROXY_POOL_TIMEOUT = 9002
+ER_PROXY_BACKEND_LOST = 9003
+
+UTF8MB4_GENERAL_CI = 45

@@ -1,0 +1,214 @@
+"""Packet framing and the small packets every exchange uses (OK, ERR, EOF).
+
+A packet is a 3-byte little-endian payload length, a sequence id and the payload; a payload
+of 2**24-1 bytes or more is split into full packets followed by a shorter one (maybe
+empty). Decoders here never raise on hostile bytes: they return ``None`` or a
+``Malformed`` value, and callers decide what the peer is told.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from meshproxy.mysql.constants import MAX_PAYLOAD
+
+
+def frame(seq: int, payload: bytes) -> bytes:
+    """``payload`` as one or more packets starting at sequence id ``seq``."""
+    if len(payload) < MAX_PAYLOAD:
+        return len(payload).to_bytes(3, "little") + bytes((seq & 0xFF,)) + payload
+    parts = []
+    view = memoryview(payload)
+    while True:
+        chunk = view[:MAX_PAYLOAD]
+        parts.append(len(chunk).to_bytes(3, "little") + bytes((seq & 0xFF,)))
+        parts.append(bytes(chunk))
+        seq += 1
+        view = view[MAX_PAYLOAD:]
+        if len(chunk) < MAX_PAYLOAD:
+            return b"".join(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class Packet:
+    """One logical packet: the sequence id of its first part and the joined payload."""
+
+    seq: int
+    payload: bytes
+    last_seq: int  # sequence id of its last part (the next packet of the exchange is +1)
+
+
+class PacketTooLarge(Exception):
+    """A peer's logical packet exceeds the limit this reader was given."""
+
+
+class Framer:
+    """Splits a byte stream into logical packets, joining the parts of long payloads.
+
+    ``max_payload`` bounds what one packet may make us hold; ``feed`` raises
+    PacketTooLarge past it (the caller answers with an ERR and closes that session).
+    """
+
+    __slots__ = ("_buf", "_first_seq", "_parts", "_parts_len", "max_payload")
+
+    def __init__(self, max_payload: int) -> None:
+        self._buf = bytearray()
+        self._parts: list[bytes] = []
+        self._parts_len = 0
+        self._first_seq = 0
+        self.max_payload = max_payload
+
+    def pending(self) -> int:
+        """Bytes held for packets not complete yet."""
+        return len(self._buf) + self._parts_len
+
+    def feed(self, data: bytes) -> list[Packet]:
+        buf = self._buf
+        buf += data
+        out: list[Packet] = []
+        pos = 0
+        end = len(buf)
+        while end - pos >= 4:
+            length = buf[pos] | buf[pos + 1] << 8 | buf[pos + 2] << 16
+            seq = buf[pos + 3]
+            if self._parts_len + length > self.max_payload:
+                raise PacketTooLarge(self._parts_len + length)
+            if end - pos - 4 < length:
+                break
+            payload = bytes(buf[pos + 4 : pos + 4 + length])
+            pos += 4 + length
+            if length == MAX_PAYLOAD:
+                if not self._parts:
+                    self._first_seq = seq
+                self._parts.append(payload)
+                self._parts_len += length
+                continue
+            if self._parts:
+                self._parts.append(payload)
+                payload = b"".join(self._parts)
+                out.append(Packet(self._first_seq, payload, seq))
+                self._parts.clear()
+                self._parts_len = 0
+            else:
+                out.append(Packet(seq, payload, seq))
+        del buf[:pos]
+        return out
+
+
+# ----------------------------------------------------------------- length-encoded values
+
+
+def read_lenenc(data: bytes, pos: int) -> tuple[int | None, int]:
+    """A length-encoded integer at ``pos``: (value, next position); value None for NULL
+    (0xfb) or when the bytes run out (next position is then past the end)."""
+    if pos >= len(data):
+        return None, len(data) + 1
+    first = data[pos]
+    if first < 0xFB:
+        return first, pos + 1
+    if first == 0xFB:
+        return None, pos + 1
+    size = {0xFC: 2, 0xFD: 3, 0xFE: 8}.get(first)
+    if size is None or pos + 1 + size > len(data):
+        return None, len(data) + 1
+    return int.from_bytes(data[pos + 1 : pos + 1 + size], "little"), pos + 1 + size
+
+
+def lenenc(value: int) -> bytes:
+    if value < 0xFB:
+        return bytes((value,))
+    if value < 1 << 16:
+        return b"\xfc" + value.to_bytes(2, "little")
+    if value < 1 << 24:
+        return b"\xfd" + value.to_bytes(3, "little")
+    return b"\xfe" + value.to_bytes(8, "little")
+
+
+def lenenc_bytes(value: bytes) -> bytes:
+    return lenenc(len(value)) + value
+
+
+def read_lenenc_bytes(data: bytes, pos: int) -> tuple[bytes | None, int]:
+    length, pos = read_lenenc(data, pos)
+    if length is None or pos + length > len(data):
+        return None, pos if length is None else len(data) + 1
+    return data[pos : pos + length], pos + length
+
+
+def read_nul(data: bytes, pos: int) -> tuple[bytes | None, int]:
+    """A NUL-terminated string at ``pos`` (None when there is no NUL)."""
+    end = data.find(b"\x00", pos)
+    if end < 0:
+        return None, len(data) + 1
+    return data[pos:end], end + 1
+
+
+# ----------------------------------------------------------------- OK, ERR, EOF
+
+
+@dataclass(frozen=True, slots=True)
+class Ok:
+    affected_rows: int
+    last_insert_id: int
+    status: int
+    warnings: int
+
+
+@dataclass(frozen=True, slots=True)
+class Err:
+    code: int
+    sql_state: str
+    message: str
+
+
+def parse_ok(payload: bytes) -> Ok | None:
+    """An OK packet (0x00, or 0xfe ending a result set with DEPRECATE_EOF), or None."""
+    if not payload or payload[0] not in (0x00, 0xFE):
+        return None
+    affected, pos = read_lenenc(payload, 1)
+    insert_id, pos = read_lenenc(payload, pos)
+    if affected is None or insert_id is None or pos + 4 > len(payload):
+        return None
+    status, warnings = struct.unpack_from("<HH", payload, pos)
+    return Ok(affected, insert_id, status, warnings)
+
+
+def parse_eof_status(payload: bytes) -> int | None:
+    """The status flags of an EOF packet, or None if it is not one."""
+    if len(payload) == 5 and payload[0] == 0xFE:
+        return int(struct.unpack_from("<H", payload, 3)[0])
+    return None
+
+
+def parse_err(payload: bytes) -> Err | None:
+    if len(payload) < 3 or payload[0] != 0xFF:
+        return None
+    code = int(struct.unpack_from("<H", payload, 1)[0])
+    if len(payload) >= 9 and payload[3:4] == b"#":
+        state, message = payload[4:9], payload[9:]
+    else:
+        state, message = b"HY000", payload[3:]
+    return Err(code, state.decode("ascii", "replace"), message.decode("utf-8", "replace"))
+
+
+def ok_payload(status: int, affected_rows: int = 0, last_insert_id: int = 0) -> bytes:
+    return b"\x00" + lenenc(affected_rows) + lenenc(last_insert_id) + struct.pack("<HH", status, 0)
+
+
+def err_payload(code: int, message: str, sql_state: str = "HY000") -> bytes:
+    text = message.encode("utf-8", "replace")[:1024]
+    return b"\xff" + struct.pack("<H", code) + b"#" + sql_state.encode("ascii")[:5] + text
+
+
+def eof_payload(status: int) -> bytes:
+    return b"\xfe\x00\x00" + struct.pack("<H", status)
+
+
+def error_packet(code: int, message: str, seq: int = 0, sql_state: str | None = None) -> bytes:
+    """An ERR packet; without ``sql_state`` in the pre-handshake form (no SQL state marker),
+    which is how a server refuses a client before its greeting."""
+    if sql_state is None:
+        text = message.encode("utf-8", "replace")[:1024]
+        return frame(seq, b"\xff" + struct.pack("<H", code) + text)
+    return frame(seq, err_payload(code, message, sql_state))

@@ -1,0 +1,331 @@
+"""Where a server's answer to a command ends, without re-encoding a byte of it.
+
+The session pump forwards each chunk a backend sends as it arrives; ``Response.feed`` walks
+the packet headers in the chunk and says where the answer ended, if it did. Rows are
+skipped by their length (only the first byte of a row packet is looked at, to tell a row
+from the packet that ends the result set); only packets that decide something (the first
+packet of a result, column counts, terminators, a prepare's OK) are collected, and they are
+small. One table of states covers every kind of answer:
+
+    COM_QUERY / COM_STMT_EXECUTE: OK | ERR | LOCAL INFILE request | result set, and after
+        an OK or a result set whose status says MORE_RESULTS_EXISTS, another result
+    result set: column count, column definitions, [EOF], rows, EOF or OK (0xfe) or ERR
+    COM_STMT_PREPARE: ERR | prepare-OK, parameter definitions [EOF], column definitions [EOF]
+    COM_STMT_FETCH: rows, then EOF | ERR
+    COM_FIELD_LIST: column definitions, then EOF (or OK 0xfe) | ERR
+    everything else that answers: one packet (COM_STATISTICS's is a bare string)
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+
+from meshproxy.mysql.constants import MAX_PAYLOAD, Command, Status
+from meshproxy.mysql.packets import parse_eof_status, parse_err, parse_ok, read_lenenc
+
+# Commands a server does not answer at all.
+NO_RESPONSE = frozenset({Command.STMT_CLOSE, Command.STMT_SEND_LONG_DATA, Command.QUIT})
+
+
+class Kind(enum.Enum):
+    RESULT = "result"  # OK, ERR, LOCAL INFILE or result sets (COM_QUERY, COM_STMT_EXECUTE)
+    PREPARE = "prepare"
+    ROWS = "rows"  # COM_STMT_FETCH
+    FIELDS = "fields"  # COM_FIELD_LIST
+    SINGLE = "single"
+
+
+def kind_of(command: int) -> Kind:
+    if command in (Command.QUERY, Command.STMT_EXECUTE):
+        return Kind.RESULT
+    if command == Command.STMT_PREPARE:
+        return Kind.PREPARE
+    if command == Command.STMT_FETCH:
+        return Kind.ROWS
+    if command == Command.FIELD_LIST:
+        return Kind.FIELDS
+    return Kind.SINGLE
+
+
+class _S(enum.IntEnum):
+    FIRST = 0  # the first packet of a result
+    COLUMNS = 1  # column definitions still to come: ``_count``
+    COLUMNS_EOF = 2  # the EOF after column definitions (without DEPRECATE_EOF)
+    ROWS = 3
+    PREPARE_OK = 4
+    PARAMS = 5
+    PARAMS_EOF = 6
+    PREPARE_COLUMNS = 7
+    PREPARE_COLUMNS_EOF = 8
+    SINGLE = 9
+    DONE = 10
+
+
+# Packets of these states are looked at whole (they are small); others only by first byte.
+_COLLECT = frozenset(
+    {_S.FIRST, _S.COLUMNS_EOF, _S.PREPARE_OK, _S.PARAMS_EOF, _S.PREPARE_COLUMNS_EOF, _S.SINGLE}
+)
+# States that decide on a packet's first payload byte whether to look at it whole.
+_BY_FIRST_BYTE = frozenset({_S.ROWS, _S.COLUMNS})
+
+
+class Response:
+    """The answer to one command, followed through the chunks it arrives in."""
+
+    __slots__ = (
+        "_collect",
+        "_continued",
+        "_count",
+        "_deprecate_eof",
+        "_header",
+        "_left",
+        "_params",
+        "_prepare_columns",
+        "_state",
+        "_undecided",
+        "_want",
+        "affected_rows",
+        "error",
+        "infile",
+        "kind",
+        "last_insert_id",
+        "next_seq",
+        "prepared",
+        "status",
+    )
+
+    def __init__(self, command: int, deprecate_eof: bool) -> None:
+        self.kind = kind_of(command)
+        self._deprecate_eof = deprecate_eof
+        self._state = {
+            Kind.RESULT: _S.FIRST,
+            Kind.PREPARE: _S.PREPARE_OK,
+            Kind.ROWS: _S.ROWS,
+            Kind.FIELDS: _S.COLUMNS,
+            Kind.SINGLE: _S.SINGLE,
+        }[self.kind]
+        self._count = -1  # FIELDS: unbounded column definitions until EOF
+        self._header = bytearray()  # a packet header split across chunks
+        self._left = 0  # payload bytes of the current packet still to come
+        self._want = False  # the current packet's payload is being collected
+        self._collect = bytearray()
+        self._continued = False  # the current packet continues a 16 MiB one
+        self._undecided = -1  # length of a packet whose first payload byte is still to come
+        self._params = 0
+        self._prepare_columns = 0
+        self.status = 0  # server status flags of the last OK or EOF
+        self.error: tuple[int, str] | None = None  # (code, message) of an ERR that ended it
+        self.affected_rows = 0
+        self.last_insert_id = 0
+        self.infile = False  # the server asked for a LOCAL INFILE: the client sends next
+        self.prepared: tuple[int, int, int] | None = None  # (statement id, columns, params)
+        self.next_seq = 0  # sequence id the next packet of this exchange would carry
+
+    @property
+    def done(self) -> bool:
+        return self._state is _S.DONE
+
+    def expect_infile_result(self) -> None:
+        """The client has sent its file: the server's OK or ERR comes next."""
+        self.infile = False
+        self._state = _S.FIRST  # its OK may say MORE_RESULTS_EXISTS (a multi-statement text)
+
+    def feed(self, data: bytes) -> int:
+        """Account for ``data``; return the offset just past the answer's end, or -1."""
+        pos = 0
+        end = len(data)
+        while pos < end:
+            if self._left:
+                take = min(self._left, end - pos)
+                if self._want:
+                    self._collect += data[pos : pos + take]
+                pos += take
+                self._left -= take
+                if self._left:
+                    return -1
+                if self._want:
+                    self._want = False
+                    self._packet(bytes(self._collect))
+                if self._state is _S.DONE or self.infile:  # a packet, or definitions, ended it
+                    return pos
+                continue
+            if self._undecided >= 0:  # a header whose payload's first byte is here now
+                length, self._undecided = self._undecided, -1
+            else:
+                # A packet header: 4 bytes, maybe split across chunks.
+                if self._header or end - pos < 4:
+                    take = min(4 - len(self._header), end - pos)
+                    self._header += data[pos : pos + take]
+                    pos += take
+                    if len(self._header) < 4:
+                        return -1
+                    h = self._header
+                    length, seq = h[0] | h[1] << 8 | h[2] << 16, h[3]
+                    self._header = bytearray()
+                else:
+                    length = data[pos] | data[pos + 1] << 8 | data[pos + 2] << 16
+                    seq = data[pos + 3]
+                    pos += 4
+                self.next_seq = (seq + 1) & 0xFF
+                continued = self._continued
+                self._continued = length == MAX_PAYLOAD
+                if continued:  # the rest of a long packet: payload, not a packet of its own
+                    self._left = length
+                    continue
+                if length and pos >= end and self._state in _BY_FIRST_BYTE:
+                    self._undecided = length
+                    return -1
+            state = self._state
+            if state in _BY_FIRST_BYTE:  # its first payload byte is here (see _undecided)
+                whole = self._ends_here(state, length, data[pos] if length else -1)
+            else:
+                whole = state in _COLLECT
+            if whole:
+                if pos + length <= end:
+                    payload = data[pos : pos + length]
+                    pos += length
+                    self._packet(payload)
+                    if self._state is _S.DONE or self.infile:
+                        return pos
+                    continue
+                self._collect = bytearray()
+                self._want = True
+            elif state is _S.COLUMNS or state is _S.PARAMS or state is _S.PREPARE_COLUMNS:
+                self._column(state)
+            self._left = length
+            if not length and self._state is _S.DONE:
+                return pos
+        return -1
+
+    def _ends_here(self, state: _S, length: int, first: int) -> bool:
+        """Whether a packet of a rows or definitions state must be looked at whole: only
+        if it may end the result (an ERR, or 0xfe in a packet too short to be a row)."""
+        if state is _S.ROWS:
+            return first == 0xFF or (first == 0xFE and length < MAX_PAYLOAD)
+        # COLUMNS: COM_FIELD_LIST's definitions end at EOF (or OK 0xfe)
+        return self._count < 0 and first in (0xFE, 0xFF)
+
+    def _column(self, state: _S) -> None:
+        """One column or parameter definition went by."""
+        self._count -= 1
+        if self._count:
+            return
+        if state is _S.COLUMNS:
+            self._state = _S.ROWS if self._deprecate_eof else _S.COLUMNS_EOF
+        elif state is _S.PARAMS:
+            self._after_params()
+        else:
+            self._end_prepare_columns()
+
+    def _packet(self, payload: bytes) -> None:
+        state = self._state
+        first = payload[0] if payload else -1
+        if first == 0xFF:
+            err = parse_err(payload)
+            self.error = (err.code, err.message) if err else (0, "malformed error packet")
+            self._state = _S.DONE
+            return
+        if state is _S.FIRST:
+            self._first(payload)
+        elif state is _S.ROWS or state is _S.COLUMNS:
+            self._terminator(payload)  # a row or definition collected whole: see if it ends
+        elif state is _S.COLUMNS_EOF:
+            self._state = _S.ROWS
+            status = parse_eof_status(payload)
+            if status is not None and status & Status.CURSOR_EXISTS:
+                self.status = status
+                self._state = _S.DONE  # a cursor: rows come with COM_STMT_FETCH
+        elif state is _S.PREPARE_OK:
+            self._prepare_ok(payload)
+        elif state is _S.PARAMS_EOF:
+            self._after_params_eof()
+        elif state is _S.PREPARE_COLUMNS_EOF:
+            self._state = _S.DONE
+        elif state is _S.SINGLE:
+            ok = parse_ok(payload) if first == 0 else None
+            if ok is not None:
+                self._take_ok(ok.status, ok.affected_rows, ok.last_insert_id)
+            else:
+                status = parse_eof_status(payload)
+                if status is not None:
+                    self.status = status
+            self._state = _S.DONE
+
+    def _first(self, payload: bytes) -> None:
+        first = payload[0] if payload else -1
+        if first == 0x00:
+            ok = parse_ok(payload)
+            if ok is None:
+                self.error = (0, "malformed OK packet")
+                self._state = _S.DONE
+                return
+            self._take_ok(ok.status, ok.affected_rows, ok.last_insert_id)
+            self._state = _S.FIRST if ok.status & Status.MORE_RESULTS_EXISTS else _S.DONE
+            return
+        if first == 0xFB:
+            self.infile = True
+            return
+        count, _ = read_lenenc(payload, 0)
+        if not count:
+            self.error = (0, "malformed result set header")
+            self._state = _S.DONE
+            return
+        self._count = count
+        self._state = _S.COLUMNS
+
+    def _terminator(self, payload: bytes) -> None:
+        if not payload or payload[0] != 0xFE or len(payload) >= MAX_PAYLOAD:
+            if self._state is _S.COLUMNS:
+                self._column(_S.COLUMNS)
+            return  # a row (or definition) that only looked like it might end things
+        if self._deprecate_eof:
+            ok = parse_ok(payload)
+            status = ok.status if ok is not None else parse_eof_status(payload)
+            if ok is not None:
+                self._take_ok(ok.status, ok.affected_rows, ok.last_insert_id)
+        else:
+            status = parse_eof_status(payload)
+        if status is None:
+            self.error = (0, "malformed end of result set")
+            self._state = _S.DONE
+            return
+        self.status = status
+        more = status & Status.MORE_RESULTS_EXISTS and self.kind is Kind.RESULT
+        self._state = _S.FIRST if more else _S.DONE
+
+    def _take_ok(self, status: int, affected: int, insert_id: int) -> None:
+        self.status = status
+        self.affected_rows = affected
+        if insert_id:
+            self.last_insert_id = insert_id
+
+    def _prepare_ok(self, payload: bytes) -> None:
+        if len(payload) < 12 or payload[0] != 0:
+            self.error = (0, "malformed prepare response")
+            self._state = _S.DONE
+            return
+        stmt_id, columns, params = struct.unpack_from("<IHH", payload, 1)
+        self.prepared = (stmt_id, columns, params)
+        self._params, self._prepare_columns = params, columns
+        if params:
+            self._count = params
+            self._state = _S.PARAMS
+        else:
+            self._after_params_eof()
+
+    def _after_params(self) -> None:
+        if self._deprecate_eof:
+            self._after_params_eof()
+        else:
+            self._state = _S.PARAMS_EOF
+
+    def _after_params_eof(self) -> None:
+        if self._prepare_columns:
+            self._count = self._prepare_columns
+            self._state = _S.PREPARE_COLUMNS
+        else:
+            self._state = _S.DONE
+
+    def _end_prepare_columns(self) -> None:
+        self._state = _S.DONE if self._deprecate_eof else _S.PREPARE_COLUMNS_EOF
