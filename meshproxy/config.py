@@ -164,6 +164,8 @@ class UserConfig:
     default_schema: str = ""
     max_connections: int = 10000
     require_tls: bool = False
+    # The auth plugin the user must log in with; "" accepts either, as the client chooses.
+    auth_plugin: Literal["", "mysql_native_password", "caching_sha2_password"] = ""
     # Whom meshproxy logs in as on the servers; default: the same name and password.
     backend_user: str = ""
     backend_password: str = ""
@@ -719,6 +721,11 @@ def _check_session_mode(config: Config, loader: _Loader) -> None:
                 "give backend_password or backend_password_env, not both",
             )
         stored = user.password.startswith("*")
+        if stored and user.auth_plugin == "caching_sha2_password":
+            raise loader.fail(
+                f"{key}.auth_plugin",
+                "caching_sha2_password needs the clear password, not a stored native hash",
+            )
         if stored and (len(user.password) != 41 or not _is_hex(user.password[1:])):
             raise loader.fail(
                 f"{key}.password", "a stored hash is '*' followed by 40 hexadecimal digits"

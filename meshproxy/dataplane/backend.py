@@ -100,6 +100,7 @@ class BackendConnection(asyncio.Protocol):
         self.key = key
         self.transport: asyncio.Transport | None = None
         self.thread_id = 0
+        self.server_version = ""
         self.flavor = Flavor.of("")
         self.deprecate_eof = bool(key.caps & Cap.DEPRECATE_EOF)
         self.state = SessionState()
@@ -112,7 +113,9 @@ class BackendConnection(asyncio.Protocol):
         # FOUND_ROWS() and ROW_COUNT() belong to them.
         self.last_owner: object = None
         self.insert_owner: object = None
-        self._framer: Framer | None = None  # while an exchange of our own runs
+        # While an exchange of our own runs; the login's starts now: the greeting may come
+        # before the code that opened the connection has run again.
+        self._framer: Framer | None = Framer(_INTERNAL_MAX)
         self._packets: list[Packet] = []
         self._response: Response | None = None
         self._waiter: asyncio.Future[None] | None = None
@@ -266,14 +269,13 @@ class BackendConnection(asyncio.Protocol):
     async def login(self, user: str, sha1_password: bytes | None, timeout_s: float) -> None:
         """Log in as ``user`` (mysql_native_password; SHA1(password) is all it needs), then
         read the session state the server starts us with. Raises ConnectFailed."""
-        self._framer = Framer(_INTERNAL_MAX)
-        self._packets = []
         try:
             async with asyncio.timeout(timeout_s):
                 greeting = parse_greeting((await self._packet()).payload)
                 if greeting is None:
                     raise ConnectFailed(str(self.address), "no MySQL greeting")
                 self.thread_id = greeting.connection_id
+                self.server_version = greeting.server_version
                 self.flavor = Flavor.of(greeting.server_version)
                 caps = (BACKEND_CAPS | self.key.caps) & greeting.capabilities
                 self.deprecate_eof = bool(caps & Cap.DEPRECATE_EOF)

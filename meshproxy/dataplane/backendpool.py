@@ -73,6 +73,7 @@ class ServerPool:
         self.source_ip = source_ip
         self.idle: dict[LoginKey, deque[BackendConnection]] = {}
         self.total = 0  # open or being opened
+        self.server_version = ""  # as its greeting says
         self.stats = ServerStats()
         self.accepting = True  # False: OFFLINE_SOFT or worse; no new checkouts
         self.keys_seen: dict[LoginKey, float] = {}
@@ -194,6 +195,7 @@ class ServerPool:
             self._wake_one()
             raise
         conn.on_lost = self._lost
+        self.server_version = conn.server_version
         self.baseline.setdefault(key, conn.state.values)
         self.stats.created += 1
         self.counters.inc("backend_connections_created", pool=self.pool, server=str(self.address))

@@ -241,6 +241,14 @@ class ClientSession(asyncio.Protocol, Sink):
         if isinstance(step, logins.Send):
             self._send(seq, step.payload)
         elif isinstance(step, logins.StartTls):
+            # Nothing more may be read in clear: the client's next bytes are its TLS hello.
+            assert self.transport is not None
+            self.transport.pause_reading()
+            if self._framer.pending():
+                # Read together with its SSLRequest: bytes asyncio's TLS layer never sees.
+                self.mode.counters.inc("session_tls_failures")
+                self.close("TLS hello arrived with the SSLRequest")
+                return
             self._task = asyncio.get_running_loop().create_task(self._start_tls())
         elif isinstance(step, logins.Refused):
             self.mode.login_refused(self, login, step.reason)
@@ -253,7 +261,7 @@ class ClientSession(asyncio.Protocol, Sink):
 
     async def _start_tls(self) -> None:
         transport = self.transport
-        context = self.mode.tls_context(self.pool_name)
+        context = self.mode.tls_context(self.entrance)
         assert transport is not None
         assert context is not None
         loop = asyncio.get_running_loop()

@@ -34,7 +34,7 @@ from meshproxy.dataplane.session import ClientSession
 from meshproxy.dataplane.upstream import ConnectReport
 from meshproxy.health.state import ServerState
 from meshproxy.mysql import auth
-from meshproxy.mysql.login import Account, ServerLogin
+from meshproxy.mysql.login import SERVER_VERSION, Account, ServerLogin
 from meshproxy.mysql.state import Values
 from meshproxy.mysql.statements import Effects
 
@@ -90,7 +90,7 @@ class SessionMode:
                 sha1 = sha1_of(backend_password)
             elif not user.backend_user and secret.clear is not None:
                 sha1 = sha1_of(secret.clear)
-            account = Account(user.name, secret, user.require_tls)
+            account = Account(user.name, secret, user.require_tls, user.auth_plugin)
             users[user.name] = User(
                 account, user.pool, user.default_schema, user.max_connections, backend_user, sha1
             )
@@ -185,7 +185,15 @@ class SessionMode:
             self._sha2_cached,
             tls_offered=self.tls_context(session.entrance) is not None,
             peer_host=host,
+            server_version=self._server_version(session.pool_name),
         )
+
+    def _server_version(self, pool: str) -> str:
+        """The version the pool's servers greet with (clients choose defaults by it)."""
+        for server in self.pools.get(pool, {}).values():
+            if server.server_version:
+                return f"{server.server_version}-meshproxy"
+        return SERVER_VERSION
 
     def _account(self, name: str) -> Account | None:
         user = self.users.get(name)

@@ -33,7 +33,9 @@ from meshproxy.mysql.handshake import (
 )
 from meshproxy.mysql.packets import Packet, err_payload, ok_payload
 
-SERVER_VERSION = "10.11.0-meshproxy"
+# What the greeting says until a backend's own version is known. Clients pick defaults by
+# it (MySQL 8 clients choose collation 255, which MariaDB lacks): it must name the flavor.
+SERVER_VERSION = "5.5.5-10.11.6-MariaDB-meshproxy"
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,7 @@ class Account:
     name: str
     secret: auth.Secret
     require_tls: bool
+    plugin: str = ""  # the auth plugin it must use; "" takes the client's choice of two
 
 
 @dataclass(frozen=True)
@@ -83,7 +86,9 @@ class ServerLogin:
         cached: set[str],
         tls_offered: bool,
         peer_host: str,
+        server_version: str = SERVER_VERSION,
     ) -> None:
+        self.server_version = server_version
         self.nonce = auth.scramble()
         self._accounts = accounts
         self._rsa = rsa
@@ -106,7 +111,7 @@ class ServerLogin:
         caps = SERVER_CAPS | (Cap.SSL if self._tls_offered else 0)
         return greeting_payload(
             Greeting(
-                server_version=SERVER_VERSION,
+                server_version=self.server_version,
                 connection_id=self.connection_id,
                 scramble=self.nonce,
                 capabilities=caps,
@@ -147,7 +152,9 @@ class ServerLogin:
         if account.require_tls and not self.tls:
             return self._deny("tls required", bool(login.auth_response))
         plugin = login.auth_plugin or auth.NATIVE
-        wanted = plugin if plugin in (auth.NATIVE, auth.CACHING_SHA2) else auth.NATIVE
+        wanted = account.plugin or (
+            plugin if plugin in (auth.NATIVE, auth.CACHING_SHA2) else auth.NATIVE
+        )
         if wanted == auth.CACHING_SHA2 and account.secret.clear is None:
             wanted = auth.NATIVE  # only the stored native hash is known
         if wanted != plugin or not login.capabilities & Cap.PLUGIN_AUTH:
