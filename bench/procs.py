@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import struct
 import subprocess
 import time
 from collections.abc import Sequence
@@ -141,3 +142,56 @@ def cpu_seconds(pids: Sequence[int]) -> tuple[float, float]:
             user += int(fields[11]) / CLOCK_TICKS
             system += int(fields[12]) / CLOCK_TICKS
     return user, system
+
+
+# sock_diag (netlink): the kernel lists TCP sockets by state, so counting a proxy's
+# connections to the server does not mean reading /proc/net/tcp, which on a busy test
+# machine can hold tens of thousands of TIME_WAIT lines.
+_NETLINK_SOCK_DIAG = 4
+_SOCK_DIAG_BY_FAMILY = 20
+_NLM_F_REQUEST_DUMP = 0x1 | 0x300
+_NLMSG_DONE = 3
+_NLMSG_ERROR = 2
+_TCP_ESTABLISHED = 1
+
+
+def established_to(port: int) -> set[int]:
+    """Socket inodes of the established TCP (IPv4) connections to ``port``."""
+    request = struct.pack("=BBBBI48x", socket.AF_INET, socket.IPPROTO_TCP, 0, 0, 1 << 1)
+    header = struct.pack(
+        "=IHHII", 16 + len(request), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST_DUMP, 1, 0
+    )
+    found: set[int] = set()
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_SOCK_DIAG) as sock:
+        sock.sendall(header + request)
+        while True:
+            data = sock.recv(1 << 16)
+            offset = 0
+            while offset + 16 <= len(data):
+                length, kind = struct.unpack_from("=IH", data, offset)
+                if kind in (_NLMSG_DONE, _NLMSG_ERROR) or length < 16:
+                    return found
+                body = offset + 16
+                state = data[body + 1]
+                (dport,) = struct.unpack_from("!H", data, body + 6)
+                (inode,) = struct.unpack_from("=I", data, body + 68)
+                if state == _TCP_ESTABLISHED and dport == port:
+                    found.add(inode)
+                offset += (length + 3) & ~3
+
+
+def socket_inodes(pids: Sequence[int]) -> set[int]:
+    """Inodes of the sockets the processes hold open."""
+    found: set[int] = set()
+    for pid in pids:
+        directory = f"/proc/{pid}/fd"
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            continue
+        for name in names:
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"{directory}/{name}")
+                if target.startswith("socket:["):
+                    found.add(int(target[8:-1]))
+    return found

@@ -9,8 +9,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.stack import TARGET_LABELS
-from bench.sysbench import STORM, Sample
+from bench.idle import IdleMemory
+from bench.serverstats import Backend
+from bench.stack import LABELS, MANY_CLIENTS_POOL_MAX, POOL_MAX
+from bench.sysbench import IDLE_MEMORY, MANY_CLIENTS, STORM, Sample
 
 REFERENCE = "haproxy"  # the targets are stated relative to HAProxy with nbthread 1
 
@@ -27,6 +29,8 @@ class Run:
     # microseconds; None for the direct path. Robust to other load where QPS is not.
     cpu_us: float | None = None
     user_us: float | None = None
+    threads: int | None = None  # sysbench's client threads
+    backend: Backend | None = None  # what MariaDB saw of the run (bench/serverstats.py)
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,14 @@ class Summary:
     cpu_us: float | None  # median proxy CPU (user + system) per query or connection
     user_us: float | None  # the user-space part of it
     cpu_x_haproxy: float | None
+    # From MariaDB: the median over rounds of the new connections the app user made (the
+    # path's backend logins; health checks, as another user, left out); the most
+    # connections the path's proxy processes held to the server at once (from the kernel);
+    # the most the app user had open (every path's pools) and Threads_connected (checks too).
+    backend_logins: float | None = None
+    backend_max: int | None = None
+    app_max: int | None = None
+    threads_max: int | None = None
 
 
 @dataclass(frozen=True)
@@ -57,6 +69,8 @@ class Check:
     value: float | None  # None when the path has no completed run
     limit: float
     passed: bool
+    unit: str = "x"  # "x": a ratio; else the unit of an absolute figure
+    relation: str = ""  # ">=" or "<="; "" for the original checks (QPS >=, p95 <=)
 
 
 def rate_of(workload: str, sample: Sample) -> float:
@@ -75,10 +89,17 @@ def _ratio(value: float | None, base: float | None) -> float | None:
     return value / base if value is not None and base else None
 
 
+def _max(values: list[int | None]) -> int | None:
+    known = [v for v in values if v is not None]
+    return max(known) if known else None
+
+
 def _summary(workload: str, target: str, runs: list[Run]) -> Summary:
     """Medians over the completed runs; ratios are filled in by ``summarize``."""
     samples = [r.sample for r in runs if r.sample is not None]
     rates = [rate_of(workload, sample) for sample in samples]
+    backends = [r.backend for r in runs if r.backend is not None and r.sample is not None]
+    logins = [float(b.app_logins) for b in backends if b.app_logins is not None]
     return Summary(
         workload=workload,
         target=target,
@@ -93,6 +114,10 @@ def _summary(workload: str, target: str, runs: list[Run]) -> Summary:
         cpu_us=_median([r.cpu_us for r in runs if r.cpu_us is not None]),
         user_us=_median([r.user_us for r in runs if r.user_us is not None]),
         cpu_x_haproxy=None,
+        backend_logins=_median(logins),
+        backend_max=_max([b.path_max for b in backends]),
+        app_max=_max([b.app_threads_max for b in backends]),
+        threads_max=_max([b.threads_max for b in backends]),
     )
 
 
@@ -121,11 +146,11 @@ P95_TARGET = 1.5  # maximum p95 as a multiple of HAProxy's
 def checks(summaries: list[Summary]) -> list[Check]:
     """The issue's targets: single >= 0.95x and chain >= 0.6x HAProxy QPS, p95 <= 1.5x."""
     if not any(s.target == REFERENCE and s.rates for s in summaries):
-        return []
+        return tls_checks(summaries) + session_checks(summaries)
     out: list[Check] = []
     for s in summaries:
         minimum = QPS_TARGETS.get(s.target)
-        if s.workload == STORM or minimum is None:
+        if s.workload in (STORM, MANY_CLIENTS) or minimum is None:
             continue
         qps, p95 = s.x_haproxy, s.p95_x_haproxy
         out.append(
@@ -133,7 +158,7 @@ def checks(summaries: list[Summary]) -> list[Check]:
         )
         passed = p95 is not None and p95 <= P95_TARGET
         out.append(Check(s.workload, f"{s.target} p95 x HAProxy", p95, P95_TARGET, passed))
-    return out + tls_checks(summaries)
+    return out + tls_checks(summaries) + session_checks(summaries)
 
 
 TLS_QPS_TARGET = 0.85  # the chain with mesh TLS against the chain without, same run
@@ -153,6 +178,66 @@ def tls_checks(summaries: list[Summary]) -> list[Check]:
     return out
 
 
+# Session mode against HAProxy nbthread 1 (rate: QPS, connections/s for the storm).
+SESSION_RATE_TARGETS = {
+    STORM: 1.0,
+    "oltp_point_select": 0.75,
+    "point_select_ps": 0.75,
+    "point_select_text": 0.75,
+    "oltp_read_write": 0.75,
+}
+SESSION_CPU_X_PROXYSQL = 2.0  # session mode's CPU per query at most 2x ProxySQL's
+IDLE_KIB_TARGET = 16.0  # RSS per idle client session
+
+
+def session_checks(summaries: list[Summary]) -> list[Check]:
+    """Session mode's targets: rate against HAProxy, CPU per query against ProxySQL, new
+    backend connections in the storm within the pool, and 1000 clients on a pool of 32."""
+    by = {(s.workload, s.target): s for s in summaries}
+    out = []
+    for (workload, target), s in by.items():
+        if target != "session":
+            continue
+        minimum = SESSION_RATE_TARGETS.get(workload)
+        if minimum is not None and (workload, REFERENCE) in by:
+            ratio = s.x_haproxy
+            passed = ratio is not None and ratio >= minimum
+            out.append(Check(workload, "session x HAProxy", ratio, minimum, passed, "x", ">="))
+        proxysql = by.get((workload, "proxysql"))
+        if proxysql is not None:
+            ratio = _ratio(s.cpu_us, proxysql.cpu_us)
+            passed = ratio is not None and ratio <= SESSION_CPU_X_PROXYSQL
+            limit = SESSION_CPU_X_PROXYSQL
+            out.append(Check(workload, "session CPU x ProxySQL", ratio, limit, passed, "x", "<="))
+    for target in ("session", "chain-session"):
+        storm = by.get((STORM, target))
+        if storm is not None:
+            logins = storm.backend_logins
+            passed = logins is not None and logins <= POOL_MAX
+            what = f"{target} new backend conns"
+            out.append(Check(STORM, what, logins, POOL_MAX, passed, "conns", "<="))
+    many = by.get((MANY_CLIENTS, "session-32"))
+    if many is not None:
+        # what the node's processes hold to the server: the pool, and a health check's
+        # connection should a sample catch one
+        top, limit = many.backend_max, MANY_CLIENTS_POOL_MAX + 1
+        passed = top is not None and top <= limit
+        what = "session-32 backend conns max"
+        out.append(Check(MANY_CLIENTS, what, top, limit, passed, "conns", "<="))
+    return out
+
+
+def memory_checks(results: list[IdleMemory]) -> list[Check]:
+    out = []
+    for m in results:
+        if m.target == "session":
+            value = m.kib_per_session
+            passed = value is not None and value <= IDLE_KIB_TARGET and not m.failed
+            what = "session RSS per idle session"
+            out.append(Check(IDLE_MEMORY, what, value, IDLE_KIB_TARGET, passed, "KiB", "<="))
+    return out
+
+
 def _fmt_ratio(value: float | None) -> str:
     return f"{value:.2f}x" if value is not None else "-"
 
@@ -161,21 +246,93 @@ def _fmt(value: float | None, spec: str) -> str:
     return format(value, spec) if value is not None else "-"
 
 
-def table(summaries: list[Summary], heading: str, unit: str) -> str:
+def table(summaries: list[Summary], heading: str, unit: str, backend: bool = False) -> str:
+    """One workload's rows; with ``backend``, the server's side too: new backend
+    connections (app-user logins, median per run), the most the path's proxies held open
+    at once, and the most Threads_connected at MariaDB (all paths' idle pools and checks)."""
+    extra = f" {'new bknd':>8} {'bknd max':>8} {'thr max':>7}" if backend else ""
     head = (
-        f"{'path':<22} {unit:>8} {'x direct':>8} {'x HAProxy':>9} {'p95 ms':>7} "
-        f"{'p95 x HA':>8} {'CPU us':>7} {'user us':>7} {'CPU x HA':>8} {'errors':>6} "
+        f"{'path':<26} {unit:>8} {'x direct':>8} {'x HAProxy':>9} {'p95 ms':>7} "
+        f"{'p95 x HA':>8} {'CPU us':>7} {'user us':>7} {'CPU x HA':>8}{extra} {'errors':>6} "
         f"{'failed':>6}  per round"
     )
     lines = [heading, head, "-" * len(head)]
     for s in summaries:
         rounds = " ".join(f"{r:.0f}" for r in s.rates)
+        more = ""
+        if backend:
+            more = (
+                f" {_fmt(s.backend_logins, '.0f'):>8} {_fmt(s.backend_max, 'd'):>8}"
+                f" {_fmt(s.threads_max, 'd'):>7}"
+            )
         lines.append(
-            f"{TARGET_LABELS[s.target]:<22} {_fmt(s.rate, '.0f'):>8} {_fmt_ratio(s.x_direct):>8} "
+            f"{LABELS[s.target]:<26} {_fmt(s.rate, '.0f'):>8} {_fmt_ratio(s.x_direct):>8} "
             f"{_fmt_ratio(s.x_haproxy):>9} {_fmt(s.p95_ms, '.2f'):>7} "
             f"{_fmt_ratio(s.p95_x_haproxy):>8} {_fmt(s.cpu_us, '.1f'):>7} "
-            f"{_fmt(s.user_us, '.1f'):>7} {_fmt_ratio(s.cpu_x_haproxy):>8} {s.errors:>6} "
+            f"{_fmt(s.user_us, '.1f'):>7} {_fmt_ratio(s.cpu_x_haproxy):>8}{more} {s.errors:>6} "
             f"{s.failed:>6}  {rounds}"
+        )
+    return "\n".join(lines)
+
+
+CPU_COLUMNS = (
+    "single",
+    "chain",
+    "session",
+    "chain-session",
+    "proxysql",
+    "session-32",
+    "proxysql-32",
+)
+
+
+def cpu_table(summaries: list[Summary]) -> str:
+    """Proxy CPU per query: session mode beside passthrough (single, chain) and ProxySQL."""
+    by = {(s.workload, s.target): s for s in summaries}
+    workloads = list(dict.fromkeys(s.workload for s in summaries))
+    columns = [c for c in CPU_COLUMNS if any((w, c) in by for w in workloads)]
+    if "session" not in columns and "session-32" not in columns:
+        return ""
+    names = {"chain-session": "chain-sess", "session-32": "sess-32", "proxysql-32": "psql-32"}
+    head = f"{'workload':<18}" + "".join(f" {names.get(c, c):>10}" for c in columns)
+    head += f" {'sess x single':>13} {'sess x PSQL':>11}"
+    lines = [
+        "proxy CPU per query, us (per connection for the storm): user + system of the "
+        "path's proxy processes",
+        head,
+        "-" * len(head),
+    ]
+    for w in workloads:
+        cpu = {c: by[(w, c)].cpu_us if (w, c) in by else None for c in columns}
+        session = cpu.get("session") or cpu.get("session-32")
+        psql = cpu.get("proxysql") or cpu.get("proxysql-32")
+        line = f"{w:<18}" + "".join(f" {_fmt(cpu[c], '.1f'):>10}" for c in columns)
+        line += f" {_fmt_ratio(_ratio(session, cpu.get('single'))):>13}"
+        line += f" {_fmt_ratio(_ratio(session, psql)):>11}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def memory_table(results: list[IdleMemory]) -> str:
+    head = (
+        f"{'path':<26} {'sessions':>8} {'failed':>6} {'RSS before':>10} {'RSS idle':>9} "
+        f"{'RSS after':>9} {'KiB/session':>11} {'login s':>7} {'bknd open':>9}"
+    )
+    lines = [
+        "idle client sessions: RSS of the proxy's data-plane process, KiB "
+        "(after: once the clients have gone)",
+        head,
+        "-" * len(head),
+    ]
+    for m in results:
+        if m.error is not None:
+            lines.append(f"{LABELS.get(m.target, m.target):<26} FAILED: {m.error[:200]}")
+            continue
+        lines.append(
+            f"{LABELS.get(m.target, m.target):<26} {m.sessions:>8} {m.failed:>6} "
+            f"{_fmt(m.rss_before_kib, 'd'):>10} {_fmt(m.rss_after_kib, 'd'):>9} "
+            f"{_fmt(m.rss_closed_kib, 'd'):>9} {_fmt(m.kib_per_session, '.1f'):>11} "
+            f"{m.login_s:>7.1f} {_fmt(m.backend_open, 'd'):>9}"
         )
     return "\n".join(lines)
 
@@ -185,12 +342,14 @@ def checks_table(results: list[Check]) -> str:
     if not results:
         lines.append("  none checked: they need the haproxy path and a meshproxy path")
     for c in results:
-        relation = ">=" if "QPS" in c.what else "<="
+        relation = c.relation or (">=" if "QPS" in c.what else "<=")
         verdict = "PASS" if c.passed else "MISS"
-        target = f"(target {relation} {c.limit}x)"
-        lines.append(
-            f"  {verdict}  {c.workload:<18} {c.what:<20} {_fmt(c.value, '5.2f'):>5}x  {target}"
-        )
+        if c.unit == "x":
+            value, target = f"{_fmt(c.value, '6.2f'):>6}x", f"(target {relation} {c.limit}x)"
+        else:
+            value = f"{_fmt(c.value, '6.1f'):>6} {c.unit}"
+            target = f"(target {relation} {c.limit:g} {c.unit})"
+        lines.append(f"  {verdict}  {c.workload:<18} {c.what:<30} {value}  {target}")
     return "\n".join(lines)
 
 
@@ -206,9 +365,15 @@ def write_json(directory: Path, stamp: str, record: dict[str, Any]) -> Path:
     return path
 
 
-def as_json(runs: list[Run], summaries: list[Summary], results: list[Check]) -> dict[str, Any]:
+def as_json(
+    runs: list[Run],
+    summaries: list[Summary],
+    results: list[Check],
+    memory: list[IdleMemory] | None = None,
+) -> dict[str, Any]:
     return {
         "runs": [asdict(r) for r in runs],
         "summary": [asdict(s) for s in summaries],
         "targets": [asdict(c) for c in results],
+        "idle_memory": [asdict(m) for m in memory or []],
     }

@@ -1,6 +1,7 @@
-"""Benchmark: sysbench through MariaDB direct, HAProxy, meshproxy single hop and chain.
+"""Benchmark: sysbench through MariaDB direct, HAProxy, ProxySQL and meshproxy's paths.
 
     python -m bench.run [--duration 10] [--rounds 3] [--storm-duration 5] [--targets ...]
+                        [--workloads ...] [--many-clients 1000] [--idle-clients 5000]
 
 Rounds are interleaved: each round runs every workload against every path (starting from
 a different path each round), so drift on a shared machine touches every path alike; the
@@ -24,9 +25,10 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bench import report, sysbench
+from bench import idle, report, sysbench
 from bench.procs import cpu_seconds
-from bench.stack import ALL_TARGETS, Stack, Target
+from bench.serverstats import Watch
+from bench.stack import ALL_TARGETS, Stack, Target, proxysql_binary
 
 RESULTS = Path(__file__).with_name("results")
 WARMUP_S = 2.0
@@ -45,7 +47,26 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=",".join(ALL_TARGETS),
         help=f"comma-separated paths to measure (default: {','.join(ALL_TARGETS)})",
     )
+    parser.add_argument(
+        "--workloads",
+        default=",".join(sysbench.DEFAULT_WORKLOADS),
+        help=f"comma-separated workloads (default: {','.join(sysbench.DEFAULT_WORKLOADS)}; "
+        f"known: {','.join(sysbench.WORKLOADS)}; {sysbench.MANY_CLIENTS} and "
+        f"{sysbench.IDLE_MEMORY} are heavy and opt-in)",
+    )
     parser.add_argument("--no-storm", action="store_true", help="skip the connection storm")
+    parser.add_argument(
+        "--many-clients",
+        type=int,
+        default=1000,
+        help=f"sysbench threads of {sysbench.MANY_CLIENTS} (1000)",
+    )
+    parser.add_argument(
+        "--idle-clients",
+        type=int,
+        default=5000,
+        help=f"idle sessions {sysbench.IDLE_MEMORY} opens (5000)",
+    )
     parser.add_argument(
         "--no-angel",
         action="store_true",
@@ -58,6 +79,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown target(s) {', '.join(unknown)}; known: {', '.join(ALL_TARGETS)}")
     args.wanted = tuple(t for t in ALL_TARGETS if t in wanted)
+    workloads = tuple(w.strip() for w in args.workloads.split(",") if w.strip())
+    unknown = sorted(set(workloads) - set(sysbench.WORKLOADS))
+    if unknown:
+        known = ", ".join(sysbench.WORKLOADS)
+        parser.error(f"unknown workload(s) {', '.join(unknown)}; known: {known}")
+    if args.no_storm:
+        workloads = tuple(w for w in workloads if w != sysbench.STORM)
+    # the interleaved sysbench workloads in a fixed order; idle_memory runs once, after
+    args.workloads = tuple(w for w in sysbench.SYSBENCH_WORKLOADS if w in workloads)
+    args.idle_memory = sysbench.IDLE_MEMORY in workloads
     return args
 
 
@@ -78,12 +109,14 @@ def _command_output(argv: list[str]) -> str:
 def environment() -> dict[str, Any]:
     repo = Path(__file__).resolve().parent.parent
     dirty = _command_output(["git", "-C", str(repo), "status", "--porcelain", "meshproxy"])
+    proxysql = proxysql_binary()
     return {
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
         "sysbench": sysbench.version(),
         "haproxy": _command_output(["haproxy", "-v"]),
+        "proxysql": _command_output([str(proxysql or "proxysql"), "--version"]),
         "mariadb": _command_output(["mariadbd", "--version"]),
         "git_commit": _command_output(["git", "-C", str(repo), "rev-parse", "HEAD"]),
         "meshproxy_modified": bool(dirty),
@@ -91,60 +124,108 @@ def environment() -> dict[str, Any]:
 
 
 def schedule(
-    rounds: int, workloads: Sequence[str], targets: list[Target]
+    rounds: int, plan: Sequence[tuple[str, list[Target]]]
 ) -> list[tuple[int, str, Target]]:
     """Every (round, workload, target); each round starts one path further along."""
-    plan = []
+    out = []
     for r in range(rounds):
-        order = targets[r % len(targets) :] + targets[: r % len(targets)]
-        plan += [(r + 1, workload, target) for workload in workloads for target in order]
-    return plan
+        for workload, targets in plan:
+            if targets:
+                shift = r % len(targets)
+                out += [(r + 1, workload, t) for t in targets[shift:] + targets[:shift]]
+    return out
 
 
 def measure_one(
-    number: int, workload: str, target: Target, threads: int, seconds: float
+    number: int, workload: str, target: Target, threads: int, seconds: float, watch: Watch
 ) -> report.Run:
-    """One sysbench run, with the CPU the path's proxies spent on it; a failure is recorded."""
+    """One sysbench run, with the CPU the path's proxies spent on it and what MariaDB saw
+    of it; a failure is recorded."""
     user0, sys0 = cpu_seconds(target.pids)
-    try:
-        sample = sysbench.run(workload, target.port, threads, seconds)
-    except (sysbench.SysbenchError, subprocess.TimeoutExpired) as exc:
-        load = os.getloadavg()[0]
-        return report.Run(number, workload, target.name, None, load, error=str(exc)[:2000])
-    user1, sys1 = cpu_seconds(target.pids)
+    # the path's own connections to the server are counted where they are the point
+    pooled = workload in (sysbench.STORM, sysbench.MANY_CLIENTS)
+    with watch.recording(target.pids if pooled else ()) as recorder:
+        try:
+            sample = sysbench.run(workload, target.port, threads, seconds)
+        except (sysbench.SysbenchError, subprocess.TimeoutExpired) as exc:
+            sample, error = None, str(exc)[:2000]
     load = os.getloadavg()[0]
+    backend = recorder.result
+    if sample is None:
+        return report.Run(
+            number, workload, target.name, None, load, error, threads=threads, backend=backend
+        )
+    user1, sys1 = cpu_seconds(target.pids)
     units = report.units_of(workload, sample)
     if not target.pids or not units:
-        return report.Run(number, workload, target.name, sample, load)
+        return report.Run(
+            number, workload, target.name, sample, load, threads=threads, backend=backend
+        )
     cpu_us = (user1 - user0 + sys1 - sys0) * 1e6 / units
     user_us = (user1 - user0) * 1e6 / units
-    return report.Run(number, workload, target.name, sample, load, None, cpu_us, user_us)
-
-
-def progress(run: report.Run, rounds: int, label: str) -> str:
-    head = f"  round {run.round}/{rounds} {run.workload:<18} {label:<22}"
-    if run.sample is None:
-        lines = (run.error or "").splitlines()
-        reason = next((line for line in lines if "FATAL: error" in line), lines[0] if lines else "")
-        return f"{head} FAILED: {reason.strip()[:120]}"
-    unit = "conn/s" if run.workload == sysbench.STORM else "qps"
-    cpu = f"{run.cpu_us:7.1f} us CPU" if run.cpu_us is not None else " " * 14
-    rate = report.rate_of(run.workload, run.sample)
-    return (
-        f"{head} {rate:>8.0f} {unit:<6} p95 {run.sample.p95_ms:6.2f} ms {cpu}  "
-        f"load {run.loadavg_1m:.1f}"
+    return report.Run(
+        number, workload, target.name, sample, load, None, cpu_us, user_us, threads, backend
     )
 
 
-def measure(args: argparse.Namespace, targets: list[Target]) -> list[report.Run]:
-    workloads = list(sysbench.WORKLOADS) + ([] if args.no_storm else [sysbench.STORM])
+def progress(run: report.Run, rounds: int, label: str) -> str:
+    head = f"  round {run.round}/{rounds} {run.workload:<18} {label:<26}"
+    if run.sample is None:
+        lines = (run.error or "").splitlines()
+        reason = next((line for line in lines if "FATAL: " in line), lines[0] if lines else "")
+        return f"{head} FAILED: {reason.strip()[:160]}"
+    unit = "conn/s" if run.workload == sysbench.STORM else "qps"
+    cpu = f"{run.cpu_us:7.1f} us CPU" if run.cpu_us is not None else " " * 14
+    rate = report.rate_of(run.workload, run.sample)
+    line = (
+        f"{head} {rate:>8.0f} {unit:<6} p95 {run.sample.p95_ms:6.2f} ms {cpu}  "
+        f"load {run.loadavg_1m:.1f}"
+    )
+    if run.sample.errors:
+        line += f"  {run.sample.errors} errors"
+    b = run.backend
+    if b is not None and run.workload in (sysbench.STORM, sysbench.MANY_CLIENTS):
+        line += (
+            f"  backend: {b.app_logins} new, {b.path_max} held max; MariaDB: "
+            f"{b.app_threads_max} app conns max, Threads_connected max {b.threads_max}"
+        )
+    return line
+
+
+def plan_of(args: argparse.Namespace, stack: Stack) -> list[tuple[str, list[Target]]]:
+    return [
+        (w, stack.many_targets if w == sysbench.MANY_CLIENTS else stack.targets)
+        for w in args.workloads
+    ]
+
+
+def measure(args: argparse.Namespace, stack: Stack, watch: Watch) -> list[report.Run]:
     runs: list[report.Run] = []
-    for number, workload, target in schedule(args.rounds, workloads, targets):
+    for number, workload, target in schedule(args.rounds, plan_of(args, stack)):
         seconds = args.storm_duration if workload == sysbench.STORM else args.duration
-        run = measure_one(number, workload, target, args.threads, seconds)
+        threads = args.many_clients if workload == sysbench.MANY_CLIENTS else args.threads
+        run = measure_one(number, workload, target, threads, seconds, watch)
         runs.append(run)
         print(progress(run, args.rounds, target.label), flush=True)
     return runs
+
+
+def measure_memory(args: argparse.Namespace, stack: Stack, watch: Watch) -> list[idle.IdleMemory]:
+    """Idle sessions through the session-mode node (and ProxySQL, for comparison)."""
+    out = []
+    for target in [t for t in stack.targets if t.name in ("session", "proxysql")]:
+        print(f"  {args.idle_clients} idle sessions through {target.label}", flush=True)
+        try:
+            result = idle.measure(target.name, target.port, target.pids, args.idle_clients, watch)
+        except (OSError, RuntimeError) as exc:
+            result = idle.IdleMemory(
+                target.name, None, 0, 0, None, None, None, None, 0.0, None, str(exc)
+            )
+        out.append(result)
+        print(report.memory_table([result]).splitlines()[-1], flush=True)
+    if not out:
+        print("  idle_memory: needs the session (or proxysql) target", flush=True)
+    return out
 
 
 def warm_up(targets: list[Target], threads: int) -> None:
@@ -157,26 +238,44 @@ def warm_up(targets: list[Target], threads: int) -> None:
 
 
 def render(
-    args: argparse.Namespace, runs: list[report.Run]
+    args: argparse.Namespace,
+    runs: list[report.Run],
+    memory: list[idle.IdleMemory],
+    unavailable: dict[str, str],
 ) -> tuple[str, list[report.Summary], list[report.Check]]:
     names = list(args.wanted)
     blocks: list[str] = []
     summaries: list[report.Summary] = []
-    workloads = list(sysbench.WORKLOADS) + ([] if args.no_storm else [sysbench.STORM])
-    for workload in workloads:
-        rows = report.summarize(runs, workload, names)
+    for workload in args.workloads:
+        targets = list(dict.fromkeys(r.target for r in runs if r.workload == workload))
+        order = targets if workload == sysbench.MANY_CLIENTS else names
+        rows = report.summarize(runs, workload, order)
         summaries += rows
         seconds = args.storm_duration if workload == sysbench.STORM else args.duration
+        threads = args.many_clients if workload == sysbench.MANY_CLIENTS else args.threads
         if workload == sysbench.STORM:
-            title = "connection storm (connect, SELECT 1, disconnect)"
-            unit = "conn/s"
+            title, unit = "connection storm", "conn/s"
+        elif workload == sysbench.MANY_CLIENTS:
+            title, unit = "many clients: oltp_point_select", "QPS"
         else:
             title, unit = workload, "QPS"
+        about = sysbench.SYSBENCH_WORKLOADS[workload].about
         heading = (
-            f"\n{title}: {args.threads} threads, {seconds:g} s x {args.rounds} rounds, medians"
+            f"\n{title} ({about}): {threads} threads, {seconds:g} s x {args.rounds} rounds, medians"
         )
-        blocks.append(report.table(rows, heading, unit))
-    results = report.checks(summaries)
+        backend = workload in (sysbench.STORM, sysbench.MANY_CLIENTS)
+        blocks.append(report.table(rows, heading, unit, backend))
+    cpu = report.cpu_table(summaries)
+    if cpu:
+        blocks.append("\n" + cpu)
+    if memory:
+        blocks.append("\n" + report.memory_table(memory))
+    if unavailable:
+        blocks.append("\npaths not measured (their proxy did not start):")
+        blocks += [
+            f"  {name}: {reason.splitlines()[0][:300]}" for name, reason in unavailable.items()
+        ]
+    results = report.checks(summaries) + report.memory_checks(memory)
     blocks.append("\n" + report.checks_table(results))
     return "\n".join(blocks), summaries, results
 
@@ -197,37 +296,65 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = datetime.datetime.now(datetime.UTC)
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
     clock = time.monotonic()
+    many = sysbench.MANY_CLIENTS in args.workloads
+    if many:
+        idle.raise_fd_limit(4 * args.many_clients + 1024)  # inherited by sysbench
+    memory: list[idle.IdleMemory] = []
     try:
-        with Stack(args.wanted, angel=not args.no_angel) as stack:
+        with Stack(args.wanted, angel=not args.no_angel, many_clients=many) as stack:
             print(f"starting MariaDB and the proxies in {stack.workdir}", flush=True)
             targets = stack.start()
             print(f"proxy pids: {stack.pids()}", flush=True)
             print("preparing sbtest (4 tables x 10k rows) and warming up", flush=True)
             sysbench.prepare(stack.db_port)
-            warm_up(targets, args.threads)
-            runs = measure(args, targets)
+            extra = [t for t in stack.many_targets if t not in targets]
+            warm_up(targets + extra, args.threads)
+            watch = Watch(stack.db_port)
+            try:
+                runs = measure(args, stack, watch)
+                if args.idle_memory:
+                    memory = measure_memory(args, stack, watch)
+            finally:
+                watch.close()
             warnings = stack.node_warnings()
+            failing = failing_logs(stack, runs)
+            unavailable = dict(stack.unavailable)
     except KeyboardInterrupt:
         print("\ninterrupted: everything stopped and removed", file=sys.stderr)
         return 130
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         print(f"\nbench failed: {exc}", file=sys.stderr)
         return 1
-    text, summaries, results = render(args, runs)
+    text, summaries, results = render(args, runs, memory, unavailable)
     print(text)
     if warnings:
         print(node_report(warnings))
+    for name, tail in failing.items():
+        print(f"\nlog of {name}, whose path had failed runs (last lines):\n{tail}")
     record = {
         "started": started.isoformat(),
         "elapsed_s": round(time.monotonic() - clock, 1),
         "settings": settings(args),
         "environment": environment(),
         "meshproxy_warnings": warnings,
-        **report.as_json(runs, summaries, results),
+        "unavailable": unavailable,
+        **report.as_json(runs, summaries, results, memory),
     }
     path = report.write_json(args.results, stamp, record)
     print(f"\nwrote {path} and {path.with_name('latest.json')}")
     return 0
+
+
+def failing_logs(stack: Stack, runs: list[report.Run]) -> dict[str, str]:
+    """The log tails of the proxies on paths with failed runs, read before they go."""
+    failed = {r.target for r in runs if r.sample is None}
+    out = {}
+    for target in stack.targets + stack.many_targets:
+        if target.name in failed:
+            for name, pid in stack.pids().items():
+                if pid in target.pids and name not in out:
+                    out[name] = stack.logs(name)[-1500:]
+    return out
 
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -239,6 +366,9 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         "tables": sysbench.TABLES,
         "table_size": sysbench.TABLE_SIZE,
         "targets": list(args.wanted),
+        "workloads": list(args.workloads) + ([sysbench.IDLE_MEMORY] if args.idle_memory else []),
+        "many_clients": args.many_clients,
+        "idle_clients": args.idle_clients,
         "meshproxy_angel": not args.no_angel,
     }
 

@@ -13,9 +13,41 @@ TABLES = 4
 TABLE_SIZE = 10_000
 STORM_SCRIPT = Path(__file__).with_name("connect_storm.lua")
 
-# The storm is not a built-in test: sysbench takes a path to our Lua script instead.
-WORKLOADS = ("oltp_point_select", "oltp_read_only")
 STORM = "connect_storm"
+MANY_CLIENTS = "many_clients"  # oltp_point_select with --many-clients threads (1000)
+IDLE_MEMORY = "idle_memory"  # not sysbench: bench/idle.py
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A sysbench test and the options that make it one of our workloads."""
+
+    test: str  # a built-in test, or the path of a Lua script
+    options: tuple[str, ...] = ()
+    about: str = ""
+
+
+# sysbench's --db-ps-mode is "auto" by default: its built-in OLTP tests use server-side
+# prepared statements (COM_STMT_PREPARE once per thread, then COM_STMT_EXECUTE) wherever
+# the driver has them, as the MySQL driver does. oltp_point_select is therefore the
+# prepared-statement workload already; point_select_ps says so explicitly, and
+# point_select_text (--db-ps-mode=disable) sends every query as COM_QUERY text instead.
+SYSBENCH_WORKLOADS: dict[str, Workload] = {
+    "oltp_point_select": Workload("oltp_point_select", about="1 SELECT by id per event"),
+    "oltp_read_only": Workload("oltp_read_only", about="BEGIN, 14 SELECTs, COMMIT"),
+    "oltp_read_write": Workload("oltp_read_write", about="BEGIN, 14 SELECTs, 4 writes, COMMIT"),
+    "point_select_ps": Workload(
+        "oltp_point_select", ("--db-ps-mode=auto",), "prepared statements, stated"
+    ),
+    "point_select_text": Workload(
+        "oltp_point_select", ("--db-ps-mode=disable",), "text protocol (COM_QUERY)"
+    ),
+    # The storm is not a built-in test: sysbench takes a path to our Lua script instead.
+    STORM: Workload(str(STORM_SCRIPT), about="connect, SELECT 1, disconnect"),
+    MANY_CLIENTS: Workload("oltp_point_select", about="1000 clients, point selects"),
+}
+WORKLOADS = (*SYSBENCH_WORKLOADS, IDLE_MEMORY)
+DEFAULT_WORKLOADS = ("oltp_point_select", "oltp_read_only", "oltp_read_write", STORM)
 
 
 @dataclass(frozen=True)
@@ -47,10 +79,6 @@ def connection_args(port: int, host: str = "127.0.0.1") -> list[str]:
     ]
 
 
-def _test_arg(workload: str) -> str:
-    return str(STORM_SCRIPT) if workload == STORM else workload
-
-
 def prepare(port: int) -> None:
     """Create and fill the sbtest tables (4 tables x 10k rows)."""
     argv = ["sysbench", "oltp_read_only", *connection_args(port), "--threads=4", "prepare"]
@@ -59,9 +87,11 @@ def prepare(port: int) -> None:
 
 def run(workload: str, port: int, threads: int, duration_s: float) -> Sample:
     """One timed run of ``workload`` against 127.0.0.1:port."""
+    spec = SYSBENCH_WORKLOADS[workload]
     argv = [
         "sysbench",
-        _test_arg(workload),
+        spec.test,
+        *spec.options,
         *connection_args(port),
         f"--threads={threads}",
         f"--time={max(round(duration_s), 1)}",

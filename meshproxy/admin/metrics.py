@@ -56,6 +56,7 @@ class NodeCollector:
                 server_active.add_metric([upstream, server["server"]], server["active"])
         yield state
         yield server_active
+        yield from _session_gauges(status.get("session_mode"))
         tls = status.get("mesh_tls")
         if tls and "expires_in_s" in tls:
             expiry = GaugeMetricFamily(
@@ -65,3 +66,29 @@ class NodeCollector:
             )
             expiry.add_metric([tls["cert"]], tls["expires_in_s"])
             yield expiry
+
+
+def _session_gauges(session: dict[str, Any] | None) -> Iterator[Metric]:
+    if not session:
+        return
+    backend = GaugeMetricFamily(
+        "meshproxy_backend_connections",
+        "session mode's backend connections per pool and server, by state",
+        labels=["pool", "server", "state"],
+    )
+    for pool, servers in session["pools"].items():
+        for server, figures in servers.items():
+            backend.add_metric([pool, server, "in_use"], figures["in_use"])
+            backend.add_metric([pool, server, "idle"], figures["idle"])
+    yield backend
+    clients = GaugeMetricFamily(
+        "meshproxy_client_sessions", "session mode's client sessions open, by user", labels=["user"]
+    )
+    for user, count in session["users"].items():
+        clients.add_metric([user], count)
+    yield clients
+    yield GaugeMetricFamily(
+        "meshproxy_multiplexing_ratio",
+        "client sessions per open backend connection",
+        value=session["multiplexing_ratio"],
+    )

@@ -16,6 +16,7 @@ import random
 import socket
 import time
 from collections import Counter
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from meshproxy import log
@@ -387,6 +388,7 @@ class Node:
                 for ref, group in self.groups.items()
             },
             "counters": self.total_counters().as_dict(),
+            "session_mode": session_totals(stat.get("session_mode") for stat in stats),
             "gossip": self.gossip.summary() if self.gossip is not None else None,
             "mesh_tls": certwatch.cert_status(self.config),
         }
@@ -398,6 +400,29 @@ class Node:
     def members(self) -> dict[str, Any] | None:
         """The gossip membership as this node sees it; None without [gossip]."""
         return self.gossip.members_document() if self.gossip is not None else None
+
+
+def session_totals(parts: Iterable[dict[str, Any] | None]) -> dict[str, Any]:
+    """Session mode's figures of every data plane, summed: client sessions, statements,
+    users' sessions, and backend connections per pool and server."""
+    total: dict[str, Any] = {"client_sessions": 0, "statements": 0, "users": {}, "pools": {}}
+    for part in parts:
+        if not part:
+            continue
+        total["client_sessions"] += part["client_sessions"]
+        total["statements"] += part["statements"]
+        for user, count in part["users"].items():
+            total["users"][user] = total["users"].get(user, 0) + count
+        for pool, servers in part["pools"].items():
+            into = total["pools"].setdefault(pool, {})
+            for server, figures in servers.items():
+                sums = into.setdefault(server, dict.fromkeys(figures, 0))
+                for name, value in figures.items():
+                    sums[name] = sums.get(name, 0) + value
+    backend = sum(f["open"] for servers in total["pools"].values() for f in servers.values())
+    # Client sessions per backend connection: what the pool saves the servers.
+    total["multiplexing_ratio"] = round(total["client_sessions"] / backend, 2) if backend else 0
+    return total
 
 
 def _describe_changes(old: Config, new: Config) -> list[str]:

@@ -150,7 +150,7 @@ class ServerPool:
             async with asyncio.timeout(max(deadline - time.monotonic(), 0)):
                 return await future
         except TimeoutError:
-            if future.done() and future.result() is not None:
+            if future.done() and not future.cancelled() and future.result() is not None:
                 return future.result()  # handed one just as the deadline passed
             self.stats.timeouts += 1
             self.counters.inc("backend_checkout_timeouts", pool=self.pool, server=str(self.address))

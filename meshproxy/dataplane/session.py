@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from meshproxy import log
+from meshproxy.config import Address
 from meshproxy.dataplane.backend import BackendConnection, LoginKey, Prepared, Sink
 from meshproxy.dataplane.backendpool import PoolTimeout, ServerPool
 from meshproxy.errors import ConnectFailed, MeshproxyError, ProtocolError
@@ -122,6 +123,7 @@ class ClientSession(asyncio.Protocol, Sink):
         self._login: logins.ServerLogin | None = None
         self._queue: deque[Packet] = deque()
         self._reading_paused = False
+        self._before_tls: bytearray | None = None  # while start_tls runs
         self.user = ""
         self.account: logins.Account | None = None
         self.key: LoginKey | None = None
@@ -137,6 +139,9 @@ class ClientSession(asyncio.Protocol, Sink):
         self._next_stmt_id = 1
         self._task: asyncio.Task[None] | None = None
         self.started = time.monotonic()
+        self.statement_count = 0  # added to the user's counters when the session ends
+        self.statement_time_s = 0.0
+        self._sent_at = 0.0
 
     # ----------------------------------------------------------------- client transport
 
@@ -153,6 +158,11 @@ class ClientSession(asyncio.Protocol, Sink):
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
+            return
+        if self._before_tls is not None:
+            # Decrypted before start_tls has handed us the TLS transport: an answer now
+            # would go out in clear. Held until then (a login: small).
+            self._before_tls += data
             return
         try:
             packets = self._framer.feed(data)
@@ -244,12 +254,9 @@ class ClientSession(asyncio.Protocol, Sink):
             # Nothing more may be read in clear: the client's next bytes are its TLS hello.
             assert self.transport is not None
             self.transport.pause_reading()
-            if self._framer.pending():
-                # Read together with its SSLRequest: bytes asyncio's TLS layer never sees.
-                self.mode.counters.inc("session_tls_failures")
-                self.close("TLS hello arrived with the SSLRequest")
-                return
-            self._task = asyncio.get_running_loop().create_task(self._start_tls())
+            early = self._framer.take_unread()
+            self._before_tls = bytearray()
+            self._task = asyncio.get_running_loop().create_task(self._start_tls(early))
         elif isinstance(step, logins.Refused):
             self.mode.login_refused(self, login, step.reason)
             self._send(seq, step.err)
@@ -259,12 +266,16 @@ class ClientSession(asyncio.Protocol, Sink):
                 self._send(seq + i, payload)
             self._logged_in(step)
 
-    async def _start_tls(self) -> None:
+    async def _start_tls(self, early: bytes) -> None:
         transport = self.transport
         context = self.mode.tls_context(self.entrance)
         assert transport is not None
         assert context is not None
         loop = asyncio.get_running_loop()
+        if early:
+            # The client's hello came in the same read as its SSLRequest: hand it to the
+            # TLS layer once start_tls has put that layer in place.
+            loop.call_soon(_hand_over, transport, self, early)
         try:
             async with asyncio.timeout(10):
                 tls = await loop.start_tls(transport, self, context, server_side=True)
@@ -273,10 +284,14 @@ class ClientSession(asyncio.Protocol, Sink):
             log.warning("session_tls_failed", peer=self.peer, error=str(exc))
             self.close("TLS handshake failed")
             return
+        self._task = None
         if tls is None:
             self.close("TLS handshake failed")
             return
         self.transport = tls
+        held, self._before_tls = self._before_tls, None
+        if held:
+            self.data_received(bytes(held))
 
     def _logged_in(self, step: logins.Accepted) -> None:
         self._login = None
@@ -452,6 +467,12 @@ class ClientSession(asyncio.Protocol, Sink):
             self._task = None
             self._backend_failed(str(exc), answered=False, seq=1)
             return
+        except Exception as exc:  # a bug: this client hears why; everyone else carries on
+            self._task = None
+            self.mode.counters.inc("session_internal_errors")
+            log.warning("session_internal_error", client=self.client, error=repr(exc))
+            self._fail(ER_PROXY_BACKEND_LOST, f"meshproxy: internal error ({exc!r})", 1)
+            return
         self._task = None
         if self.closed:
             return
@@ -459,30 +480,39 @@ class ClientSession(asyncio.Protocol, Sink):
         self._send_command(conn, command, data, effects, statement, stmt_id)
 
     async def _checkout(self) -> BackendConnection:
-        """A connection from this session's server (chosen at its first statement)."""
+        """A connection from this session's server (chosen at its first statement). A
+        server that cannot be reached is left for another of the pool: between statements
+        the session holds nothing that ties it to one."""
         key = self.key
         assert key is not None
-        server = self.server
-        if server is None or not server.accepting:
-            server = self.mode.choose_server(self.pool_name)
-            if server is None:
-                raise Refusal(
-                    ER_PROXY_NO_UPSTREAM,
-                    f"meshproxy {self.mode.node_name}: no server of pool {self.pool_name!r}"
-                    " is available",
-                )
-            self.server = server
-        timeout_s = server.settings.checkout_timeout_ms / 1000
-        try:
-            conn = await server.acquire(key, timeout_s)
-        except PoolTimeout as exc:
-            raise Refusal(ER_PROXY_POOL_TIMEOUT, f"meshproxy: {exc}") from None
-        if self.closed:
-            server.release(conn)
-            raise SessionClosed()
-        if self.values is None:
-            self.values = server.baseline.get(key, conn.state.values)
-        return conn
+        tried: set[Address] = set()
+        while True:
+            server = self.server
+            if server is None or not server.accepting or server.address in tried:
+                server = self.mode.choose_server(self.pool_name, tried)
+                if server is None:
+                    raise Refusal(
+                        ER_PROXY_NO_UPSTREAM,
+                        f"meshproxy {self.mode.node_name}: no server of pool"
+                        f" {self.pool_name!r} is available",
+                    )
+                self.server = server
+            timeout_s = server.settings.checkout_timeout_ms / 1000
+            try:
+                conn = await server.acquire(key, timeout_s)
+            except PoolTimeout as exc:
+                raise Refusal(ER_PROXY_POOL_TIMEOUT, f"meshproxy: {exc}") from None
+            except ConnectFailed:
+                tried.add(server.address)
+                if self.mode.choose_server(self.pool_name, tried) is None:
+                    raise
+                continue
+            if self.closed:
+                server.release(conn)
+                raise SessionClosed()
+            if self.values is None:
+                self.values = server.baseline.get(key, conn.state.values)
+            return conn
 
     async def _bring_in_step(
         self, conn: BackendConnection, effects: Effects, statement: ClientStatement | None
@@ -588,6 +618,7 @@ class ClientSession(asyncio.Protocol, Sink):
         if command in (Command.INIT_DB, Command.STMT_PREPARE):
             flight.argument = data[5:]
         self.flight = flight
+        self._sent_at = time.monotonic()
         if command == Command.STMT_PREPARE:
             conn.forward(data, command, _Renumbering(self))
         else:
@@ -599,6 +630,8 @@ class ClientSession(asyncio.Protocol, Sink):
         flight = self.flight
         assert flight is not None
         self.flight = None
+        self.statement_count += 1
+        self.statement_time_s += time.monotonic() - self._sent_at
         conn = flight.conn
         # Pins hold even when the statement failed: part of a multi-statement may have run.
         self._apply_effects(flight.effects)
@@ -782,3 +815,28 @@ class _Renumbering(Sink):
 
     def backend_lost(self, reason: str) -> None:
         self.session.backend_lost(reason)
+
+
+def _hand_over(transport: asyncio.Transport, session: ClientSession, data: bytes) -> None:
+    """Feed bytes read before TLS started to the TLS protocol that start_tls installs.
+
+    start_tls swaps the transport's protocol and queues the new protocol's connection_made
+    in one step; feeding from a callback queued after we see the swap runs after it, and
+    before the transport (paused until then) reads anything new.
+    """
+    protocol = transport.get_protocol()
+    loop = asyncio.get_running_loop()
+    if protocol is session:
+        loop.call_soon(_hand_over, transport, session, data)
+        return
+    loop.call_soon(_feed, typing.cast(asyncio.BufferedProtocol, protocol), data)
+
+
+def _feed(protocol: asyncio.BufferedProtocol, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        buffer = memoryview(protocol.get_buffer(len(view)))
+        n = min(len(buffer), len(view))
+        buffer[:n] = view[:n]
+        protocol.buffer_updated(n)
+        view = view[n:]

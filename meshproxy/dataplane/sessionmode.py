@@ -13,7 +13,7 @@ import os
 import random
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -245,15 +245,19 @@ class SessionMode:
         self.sessions.pop(session.connection_id, None)
         if session.counted:
             self.per_user[session.user] -= 1
+        if session.statement_count:
+            self.counters.inc("statements", session.statement_count, user=session.user)
+            micros = int(session.statement_time_s * 1e6)
+            self.counters.inc("statement_time_us", micros, user=session.user)
 
-    def choose_server(self, pool: str) -> ServerPool | None:
+    def choose_server(self, pool: str, exclude: Collection[Address] = ()) -> ServerPool | None:
         servers = self.pools.get(pool, {})
         members = self.members.get(pool, ())
         active = {address: server.stats.in_use for address, server in servers.items()}
         eligible = tuple(
             m for m in members if m.address in servers and servers[m.address].accepting
         )
-        member = choose(eligible, active, (), self._rng)
+        member = choose(eligible, active, exclude, self._rng)
         return servers.get(member.address) if member is not None else None
 
     def intern(self, values: Values) -> Values:

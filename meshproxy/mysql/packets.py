@@ -63,6 +63,15 @@ class Framer:
         """Bytes held for packets not complete yet."""
         return len(self._buf) + self._parts_len
 
+    def take_unread(self) -> bytes:
+        """The bytes held past the last whole packet, handed back (the stream changes hands:
+        after an SSLRequest they are the start of the client's TLS handshake)."""
+        unread = bytes(self._buf) + b"".join(self._parts)
+        self._buf.clear()
+        self._parts.clear()
+        self._parts_len = 0
+        return unread
+
     def feed(self, data: bytes) -> list[Packet]:
         buf = self._buf
         buf += data
