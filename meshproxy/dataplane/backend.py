@@ -26,9 +26,9 @@ from meshproxy.mysql.state import Flavor, SessionState, from_row, read_back_sql
 _INTERNAL_MAX = 4 * 1024 * 1024
 
 
-@dataclass(frozen=True)
-class LoginKey:
-    """Which backend connections may serve a client: same server login, same wire flags."""
+class LoginKey(typing.NamedTuple):
+    """Which backend connections may serve a client: same server login, same wire flags.
+    (A tuple: it is hashed at every checkout, and a tuple's hash is computed in C.)"""
 
     user: str
     caps: int  # the client's WIRE_CAPS

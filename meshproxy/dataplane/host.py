@@ -250,7 +250,9 @@ class PlaneHost:
         while True:
             idle_s = self.config.timeouts.idle_s
             await asyncio.sleep(min(max(idle_s / 8, 0.1), 5.0))
-            self.plane.sweep(idle_s, time.monotonic())
+            now = time.monotonic()
+            self.plane.sweep(idle_s, now)
+            self.plane.session_mode.sweep(idle_s, now)
 
     async def _warm_loop(self, tier_name: str) -> None:
         tier = self.config.tiers()[tier_name]

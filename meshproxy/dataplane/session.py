@@ -39,7 +39,7 @@ from meshproxy.mysql.constants import (
 from meshproxy.mysql.packets import Framer, Packet, PacketTooLarge, err_payload, frame, ok_payload
 from meshproxy.mysql.response import NO_RESPONSE, Response
 from meshproxy.mysql.state import Values, restore_sql
-from meshproxy.mysql.statements import Effects, classify
+from meshproxy.mysql.statements import Effects, classify_bytes
 
 if typing.TYPE_CHECKING:
     from meshproxy.dataplane.sessionmode import SessionMode
@@ -49,6 +49,8 @@ _QUEUE_MAX = 64  # client packets held while a command runs (clients rarely pipe
 _NO_EFFECTS = Effects()
 _MAX_PREPARED_PER_CONNECTION = 256
 ER_UNKNOWN_THREAD = 1094
+_IN_TRANS = int(Status.IN_TRANS)  # plain ints: IntFlag arithmetic is a Python-level call
+_CURSOR_EXISTS = int(Status.CURSOR_EXISTS)
 
 
 class SessionClosed(MeshproxyError):
@@ -120,7 +122,8 @@ class ClientSession(asyncio.Protocol, Sink):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self._framer = Framer(_LOGIN_MAX)
-        self._login: logins.ServerLogin | None = None
+        self._login: logins.ServerLogin | None = None  # while a login runs
+        self._authenticated: logins.ServerLogin | None = None  # for COM_CHANGE_USER
         self._queue: deque[Packet] = deque()
         self._reading_paused = False
         self._before_tls: bytearray | None = None  # while start_tls runs
@@ -241,6 +244,10 @@ class ClientSession(asyncio.Protocol, Sink):
         self.mode.session_closed(self)
         self._on_close(self)
 
+    def last_active(self) -> float:
+        """When the session last sent a statement (or logged in)."""
+        return max(self.started, self._sent_at)
+
     # ----------------------------------------------------------------- login
 
     def _login_step(self, packet: Packet) -> None:
@@ -257,14 +264,8 @@ class ClientSession(asyncio.Protocol, Sink):
             early = self._framer.take_unread()
             self._before_tls = bytearray()
             self._task = asyncio.get_running_loop().create_task(self._start_tls(early))
-        elif isinstance(step, logins.Refused):
-            self.mode.login_refused(self, login, step.reason)
-            self._send(seq, step.err)
-            self.close(f"login refused: {step.reason}")
         else:
-            for i, payload in enumerate(step.payloads):
-                self._send(seq + i, payload)
-            self._logged_in(step)
+            self._login_result(step, seq)
 
     async def _start_tls(self, early: bytes) -> None:
         transport = self.transport
@@ -293,8 +294,38 @@ class ClientSession(asyncio.Protocol, Sink):
         if held:
             self.data_received(bytes(held))
 
+    def _change_user(self, packet: Packet) -> None:
+        """COM_CHANGE_USER: log in again as another user, with a session reset."""
+        self._reset_session()
+        self._login = self._authenticated
+        assert self._login is not None
+        step = self._login.change_user(packet.payload)
+        if isinstance(step, logins.Accepted | logins.Refused):
+            self._login_result(step, packet.last_seq + 1)
+        elif isinstance(step, logins.Send):
+            self._send(packet.last_seq + 1, step.payload)
+        else:
+            self._fail(ER_MALFORMED_PACKET, "Malformed communication packet", 1)
+
+    def _login_result(self, step: logins.Accepted | logins.Refused, seq: int) -> None:
+        login = self._login
+        assert login is not None
+        if isinstance(step, logins.Refused):
+            self.mode.login_refused(self, login, step.reason)
+            self._send(seq, step.err)
+            self.close(f"login refused: {step.reason}")
+            return
+        for i, payload in enumerate(step.payloads):
+            self._send(seq + i, payload)
+        self._logged_in(step)
+
     def _logged_in(self, step: logins.Accepted) -> None:
-        self._login = None
+        self._authenticated, self._login = self._login, None
+        if self.counted:  # COM_CHANGE_USER: the session now counts for its new user
+            self.mode.per_user[self.user] -= 1
+            self.counted = False
+        self.server = None
+        self.values = None
         account, login = step.account, step.login
         self.user = account.name
         self.account = account
@@ -344,6 +375,8 @@ class ClientSession(asyncio.Protocol, Sink):
         elif command == Command.STMT_CLOSE:
             if len(payload) >= 5:
                 self.statements.pop(struct.unpack_from("<I", payload, 1)[0], None)
+        elif command == Command.CHANGE_USER:
+            self._change_user(packet)
         elif command == Command.RESET_CONNECTION:
             self._reset_session()
             self._send(1, ok_payload(self._status()))
@@ -366,8 +399,7 @@ class ClientSession(asyncio.Protocol, Sink):
         return value not in (b"0", b"OFF")
 
     def _query(self, payload: bytes) -> None:
-        sql = payload[1:].decode("utf-8", "replace")
-        effects = classify(sql)
+        effects = classify_bytes(payload[1:])
         if effects.kill is not None:
             self._kill(*effects.kill)
             return
@@ -637,8 +669,8 @@ class ClientSession(asyncio.Protocol, Sink):
         self._apply_effects(flight.effects)
         self.mode.count_pins(flight.effects)
         if response.error is None:
-            self.pins.transaction = bool(response.status & Status.IN_TRANS)
-            if response.status & Status.CURSOR_EXISTS:
+            self.pins.transaction = bool(response.status & _IN_TRANS)
+            if response.status & _CURSOR_EXISTS:
                 self.pins.reasons.add("cursor")
                 self.mode.counters.inc("session_pins", reason="cursor")
             if response.last_insert_id:

@@ -285,6 +285,14 @@ class SessionMode:
             for server in list(servers.values()):
                 await server.maintain(now)
 
+    def sweep(self, idle_s: float, now: float) -> None:
+        """Close client sessions that ran no statement for ``idle_s`` (timeouts.idle_s,
+        as a server's wait_timeout would); a statement in flight is never idle."""
+        for session in list(self.sessions.values()):
+            if session.flight is None and now - session.last_active() >= idle_s:
+                self.counters.inc("idle_timeouts")
+                session.close("idle timeout")
+
     def close(self) -> None:
         for session in list(self.sessions.values()):
             session.close("shutting down")

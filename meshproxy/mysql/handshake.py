@@ -207,3 +207,49 @@ def parse_auth_switch(payload: bytes) -> tuple[str, bytes] | None:
     if plugin is None:
         return None
     return plugin.decode("ascii", "replace"), payload[pos:].rstrip(b"\x00")
+
+
+def parse_change_user(payload: bytes, capabilities: int) -> Login | None:
+    """COM_CHANGE_USER: a new login on an open connection, answered against the nonce of
+    the connection's greeting (the client keeps its flags; the charset may change)."""
+    if not payload or payload[0] != 0x11:
+        return None
+    user, pos = read_nul(payload, 1)
+    if user is None or pos > len(payload):
+        return None
+    auth: bytes | None
+    if capabilities & Cap.SECURE_CONNECTION:
+        if pos >= len(payload):
+            return None
+        n = payload[pos]
+        auth, pos = payload[pos + 1 : pos + 1 + n], pos + 1 + n
+        if pos > len(payload):
+            return None
+    else:
+        auth, pos = read_nul(payload, pos)
+        if auth is None:
+            return None
+    database, pos = read_nul(payload, pos) if pos < len(payload) else (b"", pos)
+    if database is None:
+        return None
+    collation = 0
+    if pos + 2 <= len(payload):
+        collation = int(struct.unpack_from("<H", payload, pos)[0]) & 0xFF
+        pos += 2
+    plugin = b""
+    if capabilities & Cap.PLUGIN_AUTH and pos < len(payload):
+        end = payload.find(b"\x00", pos)
+        end = len(payload) if end < 0 else end
+        plugin, pos = payload[pos:end], end + 1
+    try:
+        return Login(
+            capabilities=capabilities,
+            max_packet=0,
+            collation=collation,
+            user=user.decode("utf-8"),
+            auth_response=bytes(auth),
+            database=database.decode("utf-8"),
+            auth_plugin=plugin.decode("ascii"),
+        )
+    except UnicodeDecodeError:
+        return None

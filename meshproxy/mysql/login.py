@@ -11,6 +11,7 @@ not a login ends with the ERR a MySQL server would send; the shell closes afterw
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ from meshproxy.mysql.handshake import (
     Login,
     auth_switch_payload,
     greeting_payload,
+    parse_change_user,
     parse_login,
     parse_ssl_request,
 )
@@ -142,9 +144,21 @@ class ServerLogin:
             return self._rsa_password(payload)
         return self._bad("unexpected packet")
 
+    def change_user(self, payload: bytes) -> Step:
+        """COM_CHANGE_USER on a logged-in connection: the login starts over."""
+        login = parse_change_user(payload, self.capabilities)
+        if login is None:
+            return self._bad("malformed COM_CHANGE_USER")
+        if not login.collation and self._login is not None:
+            login = dataclasses.replace(login, collation=self._login.collation)
+        self._stage = "login"
+        self._account = None
+        return self._start(login)
+
     def _start(self, login: Login) -> Step:
         self._login = login
-        self.capabilities = login.capabilities & (SERVER_CAPS | Cap.SSL)
+        if not self.capabilities:
+            self.capabilities = login.capabilities & (SERVER_CAPS | Cap.SSL)
         account = self._accounts(login.user)
         if account is None:
             return self._deny("unknown user", bool(login.auth_response))

@@ -74,6 +74,13 @@ class Framer:
 
     def feed(self, data: bytes) -> list[Packet]:
         buf = self._buf
+        if not buf and not self._parts and len(data) >= 4:
+            # The common case, one whole command in one read: no buffer copies.
+            length = data[0] | data[1] << 8 | data[2] << 16
+            if length + 4 == len(data) and length < MAX_PAYLOAD:
+                if length > self.max_payload:
+                    raise PacketTooLarge(length)
+                return [Packet(data[3], data[4:], data[3])]
         buf += data
         out: list[Packet] = []
         pos = 0

@@ -63,11 +63,28 @@ class _S(enum.IntEnum):
 
 
 # Packets of these states are looked at whole (they are small); others only by first byte.
-_COLLECT = frozenset(
-    {_S.FIRST, _S.COLUMNS_EOF, _S.PREPARE_OK, _S.PARAMS_EOF, _S.PREPARE_COLUMNS_EOF, _S.SINGLE}
+# (Tables indexed by state, and plain-int flags below: this runs for every packet, and
+# hashing an enum member or combining flags costs a Python-level call each time.)
+_COLLECT = tuple(
+    s in (_S.FIRST, _S.COLUMNS_EOF, _S.PREPARE_OK, _S.PARAMS_EOF, _S.PREPARE_COLUMNS_EOF, _S.SINGLE)
+    for s in _S
 )
 # States that decide on a packet's first payload byte whether to look at it whole.
-_BY_FIRST_BYTE = frozenset({_S.ROWS, _S.COLUMNS})
+_BY_FIRST_BYTE = tuple(s in (_S.ROWS, _S.COLUMNS) for s in _S)
+_MORE_RESULTS = int(Status.MORE_RESULTS_EXISTS)
+_CURSOR_EXISTS = int(Status.CURSOR_EXISTS)
+# Where the answer to each command starts.
+_START = {
+    int(command): (kind_of(command), state)
+    for command, state in (
+        (Command.QUERY, _S.FIRST),
+        (Command.STMT_EXECUTE, _S.FIRST),
+        (Command.STMT_PREPARE, _S.PREPARE_OK),
+        (Command.STMT_FETCH, _S.ROWS),
+        (Command.FIELD_LIST, _S.COLUMNS),
+    )
+}
+_SINGLE_START = (Kind.SINGLE, _S.SINGLE)
 
 
 class Response:
@@ -96,15 +113,8 @@ class Response:
     )
 
     def __init__(self, command: int, deprecate_eof: bool) -> None:
-        self.kind = kind_of(command)
+        self.kind, self._state = _START.get(command, _SINGLE_START)
         self._deprecate_eof = deprecate_eof
-        self._state = {
-            Kind.RESULT: _S.FIRST,
-            Kind.PREPARE: _S.PREPARE_OK,
-            Kind.ROWS: _S.ROWS,
-            Kind.FIELDS: _S.COLUMNS,
-            Kind.SINGLE: _S.SINGLE,
-        }[self.kind]
         self._count = -1  # FIELDS: unbounded column definitions until EOF
         self._header = bytearray()  # a packet header split across chunks
         self._left = 0  # payload bytes of the current packet still to come
@@ -173,14 +183,14 @@ class Response:
                 if continued:  # the rest of a long packet: payload, not a packet of its own
                     self._left = length
                     continue
-                if length and pos >= end and self._state in _BY_FIRST_BYTE:
+                if length and pos >= end and _BY_FIRST_BYTE[self._state]:
                     self._undecided = length
                     return -1
             state = self._state
-            if state in _BY_FIRST_BYTE:  # its first payload byte is here (see _undecided)
+            if _BY_FIRST_BYTE[state]:  # its first payload byte is here (see _undecided)
                 whole = self._ends_here(state, length, data[pos] if length else -1)
             else:
-                whole = state in _COLLECT
+                whole = _COLLECT[state]
             if whole:
                 if pos + length <= end:
                     payload = data[pos : pos + length]
@@ -233,7 +243,7 @@ class Response:
         elif state is _S.COLUMNS_EOF:
             self._state = _S.ROWS
             status = parse_eof_status(payload)
-            if status is not None and status & Status.CURSOR_EXISTS:
+            if status is not None and status & _CURSOR_EXISTS:
                 self.status = status
                 self._state = _S.DONE  # a cursor: rows come with COM_STMT_FETCH
         elif state is _S.PREPARE_OK:
@@ -261,7 +271,7 @@ class Response:
                 self._state = _S.DONE
                 return
             self._take_ok(ok.status, ok.affected_rows, ok.last_insert_id)
-            self._state = _S.FIRST if ok.status & Status.MORE_RESULTS_EXISTS else _S.DONE
+            self._state = _S.FIRST if ok.status & _MORE_RESULTS else _S.DONE
             return
         if first == 0xFB:
             self.infile = True
@@ -291,7 +301,7 @@ class Response:
             self._state = _S.DONE
             return
         self.status = status
-        more = status & Status.MORE_RESULTS_EXISTS and self.kind is Kind.RESULT
+        more = status & _MORE_RESULTS and self.kind is Kind.RESULT
         self._state = _S.FIRST if more else _S.DONE
 
     def _take_ok(self, status: int, affected: int, insert_id: int) -> None:

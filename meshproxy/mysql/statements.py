@@ -9,6 +9,7 @@ let a client see another client's state.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 
@@ -115,6 +116,23 @@ def blank(sql: str) -> str:
 def split(sql: str) -> list[str]:
     """The statements of a (blanked) text, split at top-level semicolons."""
     return [part for part in sql.split(";") if part.strip()]
+
+
+# Applications run the same statements over and over: their effects are computed once.
+_CACHE_MAX_TEXT = 4096
+
+
+@functools.lru_cache(maxsize=4096)
+def _classify_cached(text: bytes) -> Effects:
+    return classify(text.decode("utf-8", "replace"))
+
+
+def classify_bytes(text: bytes) -> Effects:
+    """``classify`` of a statement as the client sent it. The result may be shared with
+    other sessions: callers read it and never change it."""
+    if len(text) <= _CACHE_MAX_TEXT:
+        return _classify_cached(text)
+    return classify(text.decode("utf-8", "replace"))
 
 
 def classify(sql: str) -> Effects:

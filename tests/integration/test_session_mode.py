@@ -817,3 +817,51 @@ def test_a_passthrough_edge_in_front_of_a_session_mode_middle(
     assert len(ids) == 1
     a.close()
     b.close()
+
+
+def test_change_user_logs_in_again_with_a_fresh_session(
+    nodes: NodeFactory, shared_mariadb: mariadb.MariaDB
+) -> None:
+    """COM_CHANGE_USER re-authenticates: the session starts over (its user variables are
+    gone, the new schema is current), and a wrong password ends it with ERR 1045."""
+    users = [
+        {"name": "app", "password": "app"},
+        {"name": "other", "password": "pw-other", "backend_user": "app", "backend_password": "app"},
+    ]
+    node = start_session_node(nodes, [shared_mariadb.port], users=users)
+    conn = mysql.connector.connect(
+        host=HOST,
+        port=node.port,
+        user="app",
+        password="app",
+        database="sbtest",
+        use_pure=True,
+        auth_plugin="mysql_native_password",
+        autocommit=True,
+    )
+    _OPEN.append(conn)
+    cursor = conn.cursor()
+    cursor.execute("SET @mine = 'app'")
+    conn.cmd_change_user(username="other", password="pw-other", database="mysql")
+    cursor = conn.cursor()
+    cursor.execute("SELECT @mine, DATABASE()")
+    assert cursor.fetchall() == [(None, "mysql")]
+    assert node.status()["session_mode"]["users"] == {"app": 0, "other": 1}
+    with pytest.raises(mysql.connector.Error) as wrong:
+        conn.cmd_change_user(username="app", password="bad")
+    assert wrong.value.errno == 1045
+
+
+def test_idle_client_sessions_are_closed_after_idle_s(
+    nodes: NodeFactory, shared_mariadb: mariadb.MariaDB
+) -> None:
+    """A client session that runs nothing for timeouts.idle_s is closed and counted."""
+    port, admin_port = free_port(), free_port()
+    doc = session_doc("s1", [shared_mariadb.port], port, admin_port)
+    doc["timeouts"] = {"idle_s": 1}
+    node = SessionNode(nodes.start(doc, ("--no-angel",)), port, admin_port)
+    conn = session_connect(node)
+    assert one(conn, "SELECT 1") == 1
+    wait_until(lambda: node.counter("idle_timeouts") == 1, 10, "the idle timeout")
+    with pytest.raises(pymysql.err.OperationalError):
+        one(conn, "SELECT 1")
