@@ -25,6 +25,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import pymysql
+
 from bench import idle, report, sysbench
 from bench.procs import cpu_seconds
 from bench.serverstats import Watch
@@ -297,8 +299,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
     clock = time.monotonic()
     many = sysbench.MANY_CLIENTS in args.workloads
-    if many:
-        idle.raise_fd_limit(4 * args.many_clients + 1024)  # inherited by sysbench
+    # Raised before anything starts, so the proxies and sysbench inherit it: each of the
+    # many clients or idle sessions is a socket in the client, and two in a proxy.
+    fds = max(
+        4 * args.many_clients if many else 0, 4 * args.idle_clients if args.idle_memory else 0
+    )
+    if fds:
+        idle.raise_fd_limit(fds + 1024)
     memory: list[idle.IdleMemory] = []
     try:
         with Stack(args.wanted, angel=not args.no_angel, many_clients=many) as stack:
@@ -322,7 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: everything stopped and removed", file=sys.stderr)
         return 130
-    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+    except (OSError, RuntimeError, subprocess.SubprocessError, pymysql.err.MySQLError) as exc:
         print(f"\nbench failed: {exc}", file=sys.stderr)
         return 1
     text, summaries, results = render(args, runs, memory, unavailable)
