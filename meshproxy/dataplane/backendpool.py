@@ -80,7 +80,11 @@ class ServerPool:
         # The session state a new connection starts with, per login: a new client session
         # expects exactly that, whichever connection serves it.
         self.baseline: dict[LoginKey, Values] = {}
-        self._waiters: deque[tuple[LoginKey, asyncio.Future[BackendConnection | None]]] = deque()
+        # Checkouts waiting for a connection, first come first served, per login. A waiter
+        # that gives up cancels its future and stays behind until it is reached: removing it
+        # from the middle would cost a scan of every waiter (1000 clients, 32 connections).
+        self._waiters: dict[LoginKey, deque[asyncio.Future[BackendConnection | None]]] = {}
+        self._waiting = 0
 
     # ----------------------------------------------------------------- checkout
 
@@ -143,8 +147,9 @@ class ServerPool:
         future: asyncio.Future[BackendConnection | None] = (
             asyncio.get_running_loop().create_future()
         )
-        entry = (key, future)
-        self._waiters.append(entry)
+        queue = self._waiters.setdefault(key, deque())
+        queue.append(future)
+        self._waiting += 1
         self.stats.waits += 1
         try:
             async with asyncio.timeout(max(deadline - time.monotonic(), 0)):
@@ -165,8 +170,13 @@ class ServerPool:
                     self._give(handed)
             raise
         finally:
-            if entry in self._waiters:
-                self._waiters.remove(entry)
+            self._waiting -= 1
+            if not future.done():
+                future.cancel()
+            if len(queue) > 64 and len(queue) > 4 * self._waiting:
+                live = [f for f in queue if not f.done()]
+                queue.clear()
+                queue.extend(live)
 
     async def _open(self, key: LoginKey, timeout_s: float) -> BackendConnection:
         sha1 = self.credentials.sha1.get(key.user)
@@ -229,14 +239,14 @@ class ServerPool:
         if not self.accepting:
             self._forget(conn, "server not taking new connections")
             return
-        for i, (key, future) in enumerate(self._waiters):
-            if key == conn.key and not future.done():
-                del self._waiters[i]
-                future.set_result(conn)
-                return
+        future = _next_live(self._waiters.get(conn.key))
+        if future is not None:
+            future.set_result(conn)
+            return
         self.idle.setdefault(conn.key, deque()).append(conn)
-        if self._waiters:  # someone waits for another login: make room for it
-            self._close_idle_of_other_logins(self._waiters[0][0])
+        other = next((k for k, q in self._waiters.items() if _has_live(q)), None)
+        if other is not None:  # someone waits for another login: make room for it
+            self._close_idle_of_other_logins(other)
 
     def discard(self, conn: BackendConnection, reason: str) -> None:
         """A connection a session cannot hand back in a known state."""
@@ -263,9 +273,9 @@ class ServerPool:
 
     def _wake_one(self) -> None:
         """Room for one more connection: a waiter of another login may open it."""
-        for i, (_, future) in enumerate(self._waiters):
-            if not future.done():
-                del self._waiters[i]
+        for queue in self._waiters.values():
+            future = _next_live(queue)
+            if future is not None:
                 future.set_result(None)  # None: try again (open one, or take an idle one)
                 return
 
@@ -318,7 +328,24 @@ class ServerPool:
     def close(self) -> None:
         self.accepting = False
         self.empty("shutting down")
-        for _, future in self._waiters:
-            if not future.done():
-                future.set_result(None)
+        for queue in self._waiters.values():
+            for future in queue:
+                if not future.done():
+                    future.set_result(None)
         self._waiters.clear()
+
+
+Waiters = deque[asyncio.Future[BackendConnection | None]]
+
+
+def _next_live(queue: Waiters | None) -> asyncio.Future[BackendConnection | None] | None:
+    """The first waiter still waiting (those that gave up are dropped on the way)."""
+    while queue:
+        future = queue.popleft()
+        if not future.done():
+            return future
+    return None
+
+
+def _has_live(queue: Waiters) -> bool:
+    return any(not future.done() for future in queue)
