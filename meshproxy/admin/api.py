@@ -80,6 +80,11 @@ class AdminAPI:
         r.add_post("/listeners", self.add_item("listener"))
         r.add_patch("/listeners/{name}", self.patch_item("listener"))
         r.add_delete("/listeners/{name}", self.remove_item("listener"))
+        # Session mode's logins; new logins see a change at once, open sessions keep theirs.
+        r.add_get("/users", self.list_section("user"))
+        r.add_post("/users", self.add_item("user"))
+        r.add_patch("/users/{name}", self.patch_item("user"))
+        r.add_delete("/users/{name}", self.remove_item("user"))
         for plural, section in (("pools", "pool"), ("tiers", "tier")):
             r.add_get(f"/{plural}", self.list_section(section))
             r.add_post(f"/{plural}", self.add_item(section))

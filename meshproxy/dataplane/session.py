@@ -49,8 +49,6 @@ _QUEUE_MAX = 64  # client packets held while a command runs (clients rarely pipe
 _NO_EFFECTS = Effects()
 _MAX_PREPARED_PER_CONNECTION = 256
 ER_UNKNOWN_THREAD = 1094
-_IN_TRANS = int(Status.IN_TRANS)  # plain ints: IntFlag arithmetic is a Python-level call
-_CURSOR_EXISTS = int(Status.CURSOR_EXISTS)
 
 
 class SessionClosed(MeshproxyError):
@@ -446,11 +444,17 @@ class ClientSession(asyncio.Protocol, Sink):
         """Run a command on a backend connection: at once when one is ready in the right
         state, otherwise in a task that checks one out and brings it into that state."""
         conn = self.conn
-        server = self.server
-        if conn is None and server is not None and self.values is not None:
-            conn = server.take_idle(self.key, time.monotonic())  # type: ignore[arg-type]
-            if conn is not None:
-                self.conn = conn
+        if conn is None:
+            server = self.server
+            if server is None:  # the first statement: choose the session's server now
+                server = self.server = self.mode.choose_server(self.pool_name)
+            if server is not None:
+                key = self.key
+                assert key is not None
+                if self.values is None:
+                    self.values = server.baseline.get(key)
+                if self.values is not None:
+                    conn = self.conn = server.take_idle(key, time.monotonic())
         if conn is not None and self._in_step(conn, effects, statement):
             data = self._bytes_for(conn, command, payload, statement)
             self._send_command(conn, command, data, effects, statement, stmt_id)
@@ -669,8 +673,8 @@ class ClientSession(asyncio.Protocol, Sink):
         self._apply_effects(flight.effects)
         self.mode.count_pins(flight.effects)
         if response.error is None:
-            self.pins.transaction = bool(response.status & _IN_TRANS)
-            if response.status & _CURSOR_EXISTS:
+            self.pins.transaction = bool(response.status & Status.IN_TRANS)
+            if response.status & Status.CURSOR_EXISTS:
                 self.pins.reasons.add("cursor")
                 self.mode.counters.inc("session_pins", reason="cursor")
             if response.last_insert_id:

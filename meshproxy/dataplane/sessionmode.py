@@ -163,7 +163,6 @@ class SessionMode:
         on_close: Callable[[ClientSession], None],
     ) -> ClientSession:
         session = ClientSession(self, pool, peer, client, entrance, on_close)
-        self.counters.inc("session_connections", entrance=entrance)
         session.start(transport, pending)
         return session
 

@@ -7,7 +7,9 @@ import enum
 MAX_PAYLOAD = 0xFFFFFF  # a payload this long continues in the next packet
 
 
-class Cap(enum.IntFlag):
+# Capability and status flags are plain ints, not enum.IntFlag: they are tested for every
+# login and every answer, and an IntFlag operand turns each ``&`` into a Python-level call.
+class Cap:
     LONG_PASSWORD = 1
     FOUND_ROWS = 1 << 1
     LONG_FLAG = 1 << 2
@@ -88,7 +90,7 @@ BACKEND_CAPS = (
 )
 
 
-class Status(enum.IntFlag):
+class Status:
     IN_TRANS = 1
     AUTOCOMMIT = 1 << 1
     MORE_RESULTS_EXISTS = 1 << 3

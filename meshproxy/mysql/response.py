@@ -63,16 +63,14 @@ class _S(enum.IntEnum):
 
 
 # Packets of these states are looked at whole (they are small); others only by first byte.
-# (Tables indexed by state, and plain-int flags below: this runs for every packet, and
-# hashing an enum member or combining flags costs a Python-level call each time.)
+# (Tables indexed by state: this runs for every packet, and hashing an enum member is a
+# Python-level call.)
 _COLLECT = tuple(
     s in (_S.FIRST, _S.COLUMNS_EOF, _S.PREPARE_OK, _S.PARAMS_EOF, _S.PREPARE_COLUMNS_EOF, _S.SINGLE)
     for s in _S
 )
 # States that decide on a packet's first payload byte whether to look at it whole.
 _BY_FIRST_BYTE = tuple(s in (_S.ROWS, _S.COLUMNS) for s in _S)
-_MORE_RESULTS = int(Status.MORE_RESULTS_EXISTS)
-_CURSOR_EXISTS = int(Status.CURSOR_EXISTS)
 # Where the answer to each command starts.
 _START = {
     int(command): (kind_of(command), state)
@@ -243,7 +241,7 @@ class Response:
         elif state is _S.COLUMNS_EOF:
             self._state = _S.ROWS
             status = parse_eof_status(payload)
-            if status is not None and status & _CURSOR_EXISTS:
+            if status is not None and status & Status.CURSOR_EXISTS:
                 self.status = status
                 self._state = _S.DONE  # a cursor: rows come with COM_STMT_FETCH
         elif state is _S.PREPARE_OK:
@@ -271,7 +269,7 @@ class Response:
                 self._state = _S.DONE
                 return
             self._take_ok(ok.status, ok.affected_rows, ok.last_insert_id)
-            self._state = _S.FIRST if ok.status & _MORE_RESULTS else _S.DONE
+            self._state = _S.FIRST if ok.status & Status.MORE_RESULTS_EXISTS else _S.DONE
             return
         if first == 0xFB:
             self.infile = True
@@ -301,7 +299,7 @@ class Response:
             self._state = _S.DONE
             return
         self.status = status
-        more = status & _MORE_RESULTS and self.kind is Kind.RESULT
+        more = status & Status.MORE_RESULTS_EXISTS and self.kind is Kind.RESULT
         self._state = _S.FIRST if more else _S.DONE
 
     def _take_ok(self, status: int, affected: int, insert_id: int) -> None:

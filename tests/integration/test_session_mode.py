@@ -865,3 +865,36 @@ def test_idle_client_sessions_are_closed_after_idle_s(
     wait_until(lambda: node.counter("idle_timeouts") == 1, 10, "the idle timeout")
     with pytest.raises(pymysql.err.OperationalError):
         one(conn, "SELECT 1")
+
+
+def test_logins_change_through_the_admin_api(
+    nodes: NodeFactory, shared_mariadb: mariadb.MariaDB
+) -> None:
+    """A user added through the admin API can log in at once; removed, it is refused, and
+    a session it already had open carries on."""
+    node = start_session_node(nodes, [shared_mariadb.port])
+    new_user = {
+        "name": "late",
+        "password": "pw-late",
+        "backend_user": "app",
+        "backend_password": "app",
+    }
+    request = urllib.request.Request(
+        f"http://{HOST}:{node.admin_port}/users",
+        data=json.dumps(new_user).encode(),
+        method="POST",
+    )
+    request.add_header("Authorization", f"Bearer {TOKEN}")
+    request.add_header("Content-Type", "application/json")
+    with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+        assert response.status == 200
+    conn = session_connect(node, user="late", password="pw-late")
+    assert one(conn, "SELECT CURRENT_USER()") == "app@%"
+    request = urllib.request.Request(f"http://{HOST}:{node.admin_port}/users/late", method="DELETE")
+    request.add_header("Authorization", f"Bearer {TOKEN}")
+    with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+        assert response.status == 200
+    with pytest.raises(pymysql.err.OperationalError) as refused:
+        session_connect(node, user="late", password="pw-late")
+    assert refused.value.args[0] == 1045
+    assert one(conn, "SELECT 'still open'") == "still open"
