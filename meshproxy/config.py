@@ -544,7 +544,11 @@ def _absolute_paths(config: Config) -> Config:
         config = replace(
             config, mesh_tls=replace(t, ca=fix(t.ca), cert=fix(t.cert), key=fix(t.key))
         )
-    return config
+    listeners = tuple(
+        replace(item, tls_cert=fix(item.tls_cert), tls_key=fix(item.tls_key))
+        for item in config.listener
+    )
+    return replace(config, listener=listeners)
 
 
 def _check_files(config: Config, loader: _Loader) -> None:
@@ -590,6 +594,18 @@ def _check_files(config: Config, loader: _Loader) -> None:
     if config.mesh_tls is not None:
         t = config.mesh_tls
         tls_files(("mesh_tls.cert", "mesh_tls.key", "mesh_tls.ca"), t.cert, t.key, t.ca)
+    for i, listener in enumerate(config.listener):
+        if listener.tls_cert:
+            keys = (f"listener[{i}].tls_cert", f"listener[{i}].tls_key", "")
+            tls_files(keys, listener.tls_cert, listener.tls_key)
+    for i, user in enumerate(config.user):
+        # A login whose password is missing must not become a login without one.
+        for key, name in (
+            ("password_env", user.password_env),
+            ("backend_password_env", user.backend_password_env),
+        ):
+            if name and not os.environ.get(name):
+                raise loader.fail(f"user[{i}].{key}", f"environment variable {name} is not set")
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:

@@ -97,6 +97,7 @@ class ServerPool:
         if (now - conn.last_used) * 1000 > self.settings.ping_after_idle_ms:
             return None
         conns.pop()
+        self.keys_seen[key] = now
         self.stats.in_use += 1
         self.stats.reused += 1
         return conn

@@ -74,7 +74,7 @@ class ClientStatement:
     types: bytes = b""  # the parameter types of the last execute that sent them
 
 
-@dataclass
+@dataclass(slots=True)
 class Flight:
     """The command on its way: what it was, and what it does to the session when it ends."""
 
@@ -154,7 +154,7 @@ class ClientSession(asyncio.Protocol, Sink):
         transport.write(frame(0, self._login.greeting()))
         if pending:
             self.data_received(pending)
-        if not self.closed:
+        if not self.closed and self._before_tls is None:  # (TLS keeps it paused till ready)
             transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
@@ -355,12 +355,12 @@ class ClientSession(asyncio.Protocol, Sink):
             return
         command = payload[0]
         self.mode.statements += 1
-        if command == Command.QUIT:
+        if command == Command.QUERY:  # by far the most common: first
+            self._query(payload)
+        elif command == Command.QUIT:
             self.close("client quit")
         elif command == Command.PING:
             self._send(1, ok_payload(self._status()))
-        elif command == Command.QUERY:
-            self._query(payload)
         elif command == Command.INIT_DB or command == Command.STMT_PREPARE:
             self._run(command, payload, _NO_EFFECTS)
         elif command in (
@@ -379,7 +379,7 @@ class ClientSession(asyncio.Protocol, Sink):
             self._reset_session()
             self._send(1, ok_payload(self._status()))
         elif command == Command.SET_OPTION:
-            self._run(command, payload, Effects(pins={"set option"}))
+            self._run(command, payload, Effects(pins={"set option"}).settle())
         elif command in (Command.FIELD_LIST, Command.STATISTICS, Command.DEBUG):
             self._run(command, payload, _NO_EFFECTS)
         else:
@@ -423,12 +423,12 @@ class ClientSession(asyncio.Protocol, Sink):
             return
         effects = _NO_EFFECTS
         if command == Command.STMT_SEND_LONG_DATA:
-            effects = Effects(pins={"long data"})
+            effects = Effects(pins={"long data"}).settle()
         elif command == Command.STMT_RESET and self.conn is None:
             self._send(1, ok_payload(self._status()))  # nothing of it lives on a backend
             return
         elif command == Command.STMT_EXECUTE and len(payload) > 5 and payload[5] & 0x07:
-            effects = Effects(pins={"cursor"})
+            effects = Effects(pins={"cursor"}).settle()
         self._run(command, payload, effects, statement, stmt_id)
 
     # ----------------------------------------------------------------- running one
@@ -473,10 +473,11 @@ class ClientSession(asyncio.Protocol, Sink):
             state.values = self.values  # equal: make the next check an identity check
         if state.schema != self.schema:
             return False
-        if effects.last_insert_id and conn.insert_owner is not self:
-            return False
-        if effects.last_state and conn.last_owner is not self:
-            return False
+        if not effects.inert:
+            if effects.last_insert_id and conn.insert_owner is not self:
+                return False
+            if effects.last_state and conn.last_owner is not self:
+                return False
         return statement is None or (statement.schema, statement.sql) in conn.statements
 
     async def _run_slowly(
@@ -669,9 +670,11 @@ class ClientSession(asyncio.Protocol, Sink):
         self.statement_count += 1
         self.statement_time_s += time.monotonic() - self._sent_at
         conn = flight.conn
-        # Pins hold even when the statement failed: part of a multi-statement may have run.
-        self._apply_effects(flight.effects)
-        self.mode.count_pins(flight.effects)
+        effects = flight.effects
+        if not effects.inert:
+            # Pins hold even when the statement failed: part of a multi-statement may have run.
+            self._apply_effects(effects)
+            self.mode.count_pins(effects)
         if response.error is None:
             self.pins.transaction = bool(response.status & Status.IN_TRANS)
             if response.status & Status.CURSOR_EXISTS:
@@ -684,7 +687,7 @@ class ClientSession(asyncio.Protocol, Sink):
                 self.schema = conn.state.schema = flight.argument.decode("utf-8", "replace")
             elif flight.command == Command.STMT_PREPARE and response.prepared is not None:
                 self._prepared(flight, response)
-        if flight.effects.read_back:
+        if effects.read_back:
             self._task = asyncio.get_running_loop().create_task(self._read_back(conn))
             return
         self._release_if_free()

@@ -82,6 +82,11 @@ class SessionMode:
         self.connect_s = config.timeouts.connect_ms / 1000
         users = {}
         for user in config.user:
+            if user.password_env and not user.secret():
+                # Unset since the config was checked: refuse the login rather than take an
+                # empty password.
+                log.warning("login_disabled", user=user.name, reason=f"{user.password_env} unset")
+                continue
             secret = auth.Secret.parse(user.secret())
             backend_user = user.backend_user or user.name
             backend_password = user.backend_secret()

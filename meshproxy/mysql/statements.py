@@ -105,6 +105,20 @@ class Effects:
     last_state: bool = False  # reads FOUND_ROWS() or ROW_COUNT() of a previous statement
     last_insert_id: bool = False  # reads LAST_INSERT_ID()
     kill: tuple[bool, int] | None = None  # (query only, connection id the client saw)
+    inert: bool = True  # none of the above: nothing to do before or after it
+
+    def settle(self) -> Effects:
+        self.inert = not (
+            self.pins
+            or self.lock
+            or self.unlock
+            or self.read_back
+            or self.local_infile
+            or self.last_state
+            or self.last_insert_id
+            or self.kill
+        )
+        return self
 
 
 def blank(sql: str) -> str:
@@ -143,7 +157,7 @@ def classify(sql: str) -> Effects:
     effects.multi = len(parts) > 1
     for part in parts:
         _one(part, effects)
-    return effects
+    return effects.settle()
 
 
 def _one(text: str, effects: Effects) -> None:

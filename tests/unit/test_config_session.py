@@ -136,3 +136,15 @@ def test_session_mode_in_front_of_a_tier_is_refused() -> None:
     error = refused(text)
     assert error.key == "listener[0].mode"
     assert "use pool:<name>" in error.reason
+
+
+def test_a_password_from_an_unset_environment_variable_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A login whose password_env is not set is a config error, never an empty password."""
+    monkeypatch.delenv("MESHPROXY_TEST_PW", raising=False)
+    text = BASE.replace('password = "app"', 'password_env = "MESHPROXY_TEST_PW"')
+    error = refused(text)
+    assert error.key == "user[0].password_env"
+    monkeypatch.setenv("MESHPROXY_TEST_PW", "app")
+    assert parse(text).user[0].secret() == "app"
