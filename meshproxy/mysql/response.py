@@ -144,6 +144,10 @@ class Response:
         pos = 0
         end = len(data)
         while pos < end:
+            if self._state is _S.ROWS and not (self._left or self._header or self._continued):
+                pos = self._skip_rows(data, pos, end)
+                if pos >= end:
+                    return -1
             if self._left:
                 take = min(self._left, end - pos)
                 if self._want:
@@ -205,6 +209,25 @@ class Response:
             if not length and self._state is _S.DONE:
                 return pos
         return -1
+
+    def _skip_rows(self, data: bytes, pos: int, end: int) -> int:
+        """Walk over whole row packets in ``data`` from ``pos``, as fast as Python can:
+        this is every row of every result set. Stops at the first packet that is not an
+        ordinary whole row in this chunk (the general path then takes it)."""
+        if self._undecided >= 0:
+            return pos
+        seq = -1
+        while end - pos >= 5:
+            length = data[pos] | data[pos + 1] << 8 | data[pos + 2] << 16
+            first = data[pos + 4]
+            following = pos + 4 + length
+            if following > end or length == MAX_PAYLOAD or first == 0xFF or first == 0xFE:
+                break
+            seq = data[pos + 3]
+            pos = following
+        if seq >= 0:
+            self.next_seq = (seq + 1) & 0xFF
+        return pos
 
     def _ends_here(self, state: _S, length: int, first: int) -> bool:
         """Whether a packet of a rows or definitions state must be looked at whole: only
