@@ -240,6 +240,9 @@ class ServerPool:
         if not self.accepting:
             self._forget(conn, "server not taking new connections")
             return
+        if not self._waiting:  # the common case: straight back to the idle list
+            self.idle.setdefault(conn.key, deque()).append(conn)
+            return
         future = _next_live(self._waiters.get(conn.key))
         if future is not None:
             future.set_result(conn)

@@ -49,6 +49,7 @@ _QUEUE_MAX = 64  # client packets held while a command runs (clients rarely pipe
 _NO_EFFECTS = Effects()
 _MAX_PREPARED_PER_CONNECTION = 256
 ER_UNKNOWN_THREAD = 1094
+ER_KILL_DENIED = 1095
 
 
 class SessionClosed(MeshproxyError):
@@ -795,7 +796,7 @@ class ClientSession(asyncio.Protocol, Sink):
             return
         if target is not self and target.user != self.user:
             message = f"You are not owner of thread {connection_id}"
-            self._send(1, err_payload(1095, message))
+            self._send(1, err_payload(ER_KILL_DENIED, message))
             return
         self._task = asyncio.get_running_loop().create_task(
             self._kill_on_server(target, query_only)
