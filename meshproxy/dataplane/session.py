@@ -44,7 +44,9 @@ from meshproxy.mysql.statements import Effects, classify_bytes
 if typing.TYPE_CHECKING:
     from meshproxy.dataplane.sessionmode import SessionMode
 
-_LOGIN_MAX = 64 * 1024
+# A login is small, but this bound must also hold the start of a TLS hello read together
+# with its SSLRequest: read as a packet header, a hello claims 66 KiB to 263 KiB.
+_LOGIN_MAX = 1024 * 1024
 _QUEUE_MAX = 64  # client packets held while a command runs (clients rarely pipeline)
 _NO_EFFECTS = Effects()
 _MAX_PREPARED_PER_CONNECTION = 256
@@ -126,6 +128,7 @@ class ClientSession(asyncio.Protocol, Sink):
         self._queue: deque[Packet] = deque()
         self._reading_paused = False
         self._before_tls: bytearray | None = None  # while start_tls runs
+        self._tls_early = b""  # TLS bytes read in clear with the SSLRequest
         self.user = ""
         self.account: logins.Account | None = None
         self.key: LoginKey | None = None
@@ -174,7 +177,12 @@ class ClientSession(asyncio.Protocol, Sink):
             self._fail(ER_NET_PACKET_TOO_LARGE, f"Got a packet bigger than {limit} bytes", 1)
             return
         if self._login is not None:
-            for packet in packets:
+            for i, packet in enumerate(packets):
+                if self._before_tls is not None:
+                    # After an SSLRequest every byte is TLS: give back what was framed.
+                    rest = b"".join(frame(p.seq, p.payload) for p in packets[i:])
+                    self._tls_early = rest + self._tls_early
+                    break
                 if self._login is None:
                     self._queue.append(packet)  # sent right behind its login: a command
                 else:
@@ -260,18 +268,19 @@ class ClientSession(asyncio.Protocol, Sink):
             # Nothing more may be read in clear: the client's next bytes are its TLS hello.
             assert self.transport is not None
             self.transport.pause_reading()
-            early = self._framer.take_unread()
+            self._tls_early = self._framer.take_unread()
             self._before_tls = bytearray()
-            self._task = asyncio.get_running_loop().create_task(self._start_tls(early))
+            self._task = asyncio.get_running_loop().create_task(self._start_tls())
         else:
             self._login_result(step, seq)
 
-    async def _start_tls(self, early: bytes) -> None:
+    async def _start_tls(self) -> None:
         transport = self.transport
         context = self.mode.tls_context(self.entrance)
         assert transport is not None
         assert context is not None
         loop = asyncio.get_running_loop()
+        early, self._tls_early = self._tls_early, b""
         if early:
             # The client's hello came in the same read as its SSLRequest: hand it to the
             # TLS layer once start_tls has put that layer in place.

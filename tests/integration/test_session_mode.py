@@ -5,6 +5,7 @@ LOCAL INFILE, CALL, KILL, and backends that fail."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import shutil
@@ -40,6 +41,7 @@ from tests.integration.harness import (
     edge_config,
     free_port,
     raw_login,
+    read_packet,
     read_to_eof,
     rss_bytes,
     split_packets,
@@ -898,3 +900,36 @@ def test_logins_change_through_the_admin_api(
         session_connect(node, user="late", password="pw-late")
     assert refused.value.args[0] == 1045
     assert one(conn, "SELECT 'still open'") == "still open"
+
+
+def test_a_tls_hello_read_with_its_ssl_request_still_starts_tls(
+    nodes: NodeFactory, shared_mariadb: mariadb.MariaDB, tls_files: tuple[str, str]
+) -> None:
+    """A client whose TLS hello arrives in the same read as its SSLRequest gets its TLS
+    handshake: the bytes read in clear are handed to the TLS layer, none is answered."""
+    cert, key = tls_files
+    node = start_session_node(
+        nodes, [shared_mariadb.port], listener={"tls_cert": cert, "tls_key": key}
+    )
+    with socket.create_connection((HOST, node.port), timeout=10) as sock:
+        read_packet(sock)  # the greeting
+        caps = 0x00000200 | 0x00000800 | 0x00008000 | 0x00080000 | 1  # 4.1, SSL, auth
+        ssl_request = struct.pack("<IIB23x", caps, 1 << 24, 33)
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = no_verify().wrap_bio(incoming, outgoing)
+        with contextlib.suppress(ssl.SSLWantReadError):
+            tls.do_handshake()
+        # One write: the SSLRequest and the TLS hello together.
+        sock.sendall(b"\x20\x00\x00\x01" + ssl_request + outgoing.read())
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                pending = outgoing.read()
+                if pending:
+                    sock.sendall(pending)
+                data = sock.recv(65536)
+                assert data, "the node closed the connection during the TLS handshake"
+                incoming.write(data)
+        assert str(tls.version()).startswith("TLS")
