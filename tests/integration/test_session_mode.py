@@ -359,6 +359,10 @@ PINS = [
     ("SET TIMESTAMP = 1000000000", "untracked set"),
     ("PREPARE ps FROM 'SELECT 1'", "sql prepared statement"),
     ("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", "set transaction"),
+    ("HANDLER pins OPEN", "handler"),
+    ("XA START 'session-test'", "transaction"),
+    ("SET ROLE NONE", "set role"),
+    ("SHOW STATUS LIKE 'Questions'", "session status"),
 ]
 
 
