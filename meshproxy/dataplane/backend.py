@@ -8,7 +8,6 @@ forwarding the answer to one client command to that client, chunk by chunk as it
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 import typing
 from dataclasses import dataclass
@@ -326,7 +325,3 @@ class BackendConnection(asyncio.Protocol):
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
         return self._packets.pop(0)
-
-
-def sha1_of(password: str) -> bytes:
-    return hashlib.sha1(password.encode()).digest()  # noqa: S324 - the protocol's hash

@@ -27,7 +27,6 @@ from meshproxy.config import (
     UpstreamRef,
 )
 from meshproxy.counters import Counters
-from meshproxy.dataplane.backend import sha1_of
 from meshproxy.dataplane.backendpool import Credentials, Report, ServerPool
 from meshproxy.dataplane.router import Member, choose
 from meshproxy.dataplane.session import ClientSession
@@ -92,9 +91,9 @@ class SessionMode:
             backend_password = user.backend_secret()
             sha1 = None
             if backend_password:
-                sha1 = sha1_of(backend_password)
+                sha1 = auth.sha1_of(backend_password)
             elif not user.backend_user and secret.clear is not None:
-                sha1 = sha1_of(secret.clear)
+                sha1 = auth.sha1_of(secret.clear)
             account = Account(user.name, secret, user.require_tls, user.auth_plugin)
             users[user.name] = User(
                 account, user.pool, user.default_schema, user.max_connections, backend_user, sha1

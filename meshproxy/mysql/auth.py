@@ -43,9 +43,14 @@ def _xor(a: bytes, b: bytes) -> bytes:
     return bytes(x ^ y for x, y in zip(a, b, strict=True))
 
 
+def sha1_of(password: str) -> bytes:
+    """SHA1(password): what a native login proves, and all a backend login needs."""
+    return hashlib.sha1(password.encode()).digest()  # noqa: S324 - the protocol's hash
+
+
 def native_stage2(password: str) -> bytes:
     """SHA1(SHA1(password)): what ``*HEX`` stores."""
-    return hashlib.sha1(hashlib.sha1(password.encode()).digest()).digest()  # noqa: S324
+    return hashlib.sha1(sha1_of(password)).digest()  # noqa: S324
 
 
 def native_token(sha1_password: bytes, nonce: bytes) -> bytes:

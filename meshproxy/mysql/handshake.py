@@ -106,18 +106,7 @@ def parse_login(payload: bytes) -> Login | None:
     user, pos = read_nul(payload, 32)
     if user is None:
         return None
-    auth: bytes | None
-    if caps & Cap.PLUGIN_AUTH_LENENC_DATA:
-        auth, pos = read_lenenc_bytes(payload, pos)
-    elif caps & Cap.SECURE_CONNECTION:
-        if pos >= len(payload):
-            return None
-        n = payload[pos]
-        auth, pos = payload[pos + 1 : pos + 1 + n], pos + 1 + n
-        if pos > len(payload):
-            return None
-    else:
-        auth, pos = read_nul(payload, pos)
+    auth, pos = _read_auth(payload, pos, caps)
     if auth is None:
         return None
     database: bytes | None = b""
@@ -125,11 +114,7 @@ def parse_login(payload: bytes) -> Login | None:
         database, pos = read_nul(payload, pos)
     if database is None:
         return None
-    plugin = b""
-    if caps & Cap.PLUGIN_AUTH and pos < len(payload):
-        end = payload.find(b"\x00", pos)
-        end = len(payload) if end < 0 else end  # some clients omit the final NUL
-        plugin, pos = payload[pos:end], end + 1
+    plugin, pos = _read_plugin(payload, pos, caps)
     attributes = _parse_attributes(payload, pos) if caps & Cap.CONNECT_ATTRS else {}
     try:
         return Login(
@@ -217,18 +202,10 @@ def parse_change_user(payload: bytes, capabilities: int) -> Login | None:
     user, pos = read_nul(payload, 1)
     if user is None or pos > len(payload):
         return None
-    auth: bytes | None
-    if capabilities & Cap.SECURE_CONNECTION:
-        if pos >= len(payload):
-            return None
-        n = payload[pos]
-        auth, pos = payload[pos + 1 : pos + 1 + n], pos + 1 + n
-        if pos > len(payload):
-            return None
-    else:
-        auth, pos = read_nul(payload, pos)
-        if auth is None:
-            return None
+    # COM_CHANGE_USER has no lenenc form of the auth data.
+    auth, pos = _read_auth(payload, pos, capabilities & ~Cap.PLUGIN_AUTH_LENENC_DATA)
+    if auth is None:
+        return None
     database, pos = read_nul(payload, pos) if pos < len(payload) else (b"", pos)
     if database is None:
         return None
@@ -236,11 +213,7 @@ def parse_change_user(payload: bytes, capabilities: int) -> Login | None:
     if pos + 2 <= len(payload):
         collation = int(struct.unpack_from("<H", payload, pos)[0]) & 0xFF
         pos += 2
-    plugin = b""
-    if capabilities & Cap.PLUGIN_AUTH and pos < len(payload):
-        end = payload.find(b"\x00", pos)
-        end = len(payload) if end < 0 else end
-        plugin, pos = payload[pos:end], end + 1
+    plugin, pos = _read_plugin(payload, pos, capabilities)
     try:
         return Login(
             capabilities=capabilities,
@@ -253,3 +226,25 @@ def parse_change_user(payload: bytes, capabilities: int) -> Login | None:
         )
     except UnicodeDecodeError:
         return None
+
+
+def _read_auth(payload: bytes, pos: int, caps: int) -> tuple[bytes | None, int]:
+    """A login's auth data, in the form its capability flags say (None: malformed)."""
+    if caps & Cap.PLUGIN_AUTH_LENENC_DATA:
+        return read_lenenc_bytes(payload, pos)
+    if caps & Cap.SECURE_CONNECTION:
+        if pos >= len(payload):
+            return None, pos
+        n = payload[pos]
+        end = pos + 1 + n
+        return (payload[pos + 1 : end], end) if end <= len(payload) else (None, end)
+    return read_nul(payload, pos)
+
+
+def _read_plugin(payload: bytes, pos: int, caps: int) -> tuple[bytes, int]:
+    """The auth plugin name at the end of a login (some clients omit the final NUL)."""
+    if not caps & Cap.PLUGIN_AUTH or pos >= len(payload):
+        return b"", pos
+    end = payload.find(b"\x00", pos)
+    end = len(payload) if end < 0 else end
+    return payload[pos:end], end + 1

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import shutil
 import socket
@@ -26,6 +25,7 @@ import pymysql
 import pytest
 from pymysql.constants import CLIENT
 
+from meshproxy.mysql import auth
 from meshproxy.security import pki
 from meshproxy.testbed import mariadb
 from tests.integration.conftest import MariaDBFactory
@@ -177,6 +177,23 @@ def _close_clients(nodes: NodeFactory) -> Iterator[None]:
         close_quietly(_OPEN.pop())
 
 
+def in_thread(conn: Any, sql: str) -> tuple[threading.Thread, list[BaseException | None]]:
+    """Run ``sql`` in a thread of its own; its outcome (None, or the client's error) lands
+    in the list when it ends."""
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            one(conn, sql)
+            outcome.append(None)
+        except pymysql.err.MySQLError as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcome
+
+
 def session_connect(node: SessionNode, **kwargs: Any) -> Any:
     conn = connect(node.port, **kwargs)
     _OPEN.append(conn)
@@ -237,19 +254,13 @@ def test_a_stored_hash_user_learns_its_backend_login_from_its_first_client(
 ) -> None:
     """A user configured with only MySQL's ``*HEX`` hash logs in, and its statements run on
     backend connections logged in with what its native login proved."""
-    stored = "*" + pymysql_hash(mariadb.APP_PASSWORD)
+    stored = "*" + auth.native_stage2(mariadb.APP_PASSWORD).hex().upper()
     node = start_session_node(
         nodes, [shared_mariadb.port], users=[{"name": "app", "password": stored}]
     )
     conn = session_connect(node)
     assert one(conn, "SELECT CURRENT_USER()") == "app@%"
     conn.close()
-
-
-def pymysql_hash(password: str) -> str:
-    """MySQL's stored form of a native password, without the leading ``*``."""
-    stage1 = hashlib.sha1(password.encode()).digest()  # noqa: S324 - MySQL's hash
-    return hashlib.sha1(stage1).hexdigest().upper()  # noqa: S324
 
 
 def test_tls_to_clients_and_users_that_require_it(
@@ -595,18 +606,8 @@ def test_local_infile_multi_results_call_and_kill_query(
         assert cursor.nextset()
         assert cursor.fetchall() == (("b",),)
     victim = session_connect(node)
-    outcome: list[BaseException | None] = []
-
-    def sleep() -> None:
-        try:
-            one(victim, "SELECT SLEEP(30)")
-            outcome.append(None)
-        except pymysql.err.MySQLError as exc:
-            outcome.append(exc)
-
-    thread = threading.Thread(target=sleep)
     started = time.monotonic()
-    thread.start()
+    thread, outcome = in_thread(victim, "SELECT SLEEP(30)")
     wait_until(
         lambda: (
             one(
@@ -750,17 +751,7 @@ def test_a_backend_dying_mid_statement_fails_only_that_statement(
     conn = session_connect(node)
     victim = first if one(conn, "SELECT @@port") == first.port else second
     survivor = second if victim is first else first
-    outcome: list[BaseException | None] = []
-
-    def sleep() -> None:
-        try:
-            one(conn, "SELECT SLEEP(20)")
-            outcome.append(None)
-        except pymysql.err.MySQLError as exc:
-            outcome.append(exc)
-
-    thread = threading.Thread(target=sleep)
-    thread.start()
+    thread, outcome = in_thread(conn, "SELECT SLEEP(20)")
     wait_until(lambda: node.servers()[addr(victim.port)]["in_use"] == 1, 10, "the statement")
     victim.kill()
     thread.join(20)
