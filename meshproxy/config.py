@@ -15,6 +15,7 @@ import enum
 import ipaddress
 import math
 import os
+import re
 import tomllib
 import types
 import typing
@@ -218,6 +219,21 @@ class ConnectionsConfig:
 
 
 @dataclass(frozen=True)
+class ReplicationConfig:
+    """A pool of one primary and its replicas, split by statement in session mode."""
+
+    enabled: bool = False  # writer and readers by each server's read_only, as checks see it
+    max_lag_s: float = 10.0  # a reader further behind (or not replicating) is SHUNNED
+    # After a session writes, its reads wait for a reader to have applied that write
+    # ("gtid"), go to the writer for writer_window_ms ("writer"), or go anywhere ("off").
+    read_your_writes: Literal["gtid", "writer", "off"] = "gtid"
+    gtid_wait_ms: int = 250  # how long a read waits on a reader before it takes the writer
+    writer_window_ms: int = 2000
+    # Reads on the writer: only when no reader is ONLINE, as well as on readers, or never.
+    writer_reads: Literal["fallback", "always", "never"] = "fallback"
+
+
+@dataclass(frozen=True)
 class PoolConfig:
     name: str
     servers: tuple[ServerConfig, ...]
@@ -226,6 +242,49 @@ class PoolConfig:
     check: CheckConfig = field(default_factory=CheckConfig)
     eject: EjectConfig = field(default_factory=EjectConfig)
     connections: ConnectionsConfig = field(default_factory=ConnectionsConfig)
+    replication: ReplicationConfig = field(default_factory=ReplicationConfig)
+
+
+@dataclass(frozen=True)
+class QueryRuleConfig:
+    """One rule of session mode's ordered query rules: what it matches, then what it does.
+
+    Every match key given must hold (regexes are searched, Python syntax); the first rule
+    that matches applies its actions and ends the search unless ``then = "continue"``,
+    which lets later rules add to (or override) its actions.
+    """
+
+    name: str = ""  # default "rule <index>"; names its counters and digest of matches
+    active: bool = True
+    match_digest: str = ""  # searched in the statement's digest text (literals as ?)
+    match_pattern: str = ""  # searched in the statement's text
+    negate: bool = False  # match the statements the two regexes do not
+    user: str = ""
+    schema: str = ""
+    client: str = ""  # the client's address or network (CIDR)
+    listener: str = ""  # the listener or service the client came in by
+    pool: str = ""  # send the statement to this pool instead of the user's
+    route: Literal["", "writer", "reader"] = ""  # force a side of a replication pool
+    rewrite: str = ""  # replaces match_pattern's matches (re.sub syntax: \\1 for groups)
+    cache_ttl_ms: int = 0  # answer repeats of the statement from the query cache this long
+    mirror: str = ""  # also run it on this pool, answer dropped (shadow traffic)
+    error: str = ""  # refuse the statement with this message (a firewall rule)
+    statement_timeout_ms: int = 0  # kill the statement on its server after this long
+    multiplex: bool = True  # false: the session keeps the backend connection it ran on
+    then: Literal["stop", "continue"] = "stop"
+
+
+@dataclass(frozen=True)
+class QueryCacheConfig:
+    max_mib: int = 64  # the cached answers' bytes, evicting least recently used beyond
+    max_entry_kib: int = 1024  # an answer larger is passed on and not cached
+
+
+@dataclass(frozen=True)
+class DigestsConfig:
+    enabled: bool = True
+    max_tracked: int = 1000  # digests kept apart; beyond, the least costly fold into "other"
+    top_n: int = 50  # shown by the admin API's default and Prometheus
 
 
 @dataclass(frozen=True)
@@ -343,6 +402,9 @@ class Config:
     pool: tuple[PoolConfig, ...] = ()
     tier: tuple[TierConfig, ...] = ()
     user: tuple[UserConfig, ...] = ()
+    query_rule: tuple[QueryRuleConfig, ...] = ()
+    query_cache: QueryCacheConfig = field(default_factory=QueryCacheConfig)
+    digests: DigestsConfig = field(default_factory=DigestsConfig)
     gossip: GossipConfig | None = None
     mesh_tls: MeshTlsConfig | None = None
     source: str = field(default="<memory>", compare=False)
@@ -400,6 +462,14 @@ _MINIMUM: dict[str, int] = {
     "max_idle_s": 1,
     "ping_after_idle_ms": 0,
     "max_packet_mib": 1,
+    "max_lag_s": 0,
+    "gtid_wait_ms": 0,
+    "writer_window_ms": 0,
+    "cache_ttl_ms": 0,
+    "max_mib": 0,
+    "max_entry_kib": 1,
+    "max_tracked": 1,
+    "top_n": 1,
 }
 
 # Key paths whose value may be a bare string standing for the table's first field.
@@ -686,6 +756,7 @@ def _check_references(config: Config, loader: _Loader) -> None:
     for i, service in enumerate(config.service):
         _check_upstream(config, loader, f"service[{i}].upstream", service.upstream)
     _check_session_mode(config, loader)
+    _check_routing(config, loader)
     if config.timeouts.connect_budget_ms < config.timeouts.connect_ms:
         raise loader.fail(
             "timeouts.connect_budget_ms",
@@ -745,6 +816,49 @@ def _check_session_mode(config: Config, loader: _Loader) -> None:
         if stored and (len(user.password) != 41 or not _is_hex(user.password[1:])):
             raise loader.fail(
                 f"{key}.password", "a stored hash is '*' followed by 40 hexadecimal digits"
+            )
+
+
+def _check_routing(config: Config, loader: _Loader) -> None:
+    """Replication pools need mysql checks; rules name what exists and compile."""
+    pools = config.pools()
+    defined = ", ".join(sorted(pools)) or "none"
+    for i, pool in enumerate(config.pool):
+        if pool.replication.enabled and pool.check.type != "mysql":
+            raise loader.fail(
+                f"pool[{i}].replication.enabled",
+                "writer and readers come from each server's read_only: set check.type = 'mysql'",
+            )
+    entrances = {e.name for e in config.listener} | {s.name for s in config.service}
+    names: set[str] = set()
+    for i, rule in enumerate(config.query_rule):
+        key = f"query_rule[{i}]"
+        if rule.name and rule.name in names:
+            raise loader.fail(f"{key}.name", f"{rule.name!r} is used twice (names are ids)")
+        names.add(rule.name)
+        for name in ("match_digest", "match_pattern"):
+            try:
+                re.compile(getattr(rule, name))
+            except re.error as exc:
+                raise loader.fail(f"{key}.{name}", f"not a regular expression: {exc}") from None
+        if rule.client:
+            try:
+                ipaddress.ip_network(rule.client, strict=False)
+            except ValueError:
+                raise loader.fail(
+                    f"{key}.client", f"{rule.client!r} is not an address or a network"
+                ) from None
+        for name in ("pool", "mirror"):
+            value = getattr(rule, name)
+            if value and value not in pools:
+                raise loader.fail(f"{key}.{name}", f"no pool named {value!r} (defined: {defined})")
+        if rule.listener and rule.listener not in entrances:
+            raise loader.fail(f"{key}.listener", f"no listener or service named {rule.listener!r}")
+        if rule.rewrite and not rule.match_pattern:
+            raise loader.fail(f"{key}.rewrite", "a rewrite replaces what match_pattern matches")
+        if rule.route and rule.pool and not pools[rule.pool].replication.enabled:
+            raise loader.fail(
+                f"{key}.route", f"pool {rule.pool!r} has no writer and readers (replication)"
             )
 
 

@@ -28,6 +28,8 @@ from meshproxy.config import Config
 from meshproxy.control.node import ApplyError
 from meshproxy.counters import Counters
 from meshproxy.errors import ConfigError
+from meshproxy.routing.digests import ORDERS as DIGEST_ORDERS
+from meshproxy.routing.digests import DigestRow, DigestStats
 
 MAX_BODY = 1 << 20
 SOURCE = "admin API"
@@ -48,6 +50,8 @@ class Control(Protocol):
 
     def members(self) -> dict[str, Any] | None: ...
 
+    def digests(self) -> DigestStats: ...
+
     async def apply(self, new: Config) -> list[str]: ...
 
 
@@ -63,7 +67,9 @@ class AdminAPI:
         self.control = control
         self._token = token.encode()
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(NodeCollector(control.total_counters, control.status))
+        self.registry.register(
+            NodeCollector(control.total_counters, control.status, self._top_digests)
+        )
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._guard], client_max_size=MAX_BODY)
@@ -85,6 +91,13 @@ class AdminAPI:
         r.add_post("/users", self.add_item("user"))
         r.add_patch("/users/{name}", self.patch_item("user"))
         r.add_delete("/users/{name}", self.remove_item("user"))
+        # Query rules are an ordered list: PUT replaces it whole, POST appends one.
+        r.add_get("/query_rules", self.list_section("query_rule"))
+        r.add_put("/query_rules", self.replace_section("query_rule"))
+        r.add_post("/query_rules", self.add_item("query_rule"))
+        r.add_patch("/query_rules/{name}", self.patch_item("query_rule"))
+        r.add_delete("/query_rules/{name}", self.remove_item("query_rule"))
+        r.add_get("/digests", self.digests)
         for plural, section in (("pools", "pool"), ("tiers", "tier")):
             r.add_get(f"/{plural}", self.list_section(section))
             r.add_post(f"/{plural}", self.add_item(section))
@@ -94,6 +107,9 @@ class AdminAPI:
             r.add_patch(f"/{plural}/{{name}}/servers/{{address}}", self.patch_member(section))
             r.add_delete(f"/{plural}/{{name}}/servers/{{address}}", self.remove_member(section))
         return app
+
+    def _top_digests(self) -> list[DigestRow]:
+        return self.control.digests().top(self.control.config.digests.top_n)
 
     # ------------------------------------------------------------ guard
 
@@ -141,6 +157,18 @@ class AdminAPI:
         body = generate_latest(self.registry)
         return web.Response(body=body, content_type="text/plain", charset="utf-8")
 
+    async def digests(self, request: web.Request) -> web.Response:
+        """Per-digest statistics of every data plane, merged: ?by=total_s|count|max_s|
+        errors|rows and ?limit=N (default: digests.top_n)."""
+        by = request.query.get("by", "total_s")
+        if by not in DIGEST_ORDERS:
+            raise edits.BadEdit(f"by must be one of {', '.join(DIGEST_ORDERS)}, got {by!r}")
+        limit_text = request.query.get("limit", str(self.control.config.digests.top_n))
+        if not limit_text.isdigit() or int(limit_text) < 1:
+            raise edits.BadEdit(f"limit must be a positive integer, got {limit_text!r}")
+        rows = self.control.digests().top(int(limit_text), by)
+        return web.json_response({"by": by, "digests": rows})
+
     async def get_config(self, request: web.Request) -> web.Response:
         view = request.query.get("view", "running")
         if view == "running":
@@ -186,6 +214,13 @@ class AdminAPI:
     def list_section(self, section: str) -> Handler:
         async def handler(request: web.Request) -> web.Response:
             return web.json_response(self._running().get(section, []))
+
+        return handler
+
+    def replace_section(self, section: str) -> Handler:
+        async def handler(request: web.Request) -> web.Response:
+            document = edits.replace_section(self._running(), section, await _json(request))
+            return await self._change(document, f"replace {section}")
 
         return handler
 

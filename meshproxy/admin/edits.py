@@ -105,6 +105,15 @@ def patch_item(doc: Document, section: str, name: str, patch: dict[str, Any]) ->
     return doc
 
 
+def replace_section(doc: Document, section: str, items: Any) -> Document:
+    """The whole of an ordered section at once (query rules: their order is their meaning)."""
+    if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+        raise BadEdit(f"{section}: expected a JSON array of objects")
+    doc = copy.deepcopy(doc)
+    doc[section] = items
+    return doc
+
+
 def remove_item(doc: Document, section: str, name: str) -> Document:
     doc = copy.deepcopy(doc)
     items = doc.get(section, [])

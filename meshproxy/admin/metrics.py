@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -14,9 +14,15 @@ from meshproxy.health.state import ServerState
 class NodeCollector:
     """Reads the counters and the status at scrape time; nothing is copied in between."""
 
-    def __init__(self, counters: Callable[[], Counters], status: Callable[[], dict[str, Any]]):
+    def __init__(
+        self,
+        counters: Callable[[], Counters],
+        status: Callable[[], dict[str, Any]],
+        digests: Callable[[], Sequence[Mapping[str, Any]]] = list,
+    ):
         self._counters = counters
         self._status = status
+        self._digests = digests  # the top digests only: label values stay bounded
 
     def collect(self) -> Iterator[Metric]:
         families: dict[str, CounterMetricFamily] = {}
@@ -48,15 +54,24 @@ class NodeCollector:
             "sessions open to each upstream server",
             labels=["upstream", "server"],
         )
+        role = GaugeMetricFamily(
+            "meshproxy_server_role",
+            "1 for the side of its replication pool each server is on (writer, reader)",
+            labels=["upstream", "server", "role"],
+        )
         for upstream, servers in status["upstreams"].items():
             for server in servers:
                 for candidate in ServerState:
                     one_hot = 1.0 if server["state"] == candidate else 0.0
                     state.add_metric([upstream, server["server"], candidate.value], one_hot)
                 server_active.add_metric([upstream, server["server"]], server["active"])
+                if server.get("role"):
+                    role.add_metric([upstream, server["server"], server["role"]], 1.0)
         yield state
         yield server_active
+        yield role
         yield from _session_gauges(status.get("session_mode"))
+        yield from _digest_metrics(self._digests())
         tls = status.get("mesh_tls")
         if tls and "expires_in_s" in tls:
             expiry = GaugeMetricFamily(
@@ -66,6 +81,27 @@ class NodeCollector:
             )
             expiry.add_metric([tls["cert"]], tls["expires_in_s"])
             yield expiry
+
+
+def _digest_metrics(rows: Sequence[Mapping[str, Any]]) -> Iterator[Metric]:
+    labels = ["digest", "text", "user", "schema"]
+    count = CounterMetricFamily(
+        "meshproxy_digest_statements", "statements per top query digest", labels=labels
+    )
+    seconds = CounterMetricFamily(
+        "meshproxy_digest_seconds", "time statements of a top digest took", labels=labels
+    )
+    errors = CounterMetricFamily(
+        "meshproxy_digest_errors", "statements of a top digest that failed", labels=labels
+    )
+    for row in rows:
+        values = [row["digest_id"], row["text"][:120], row["user"], row["schema"]]
+        count.add_metric(values, row["count"])
+        seconds.add_metric(values, row["total_s"])
+        errors.add_metric(values, row["errors"])
+    yield count
+    yield seconds
+    yield errors
 
 
 def _session_gauges(session: dict[str, Any] | None) -> Iterator[Metric]:

@@ -170,6 +170,11 @@ def _dispatch(client: Client, args: argparse.Namespace) -> Any:
         if args.server_action == "set":
             return client.call("PATCH", f"{path}/{address}", _server_fields(args))
         return client.call("DELETE", f"{path}/{address}")
+    if action == "top":
+        query = urllib.parse.urlencode({"by": args.by, "limit": args.limit})
+        return top_table(client.call("GET", f"/digests?{query}")["digests"])
+    if action == "rules":
+        return client.call("GET", "/query_rules")
     if action == "listener":
         if args.listener_action == "add":
             item = {"name": args.name, "bind": args.bind, "upstream": args.upstream}
@@ -178,6 +183,22 @@ def _dispatch(client: Client, args: argparse.Namespace) -> Any:
             return client.call("PATCH", f"/listeners/{args.name}", _assignments(args.pairs))
         return client.call("DELETE", f"/listeners/{args.name}")
     raise AssertionError(action)  # pragma: no cover - argparse only offers the above
+
+
+def top_table(rows: list[dict[str, Any]]) -> str:
+    """Digest statistics as a table, busiest first (``meshproxy ctl top``)."""
+    lines = [
+        f"{'count':>9} {'total s':>9} {'avg ms':>8} {'max ms':>8} {'rows':>9} {'err':>5}  "
+        "user@schema  digest"
+    ]
+    for row in rows:
+        average_ms = 1000 * row["total_s"] / row["count"] if row["count"] else 0.0
+        lines.append(
+            f"{row['count']:>9} {row['total_s']:>9.3f} {average_ms:>8.2f}"
+            f" {1000 * row['max_s']:>8.2f} {row['rows']:>9} {row['errors']:>5}"
+            f"  {row['user']}@{row['schema']}  {row['text'][:100]}"
+        )
+    return "\n".join(lines)
 
 
 def add_connection_args(parser: argparse.ArgumentParser) -> None:
@@ -203,6 +224,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     actions.add_parser("reload", help="apply the config file on disk, like SIGHUP")
     patch = actions.add_parser("set", help="change keys, e.g. timeouts.connect_ms=500")
     patch.add_argument("pairs", nargs="+", metavar="KEY=VALUE")
+
+    top = actions.add_parser("top", help="the statements that cost the most, by query digest")
+    top.add_argument(
+        "--by", default="total_s", choices=("total_s", "count", "max_s", "errors", "rows")
+    )
+    top.add_argument("--limit", type=int, default=20)
+    actions.add_parser("rules", help="the query rules in force, in order")
 
     server = actions.add_parser("server", help="add, change or remove a pool's server")
     server_actions = server.add_subparsers(dest="server_action", required=True)

@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
-from meshproxy.config import Address, CheckConfig, EjectConfig, ServerConfig, UpstreamRef
-from meshproxy.dataplane.router import Member
+from meshproxy.config import (
+    Address,
+    CheckConfig,
+    EjectConfig,
+    ReplicationConfig,
+    ServerConfig,
+    UpstreamRef,
+)
+from meshproxy.dataplane.router import Member, Role
+from meshproxy.health.checks import CheckResult
 from meshproxy.health.state import ServerHealth, ServerState, Transition
 
 
@@ -28,6 +36,11 @@ class Group:
         self.failed: frozenset[Address] = frozenset()
         self.draining: frozenset[Address] = frozenset()
         self.ended: frozenset[Address] = frozenset()  # servers whose sessions were ended
+        # A replication pool: each server's side from its read_only, and the readers too
+        # far behind (or not replicating), with why. Lagging readers route as SHUNNED.
+        self.replication = ReplicationConfig()
+        self.roles: dict[Address, str] = {}
+        self.lagging: dict[Address, str] = {}
 
     def configure(
         self,
@@ -58,10 +71,42 @@ class Group:
         return transitions
 
     def publish(self) -> None:
+        roles = self.roles if self.replication.enabled else {}
         self.members = tuple(
-            Member(address, self.servers[address].weight, self._state(address, health))
+            Member(
+                address,
+                self.servers[address].weight,
+                self._state(address, health),
+                roles.get(address, Role.ANY),
+            )
             for address, health in self.health.items()
         )
+
+    def replication_seen(self, address: Address, result: CheckResult) -> str | None:
+        """Take a check's view of a server's replication; what changed, if anything.
+        A failed check changes nothing here: its server goes SHUNNED by its health."""
+        if not self.replication.enabled or not result.ok or result.read_only is None:
+            return None
+        role = Role.READER if result.read_only else Role.WRITER
+        lag = ""
+        if result.replica and role == Role.READER:
+            if result.lag_s is None:
+                lag = "replication stopped"
+            elif result.lag_s > self.replication.max_lag_s:
+                lag = f"lag {result.lag_s:g} s > max_lag_s {self.replication.max_lag_s:g}"
+        changes = []
+        if self.roles.get(address) != role:
+            changes.append(f"{self.roles.get(address) or 'unknown'} -> {role}")
+            self.roles[address] = role
+        if lag and address not in self.lagging:
+            changes.append(f"lagging ({lag})")
+        elif not lag and address in self.lagging:
+            changes.append("caught up")
+        if lag:
+            self.lagging[address] = lag
+        else:
+            self.lagging.pop(address, None)
+        return ", ".join(changes) or None
 
     def newly_ended(self) -> frozenset[Address]:
         """Servers whose sessions must end now that they did not have to before: every
@@ -77,6 +122,6 @@ class Group:
 
     def _state(self, address: Address, health: ServerHealth) -> ServerState:
         state = health.state
-        if state is ServerState.ONLINE and address in self.blocked:
+        if state is ServerState.ONLINE and (address in self.blocked or address in self.lagging):
             return ServerState.SHUNNED
         return state

@@ -29,6 +29,7 @@ from meshproxy.config import (
 from meshproxy.control import meshview
 from meshproxy.control.group import Group
 from meshproxy.counters import Counters
+from meshproxy.dataplane.router import Role
 from meshproxy.gossip.agent import Agent
 from meshproxy.gossip.commands import MemberChanged
 from meshproxy.gossip.messages import NodeMeta, State
@@ -124,8 +125,19 @@ class MeshGossip:
             ref: [(str(m.address), m.state) for m in group.members]
             for ref, group in node.groups.items()
         }
+        writers = sorted(
+            str(m.address)
+            for group in node.groups.values()
+            if group.replication.enabled
+            for m in group.members
+            if m.role == Role.WRITER
+        )
         return meshview.local_meta(
-            node.config, states, draining=self.draining, active_connections=self._active
+            node.config,
+            states,
+            draining=self.draining,
+            active_connections=self._active,
+            writers=writers,
         )
 
     def health_changed(self) -> None:
@@ -165,6 +177,7 @@ class MeshGossip:
             log.event("gossip_refuted", incarnation=member.incarnation, reason=change.reason)
         if not me:
             self._recheck_reported_downs(change)
+            self._recheck_other_writers(change)
         if not self._refresh_scheduled:
             self._refresh_scheduled = True
             asyncio.get_running_loop().call_soon(self.refresh_tiers)
@@ -184,6 +197,25 @@ class MeshGossip:
                 continue
             for ref in list(self.node.groups):
                 if ref.kind is UpstreamKind.POOL and self.node.recheck(ref, address):
+                    self.node.counters.inc("gossip_rechecks", upstream=str(ref))
+                    log.event(
+                        "gossip_recheck", upstream=str(ref), server=text, reported_by=member.name
+                    )
+
+    def _recheck_other_writers(self, change: MemberChanged) -> None:
+        """Another middle writes elsewhere in a replication pool we share: check both
+        sides now (a promotion it saw first), instead of at our next interval."""
+        member = change.member
+        if change.new is None or member.state is not State.ALIVE or not member.meta.writers:
+            return
+        theirs = set(member.meta.writers)
+        for ref, group in list(self.node.groups.items()):
+            if not group.replication.enabled:
+                continue
+            servers = {str(a) for a in group.health}
+            ours = {str(m.address) for m in group.members if m.role == Role.WRITER}
+            for text in sorted((theirs & servers) ^ ours):
+                if self.node.recheck(ref, Address.parse(text)):
                     self.node.counters.inc("gossip_rechecks", upstream=str(ref))
                     log.event(
                         "gossip_recheck", upstream=str(ref), server=text, reported_by=member.name

@@ -51,6 +51,7 @@ def local_meta(
     *,
     draining: bool,
     active_connections: int,
+    writers: Sequence[str] = (),
 ) -> NodeMeta:
     """This node's gossip metadata, trimmed to fit in one alive message."""
     services = tuple(
@@ -64,6 +65,7 @@ def local_meta(
         active_connections=max(0, active_connections),
         draining=draining,
         mesh=mesh_address(config),
+        writers=tuple(writers)[: wire.MAX_DOWN_BACKENDS],
     )
     return fit(meta, config.node.name)
 

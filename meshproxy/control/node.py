@@ -25,6 +25,7 @@ from meshproxy.config import (
     CheckConfig,
     Config,
     EjectConfig,
+    ReplicationConfig,
     ServerConfig,
     UpstreamKind,
     UpstreamRef,
@@ -37,6 +38,7 @@ from meshproxy.dataplane.router import Member
 from meshproxy.errors import MeshproxyError, describe
 from meshproxy.health.checks import run_check
 from meshproxy.health.state import ServerState, Transition
+from meshproxy.routing.digests import DigestStats
 from meshproxy.supervise import Supervisor
 
 if TYPE_CHECKING:
@@ -200,6 +202,7 @@ class Node:
         log.set_level(new.node.log_level)
         changes = _describe_changes(old, new) if old is not new else []
         settings = _group_settings(new)
+        replication = {UpstreamRef(UpstreamKind.POOL, p.name): p.replication for p in new.pool}
         for ref in set(self.groups) - set(settings):
             del self.groups[ref]
             changes.append(f"{ref} removed")
@@ -209,6 +212,10 @@ class Node:
                 group = self.groups[ref] = Group(ref)
                 changes.append(f"{ref} added")
             before = (dict(group.servers), group.check, group.eject)
+            group.replication = replication.get(ref, ReplicationConfig())
+            if not group.replication.enabled:
+                group.roles.clear()
+                group.lagging.clear()
             if self.gossip is not None and ref.kind is UpstreamKind.TIER:
                 # With gossip, a tier's members are the middles gossip knows for it.
                 args = (self.gossip.tier_servers(group, new), *args[1:])
@@ -300,10 +307,13 @@ class Node:
             health = group.health.get(address)
             if health is None:
                 return
-            result = await run_check(group.check, address)
+            result = await run_check(group.check, address, group.replication.enabled)
             self.counters.inc("health_checks", upstream=str(group.ref), ok=str(result.ok).lower())
             transition = health.check_result(result.ok, result.detail, time.monotonic())
             self._apply(group, address, transition)
+            replication = group.replication_seen(address, result)
+            if replication is not None:
+                self._replication_changed(group, address, replication)
             delay = interval
             quick = self._quick_checks.pop(key, 0) - 1
             if quick > 0 and not result.ok and health.state is ServerState.ONLINE:
@@ -311,6 +321,12 @@ class Node:
                 self._quick_checks[key] = quick
                 delay = min(interval, QUICK_RECHECK_S)
             await self._pause(key, delay)
+
+    def _replication_changed(self, group: Group, address: Address, change: str) -> None:
+        """A server changed sides or lag state: route on it at once, and say so."""
+        self._publish(group)
+        self.counters.inc("replication_changes", upstream=str(group.ref), server=str(address))
+        log.event("replication_state", upstream=str(group.ref), server=str(address), change=change)
 
     async def _pause(self, key: tuple[UpstreamRef, Address], delay: float) -> None:
         """Sleep until the next check, or until gossip asks for this server now."""
@@ -382,6 +398,11 @@ class Node:
                         "active": active[str(m.address)],
                         "last_check": group.health[m.address].last_detail,
                         "gossip": group.blocked.get(m.address, ""),
+                        **(
+                            {"role": m.role, "lag": group.lagging.get(m.address, "")}
+                            if group.replication.enabled
+                            else {}
+                        ),
                     }
                     for m in group.members
                 ]
@@ -397,6 +418,15 @@ class Node:
         """Sessions open on every data plane (as of their last report)."""
         return sum(int(link.stats()["sessions"]) for link in self.links)
 
+    def digests(self) -> DigestStats:
+        """Every data plane's digest statistics, merged (as of their last report)."""
+        merged = DigestStats(self.config.digests.top_n, self.config.digests.max_tracked)
+        for link in self.links:
+            part = link.stats().get("session_mode")
+            if part:
+                merged.merge(part.get("digests", []))
+        return merged
+
     def members(self) -> dict[str, Any] | None:
         """The gossip membership as this node sees it; None without [gossip]."""
         return self.gossip.members_document() if self.gossip is not None else None
@@ -405,10 +435,18 @@ class Node:
 def session_totals(parts: Iterable[dict[str, Any] | None]) -> dict[str, Any]:
     """Session mode's figures of every data plane, summed: client sessions, statements,
     users' sessions, and backend connections per pool and server."""
-    total: dict[str, Any] = {"client_sessions": 0, "statements": 0, "users": {}, "pools": {}}
+    total: dict[str, Any] = {
+        "client_sessions": 0,
+        "statements": 0,
+        "users": {},
+        "pools": {},
+        "query_cache": {},
+    }
     for part in parts:
         if not part:
             continue
+        for name, value in part.get("query_cache", {}).items():
+            total["query_cache"][name] = total["query_cache"].get(name, 0) + value
         total["client_sessions"] += part["client_sessions"]
         total["statements"] += part["statements"]
         for user, count in part["users"].items():

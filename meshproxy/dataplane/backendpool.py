@@ -20,6 +20,7 @@ from meshproxy.config import Address, ConnectionsConfig
 from meshproxy.counters import Counters
 from meshproxy.dataplane.backend import BackendConnection, LoginKey
 from meshproxy.dataplane.pump import set_nodelay
+from meshproxy.dataplane.router import Role
 from meshproxy.errors import ConnectFailed, MeshproxyError, ProtocolError, describe
 from meshproxy.mysql.constants import Command
 from meshproxy.mysql.state import Values
@@ -76,6 +77,10 @@ class ServerPool:
         self.server_version = ""  # as its greeting says
         self.stats = ServerStats()
         self.accepting = True  # False: OFFLINE_SOFT or worse; no new checkouts
+        self.role = Role.ANY  # its side of a replication pool, as the checks see it
+        # The highest GTID sequence per domain this server is known to have applied (a
+        # reader that waited for it): later reads needing no more do not wait again.
+        self.applied: dict[int, int] = {}
         self.keys_seen: dict[LoginKey, float] = {}
         # The session state a new connection starts with, per login: a new client session
         # expects exactly that, whichever connection serves it.

@@ -16,11 +16,20 @@ from meshproxy.config import Address
 from meshproxy.health.state import ServerState
 
 
+class Role:
+    """A server's side of a replication pool, as its last check saw it."""
+
+    ANY = ""  # not a replication pool, or not checked yet: either side may try it
+    WRITER = "writer"  # read_only is off
+    READER = "reader"  # read_only is on
+
+
 @dataclass(frozen=True, slots=True)
 class Member:
     address: Address
     weight: int
     state: ServerState
+    role: str = Role.ANY
 
 
 def choose(

@@ -22,6 +22,8 @@ from meshproxy import log
 from meshproxy.config import Address
 from meshproxy.dataplane.backend import BackendConnection, LoginKey, Prepared, Sink
 from meshproxy.dataplane.backendpool import PoolTimeout, ServerPool
+from meshproxy.dataplane.router import Role
+from meshproxy.dataplane.routing import Plan, SessionRouter
 from meshproxy.errors import ConnectFailed, MeshproxyError, ProtocolError
 from meshproxy.mysql import login as logins
 from meshproxy.mysql.constants import (
@@ -40,6 +42,7 @@ from meshproxy.mysql.packets import Framer, Packet, PacketTooLarge, err_payload,
 from meshproxy.mysql.response import NO_RESPONSE, Response
 from meshproxy.mysql.state import Values, restore_sql
 from meshproxy.mysql.statements import Effects, classify_bytes
+from meshproxy.routing.rules import NO_DECISION, Decision
 
 if typing.TYPE_CHECKING:
     from meshproxy.dataplane.sessionmode import SessionMode
@@ -75,6 +78,9 @@ class ClientStatement:
     params: int
     columns: int
     types: bytes = b""  # the parameter types of the last execute that sent them
+    reads: bool = False  # only reads: a replica may run it
+    decision: Decision = NO_DECISION  # what the query rules said of its text
+    digest_text: str = ""
 
 
 @dataclass(slots=True)
@@ -88,6 +94,9 @@ class Flight:
     argument: bytes = b""  # COM_INIT_DB's schema, COM_STMT_PREPARE's text
     client_stmt_id: int = 0
     answered: bool = False  # a byte of the answer has reached the client
+    plan: Plan | None = None  # how routing sent it (digest, cache, timeout)
+    answer: bytearray | None = None  # the answer so far, for the query cache
+    timer: asyncio.TimerHandle | None = None  # a query rule's statement timeout
 
 
 @dataclass
@@ -147,6 +156,10 @@ class ClientSession(asyncio.Protocol, Sink):
         self.statement_count = 0  # added to the user's counters when the session ends
         self.statement_time_s = 0.0
         self._sent_at = 0.0
+        self.router = SessionRouter(mode)
+        self.target_pool = pool  # where the statement being started goes
+        self.side = Role.ANY
+        self._plan: Plan | None = None  # the plan of the statement being started
 
     # ----------------------------------------------------------------- client transport
 
@@ -219,6 +232,10 @@ class ClientSession(asyncio.Protocol, Sink):
             flight = self.flight
             if flight is not None:
                 flight.answered = True
+                if flight.answer is not None:
+                    flight.answer += data
+                    if len(flight.answer) > self.mode.cache.max_entry_bytes:
+                        flight.answer = None  # too large to keep: passed on only
             self.transport.write(data)
 
     def _send(self, seq: int, payload: bytes) -> None:
@@ -342,6 +359,7 @@ class ClientSession(asyncio.Protocol, Sink):
         self.schema = login.database or self.mode.default_schema(account.name)
         self._framer.max_payload = self.mode.max_packet(self.pool_name)
         self.mode.login_accepted(self)
+        self.target_pool = self.pool_name
 
     # ----------------------------------------------------------------- commands
 
@@ -371,8 +389,12 @@ class ClientSession(asyncio.Protocol, Sink):
             self.close("client quit")
         elif command == Command.PING:
             self._send(1, ok_payload(self._status()))
-        elif command == Command.INIT_DB or command == Command.STMT_PREPARE:
-            self._run(command, payload, _NO_EFFECTS)
+        elif command == Command.STMT_PREPARE:
+            if self._plan_for(payload, classify_bytes(payload[1:]).read) is not None:
+                assert self._plan is not None
+                self._run(command, self._plan.payload, _NO_EFFECTS)
+        elif command == Command.INIT_DB:
+            self._run_anywhere(command, payload)
         elif command in (
             Command.STMT_EXECUTE,
             Command.STMT_SEND_LONG_DATA,
@@ -389,9 +411,9 @@ class ClientSession(asyncio.Protocol, Sink):
             self._reset_session()
             self._send(1, ok_payload(self._status()))
         elif command == Command.SET_OPTION:
-            self._run(command, payload, Effects(pins={"set option"}).settle())
+            self._run_anywhere(command, payload, Effects(pins={"set option"}).settle())
         elif command in (Command.FIELD_LIST, Command.STATISTICS, Command.DEBUG):
-            self._run(command, payload, _NO_EFFECTS)
+            self._run_anywhere(command, payload)
         else:
             self.mode.counters.inc("session_commands_refused", command=f"0x{command:02x}")
             self._send(1, err_payload(ER_UNKNOWN_COM_ERROR, "Unknown command", "08S01"))
@@ -411,7 +433,46 @@ class ClientSession(asyncio.Protocol, Sink):
         if effects.kill is not None:
             self._kill(*effects.kill)
             return
-        self._run(Command.QUERY, payload, effects)
+        plan = self._plan_for(payload, effects.read, effects)
+        if plan is not None:
+            self._run(Command.QUERY, plan.payload, plan.effects)
+
+    def _free_to_move(self) -> bool:
+        """Whether a read may go to another server than the last statement's."""
+        return self.conn is None and not self.pins.transaction and self._autocommit()
+
+    def _plan_for(self, payload: bytes, reads: bool, effects: Effects = _NO_EFFECTS) -> Plan | None:
+        """Route a statement's text: None when it is answered here (refused by a rule, or
+        from the query cache); otherwise its plan, kept for the flight it starts."""
+        router = self.router
+        rules = router.rules(self.user, self.client, self.entrance)
+        free = self._free_to_move()
+        state: tuple[object, ...] = ()
+        if rules is not None:
+            values = tuple(self.values.items()) if self.values else ()
+            state = (self.key, self.schema, values)
+        plan = router.plan(payload, effects, reads, self.pool_name, self.schema, rules, free, state)
+        if plan.refusal is not None:
+            self.mode.counters.inc("query_rule_refusals", user=self.user)
+            self._send(1, plan.refusal)
+            return None
+        if plan.cache_key is not None and free:
+            answer = self.mode.cache.get(plan.cache_key, time.monotonic())
+            if answer is not None:
+                assert self.transport is not None
+                self.transport.write(answer)
+                self.mode.record_digest(self, plan, 0.0, None)
+                return None
+        if plan.decision.mirror:
+            self.mode.mirror(self, plan)
+        self.target_pool, self.side = plan.pool, plan.side
+        self._plan = plan
+        return plan
+
+    def _run_anywhere(self, command: int, payload: bytes, effects: Effects = _NO_EFFECTS) -> None:
+        """A command that is no statement: on the session's server, whichever side."""
+        self.target_pool, self.side, self._plan = self.pool_name, Role.ANY, None
+        self._run(command, payload, effects)
 
     def _statement_command(self, command: int, payload: bytes) -> None:
         if len(payload) < 5:
@@ -439,6 +500,15 @@ class ClientSession(asyncio.Protocol, Sink):
             return
         elif command == Command.STMT_EXECUTE and len(payload) > 5 and payload[5] & 0x07:
             effects = Effects(pins={"cursor"}).settle()
+        pool = self.target_pool = statement.decision.pool or self.pool_name
+        if command == Command.STMT_EXECUTE:
+            reads = statement.reads and effects.inert
+            self.side = self.router.side_of(pool, reads, statement.decision, self._free_to_move())
+            self._plan = Plan(
+                payload, effects, pool, self.side, reads, statement.digest_text, statement.decision
+            )
+        else:
+            self.side, self._plan = Role.ANY, None
         self._run(command, payload, effects, statement, stmt_id)
 
     # ----------------------------------------------------------------- running one
@@ -456,8 +526,12 @@ class ClientSession(asyncio.Protocol, Sink):
         conn = self.conn
         if conn is None:
             server = self.server
-            if server is None:  # the first statement: choose the session's server now
-                server = self.server = self.mode.choose_server(self.pool_name)
+            if (
+                server is None  # the first statement: choose the session's server now
+                or server.pool != self.target_pool
+                or (self.side and server.role != self.side)
+            ):
+                server = self.server = self.mode.choose_server(self.target_pool, (), self.side)
             if server is not None:
                 key = self.key
                 assert key is not None
@@ -465,7 +539,11 @@ class ClientSession(asyncio.Protocol, Sink):
                     self.values = server.baseline.get(key)
                 if self.values is not None:
                     conn = self.conn = server.take_idle(key, time.monotonic())
-        if conn is not None and self._in_step(conn, effects, statement):
+        if (
+            conn is not None
+            and self._in_step(conn, effects, statement)
+            and not self._must_wait_on(conn)
+        ):
             data = self._bytes_for(conn, command, payload, statement)
             self._send_command(conn, command, data, effects, statement, stmt_id)
             return
@@ -501,11 +579,14 @@ class ClientSession(asyncio.Protocol, Sink):
         try:
             conn = self.conn or await self._checkout()
             self.conn = conn
+            if self._must_wait_on(conn) and not await self._caught_up(conn):
+                conn = self.conn = await self._checkout()  # now on the writer
             await self._bring_in_step(conn, effects, statement)
         except SessionClosed:
             return
         except Refusal as refusal:
             self._task = None
+            self._plan = None
             self._send(1, refusal.payload)
             self._release_if_free()
             self._drain()
@@ -533,15 +614,36 @@ class ClientSession(asyncio.Protocol, Sink):
         key = self.key
         assert key is not None
         tried: set[Address] = set()
+        pool, side = self.target_pool, self.side
+        settings = self.mode.settings.get(pool)
+        wait_s = settings.checkout_timeout_ms / 1000 if settings is not None else 3.0
+        deadline = time.monotonic() + wait_s
         while True:
             server = self.server
-            if server is None or not server.accepting or server.address in tried:
-                server = self.mode.choose_server(self.pool_name, tried)
+            if (
+                server is None
+                or not server.accepting
+                or server.address in tried
+                or server.pool != pool
+                or (side and server.role != side)
+            ):
+                server = self.mode.choose_server(pool, tried, side)
+                left = deadline - time.monotonic()
+                # None right now (a promotion between two checks, a restart): wait for the
+                # pool's next states, as ProxySQL waits for a server to come back.
+                if (
+                    server is None
+                    and not tried
+                    and left > 0
+                    and await self.mode.members_change(pool, left)
+                ):
+                    continue
                 if server is None:
+                    which = f" {side}" if side else ""
                     raise Refusal(
                         ER_PROXY_NO_UPSTREAM,
-                        f"meshproxy {self.mode.node_name}: no server of pool"
-                        f" {self.pool_name!r} is available",
+                        f"meshproxy {self.mode.node_name}: no{which} server of pool"
+                        f" {pool!r} is available",
                     )
                 self.server = server
             timeout_s = server.settings.checkout_timeout_ms / 1000
@@ -551,7 +653,7 @@ class ClientSession(asyncio.Protocol, Sink):
                 raise Refusal(ER_PROXY_POOL_TIMEOUT, f"meshproxy: {exc}") from None
             except ConnectFailed:
                 tried.add(server.address)
-                if self.mode.choose_server(self.pool_name, tried) is None:
+                if self.mode.choose_server(pool, tried, side) is None:
                     raise
                 continue
             if self.closed:
@@ -560,6 +662,38 @@ class ClientSession(asyncio.Protocol, Sink):
             if self.values is None:
                 self.values = server.baseline.get(key, conn.state.values)
             return conn
+
+    def _must_wait_on(self, conn: BackendConnection) -> bool:
+        """Whether this read must first wait for its reader to apply the session's last
+        write (read-your-writes by GTID); a reader seen to have applied it does not."""
+        gtid = self.router.gtid
+        if gtid is None or self.side != Role.READER:
+            return False
+        server = self.server
+        return (
+            server is not None
+            and server.role == Role.READER
+            and server.applied.get(gtid.domain, -1) < gtid.sequence
+        )
+
+    async def _caught_up(self, conn: BackendConnection) -> bool:
+        """Wait (``gtid_wait_ms`` at most) for the reader to apply the session's last write.
+        False: it did not; the connection went back and the statement goes to the writer."""
+        gtid, server = self.router.gtid, self.server
+        assert gtid is not None
+        assert server is not None
+        replication = self.mode.replication.get(server.pool)
+        wait_s = replication.gtid_wait_ms / 1000 if replication is not None else 0.0
+        sql = f"SELECT MASTER_GTID_WAIT('{gtid.text}', {wait_s:.3f})"  # digits and dashes
+        rows = (await conn.query(sql.encode(), wait_s + self.mode.exchange_timeout_s)).rows()
+        if rows and rows[0] and rows[0][0] == b"0":
+            server.applied[gtid.domain] = max(server.applied.get(gtid.domain, -1), gtid.sequence)
+            self.mode.counters.inc("read_your_writes", outcome="reader waited")
+            return True
+        self.mode.counters.inc("read_your_writes", outcome="writer")
+        server.release(conn)
+        self.conn, self.server, self.side = None, None, Role.WRITER
+        return False
 
     async def _bring_in_step(
         self, conn: BackendConnection, effects: Effects, statement: ClientStatement | None
@@ -656,12 +790,19 @@ class ClientSession(asyncio.Protocol, Sink):
         stmt_id: int,
     ) -> None:
         conn.last_owner = self
+        plan, self._plan = self._plan, None
         if command in NO_RESPONSE:
             conn.send_more(data)
             self._apply_effects(effects)
             self._release_if_free()
             return
-        flight = Flight(command, effects, conn, statement, client_stmt_id=stmt_id)
+        flight = Flight(command, effects, conn, statement, client_stmt_id=stmt_id, plan=plan)
+        if plan is not None:
+            if plan.cache_key is not None:
+                flight.answer = bytearray()
+            if plan.decision.timeout_s:
+                loop = asyncio.get_running_loop()
+                flight.timer = loop.call_later(plan.decision.timeout_s, self._timed_out, flight)
         if command in (Command.INIT_DB, Command.STMT_PREPARE):
             flight.argument = data[5:]
         self.flight = flight
@@ -681,6 +822,7 @@ class ClientSession(asyncio.Protocol, Sink):
         self.statement_time_s += time.monotonic() - self._sent_at
         conn = flight.conn
         effects = flight.effects
+        learn = flight.plan is not None and self._routed_answer(flight, flight.plan, response)
         if not effects.inert:
             # Pins hold even when the statement failed: part of a multi-statement may have run.
             self._apply_effects(effects)
@@ -697,37 +839,88 @@ class ClientSession(asyncio.Protocol, Sink):
                 self.schema = conn.state.schema = flight.argument.decode("utf-8", "replace")
             elif flight.command == Command.STMT_PREPARE and response.prepared is not None:
                 self._prepared(flight, response)
-        if effects.read_back:
-            self._task = asyncio.get_running_loop().create_task(self._read_back(conn))
+        if effects.read_back or learn:
+            self._task = asyncio.get_running_loop().create_task(
+                self._follow_up(conn, effects.read_back, learn)
+            )
             return
         self._release_if_free()
         self._drain()
+
+    def _routed_answer(self, flight: Flight, plan: Plan, response: Response) -> bool:
+        """Account for a planned statement's answer: digest, cache, timeout, the session's
+        writes. True: the writer's GTID of this write must be learned before release."""
+        mode = self.mode
+        if flight.timer is not None:
+            flight.timer.cancel()
+        mode.record_digest(self, plan, time.monotonic() - self._sent_at, response)
+        ok = response.error is None
+        if flight.answer is not None and ok and plan.cache_key is not None:
+            mode.cache.put(
+                plan.cache_key,
+                bytes(flight.answer),
+                plan.decision.cache_ttl_s,
+                time.monotonic(),
+                len(plan.payload),
+            )
+        server = self.server
+        replication = mode.replication.get(server.pool) if server is not None else None
+        if (
+            replication is None
+            or plan.reads
+            or not ok
+            or flight.command == Command.STMT_PREPARE
+            or plan.effects.read_back  # SET, USE: nothing written
+        ):
+            return False
+        self.router.wrote()
+        return (
+            replication.read_your_writes == "gtid"
+            and not response.status & Status.IN_TRANS  # committed: it has its GTID now
+            and server is not None
+            and server.role != Role.READER
+        )
 
     def _prepared(self, flight: Flight, response: Response) -> None:
         assert response.prepared is not None
         backend_id, columns, params = response.prepared
         sql = flight.argument
         flight.conn.statements[self.schema, sql] = Prepared(backend_id, params, columns)
-        self.statements[flight.client_stmt_id] = ClientStatement(sql, self.schema, params, columns)
+        statement = ClientStatement(sql, self.schema, params, columns)
+        if flight.plan is not None:
+            statement.reads = flight.plan.reads
+            statement.decision = flight.plan.decision
+            statement.digest_text = flight.plan.digest_text
+        self.statements[flight.client_stmt_id] = statement
 
-    async def _read_back(self, conn: BackendConnection) -> None:
+    async def _follow_up(self, conn: BackendConnection, read_back: bool, learn: bool) -> None:
+        """After a statement: read back the session state it may have changed, and learn
+        the GTID of the write it committed (for read-your-writes)."""
+        timeout_s = self.mode.exchange_timeout_s
         try:
-            state = await conn.read_back(self.mode.exchange_timeout_s)
+            if learn:
+                rows = (await conn.query(b"SELECT @@last_gtid", timeout_s)).rows()
+                if rows and rows[0] and rows[0][0]:
+                    self.router.learned(rows[0][0].decode("ascii", "replace"))
+            if read_back:
+                state = await conn.read_back(timeout_s)
+                self.schema = state.schema
+                self.values = self.mode.intern(state.values)
+                conn.state.values = self.values
         except (ConnectFailed, ProtocolError) as exc:
             self._task = None
-            log.warning("session_read_back_failed", server=str(conn.address), error=str(exc))
+            log.warning("session_follow_up_failed", server=str(conn.address), error=str(exc))
             self.close("state read-back failed")
             return
         self._task = None
-        self.schema = state.schema
-        self.values = self.mode.intern(state.values)
-        conn.state.values = self.values
         self._release_if_free()
         self._drain()
 
     def backend_lost(self, reason: str) -> None:
         flight = self.flight
         self.flight = None
+        if flight is not None and flight.timer is not None:
+            flight.timer.cancel()
         answered = flight is not None and flight.answered
         seq = 1
         if flight is not None and answered:
@@ -815,12 +1008,8 @@ class ClientSession(asyncio.Protocol, Sink):
         conn, server = target.conn, target.server
         try:
             if conn is not None and server is not None and target.flight is not None:
-                helper = await server.acquire(self.key, 2.0)  # type: ignore[arg-type]
-                try:
-                    what = "QUERY " if query_only else ""
-                    await helper.query(f"KILL {what}{conn.thread_id}".encode(), 2.0)
-                finally:
-                    server.release(helper)
+                assert self.key is not None
+                await kill_on(server, self.key, conn.thread_id, query_only)
         except (ConnectFailed, ProtocolError, PoolTimeout) as exc:
             self._task = None
             self._send(1, err_payload(ER_PROXY_BACKEND_LOST, f"meshproxy: KILL failed: {exc}"))
@@ -834,6 +1023,27 @@ class ClientSession(asyncio.Protocol, Sink):
             self.close("killed itself")
             return
         self._drain()
+
+    def _timed_out(self, flight: Flight) -> None:
+        """A query rule's statement timeout: the server interrupts the statement, and the
+        client hears the server's own error (1317) as the statement's answer."""
+        server = self.server
+        if self.flight is not flight or self.closed or server is None or self.key is None:
+            return
+        self.mode.counters.inc("statement_timeouts", user=self.user)
+        self.mode.spawn("statement timeout", kill_on(server, self.key, flight.conn.thread_id))
+
+
+async def kill_on(
+    server: ServerPool, key: LoginKey, thread_id: int, query_only: bool = True
+) -> None:
+    """KILL [QUERY] a backend connection's thread, through another connection of its server."""
+    helper = await server.acquire(key, 2.0)
+    try:
+        what = "QUERY " if query_only else ""
+        await helper.query(f"KILL {what}{thread_id}".encode(), 2.0)
+    finally:
+        server.release(helper)
 
 
 class _Renumbering(Sink):

@@ -13,7 +13,7 @@ import os
 import random
 import ssl
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,21 +23,31 @@ from meshproxy.config import (
     Config,
     ConnectionsConfig,
     ListenerConfig,
+    ReplicationConfig,
     UpstreamKind,
     UpstreamRef,
 )
 from meshproxy.counters import Counters
 from meshproxy.dataplane.backendpool import Credentials, Report, ServerPool
-from meshproxy.dataplane.router import Member, choose
+from meshproxy.dataplane.mirror import mirror
+from meshproxy.dataplane.router import Member, Role, choose
+from meshproxy.dataplane.routing import Plan
 from meshproxy.dataplane.session import ClientSession
 from meshproxy.dataplane.upstream import ConnectReport
 from meshproxy.health.state import ServerState
 from meshproxy.mysql import auth
+from meshproxy.mysql.constants import Command
+from meshproxy.mysql.digest import digest
 from meshproxy.mysql.login import SERVER_VERSION, Account, ServerLogin
+from meshproxy.mysql.response import Response
 from meshproxy.mysql.state import Values
 from meshproxy.mysql.statements import Effects
+from meshproxy.routing.digests import DigestStats
+from meshproxy.routing.querycache import QueryCache
+from meshproxy.routing.rules import RuleSet
 
 _INTERNED_MAX = 4096
+_BACKGROUND_MAX = 256  # mirrors and statement kills in flight; more are dropped, counted
 ER_TOO_MANY_USER_CONNECTIONS = 1203
 
 
@@ -73,6 +83,13 @@ class SessionMode:
         self._prefix = (os.getpid() & 0x7F) << 24
         self._next_id = 1
         self._rng = random.Random()
+        self.rules = RuleSet()
+        self.rules_version = 0  # sessions re-read their rules when it moves
+        self.replication: dict[str, ReplicationConfig] = {}  # the pools split by statement
+        self.cache = QueryCache(64 << 20, 1 << 20)
+        self.digests: DigestStats | None = DigestStats()
+        self._background: set[asyncio.Task[Any]] = set()
+        self._member_changes: dict[str, asyncio.Event] = {}
 
     # ----------------------------------------------------------------- config
 
@@ -127,6 +144,18 @@ class SessionMode:
                 found.settings = pool.connections
                 found.connect_s = self.connect_s
                 found.source_ip = pool.source_ip
+        self.replication = {p.name: p.replication for p in config.pool if p.replication.enabled}
+        if self.rules.configs != config.query_rule:
+            self.rules = RuleSet(config.query_rule)
+            self.rules_version += 1
+            self.cache.clear()  # a changed rule may no longer cache what it did
+        cache = config.query_cache
+        self.cache.resize(cache.max_mib << 20, cache.max_entry_kib << 10)
+        digests = config.digests
+        if not digests.enabled:
+            self.digests = None
+        elif self.digests is None or self.digests.max_tracked != digests.max_tracked:
+            self.digests = DigestStats(digests.top_n, digests.max_tracked)
         self._tls = {}
         for listener in config.listener:
             if listener.tls_cert:
@@ -151,8 +180,23 @@ class SessionMode:
             if server is None:
                 continue
             server.accepting = member.state is ServerState.ONLINE
+            server.role = member.role
             if member.state in (ServerState.SHUNNED, ServerState.OFFLINE_HARD):
                 server.empty(f"server {member.state}")
+        changed = self._member_changes.pop(pool, None)
+        if changed is not None:
+            changed.set()
+
+    async def members_change(self, pool: str, timeout_s: float) -> bool:
+        """Wait for the next server states of ``pool`` (a writer promoted, a server back);
+        False if none came within ``timeout_s``."""
+        changed = self._member_changes.setdefault(pool, asyncio.Event())
+        try:
+            async with asyncio.timeout(timeout_s):
+                await changed.wait()
+        except TimeoutError:
+            return False
+        return True
 
     # ----------------------------------------------------------------- sessions
 
@@ -253,15 +297,83 @@ class SessionMode:
             micros = int(session.statement_time_s * 1e6)
             self.counters.inc("statement_time_us", micros, user=session.user)
 
-    def choose_server(self, pool: str, exclude: Collection[Address] = ()) -> ServerPool | None:
+    def choose_server(
+        self, pool: str, exclude: Collection[Address] = (), side: str = Role.ANY
+    ) -> ServerPool | None:
+        """A server of ``pool`` for a new checkout; of a replication pool, one of ``side``
+        (readers fall back to the writer as ``writer_reads`` says; a server no check has
+        seen yet may serve either: its own read_only error protects a write)."""
         servers = self.pools.get(pool, {})
         members = self.members.get(pool, ())
         active = {address: server.stats.in_use for address, server in servers.items()}
         eligible = tuple(
             m for m in members if m.address in servers and servers[m.address].accepting
         )
+        replication = self.replication.get(pool)
+        if replication is not None and side:
+            eligible = _of_side(eligible, side, replication.writer_reads, exclude)
         member = choose(eligible, active, exclude, self._rng)
         return servers.get(member.address) if member is not None else None
+
+    # ----------------------------------------------------------------- routing's work
+
+    def record_digest(
+        self, session: ClientSession, plan: Plan, elapsed_s: float, response: Response | None
+    ) -> None:
+        """A statement's digest statistics (``response`` None: answered from the cache)."""
+        digests = self.digests
+        if digests is None or not plan.digest_text:
+            return
+        text = plan.digest_text
+        error = response is not None and response.error is not None
+        rows = response.rows if response is not None else 0
+        digests.record(
+            digest(text), text, session.user, session.schema, elapsed_s, rows, error, time.time()
+        )
+
+    def mirror(self, session: ClientSession, plan: Plan) -> None:
+        """Run a statement on its rule's mirror pool too, in the background."""
+        pool = plan.decision.mirror
+        server = self.choose_server(pool)
+        if (
+            server is None
+            or session.key is None
+            or not plan.effects.inert
+            or plan.effects.multi
+            or plan.payload[0] != Command.QUERY
+        ):
+            self.counters.inc("mirrors", pool=pool, outcome="skipped")
+            return
+        job = mirror(server, session.key, session.schema, session.values, plan.payload, 10.0)
+        self.spawn(f"mirror to {pool}", job, lambda outcome: ("mirrors", pool, outcome))
+
+    def spawn(
+        self,
+        what: str,
+        job: Coroutine[Any, Any, Any],
+        count: Callable[[Any], tuple[str, str, str]] | None = None,
+    ) -> None:
+        """Run a job no client waits for, bounded in number; a failure is logged."""
+        if len(self._background) >= _BACKGROUND_MAX:
+            job.close()
+            self.counters.inc("background_dropped", job=what)
+            return
+        task = asyncio.get_running_loop().create_task(job)
+        self._background.add(task)
+
+        def finished(task: asyncio.Task[Any]) -> None:
+            self._background.discard(task)
+            if task.cancelled():
+                return
+            exc = task.exception()
+            if exc is not None:
+                self.counters.inc("background_failures", job=what)
+                log.warning("background_failed", job=what, error=repr(exc))
+            elif count is not None:
+                name, pool, outcome = count(task.result())
+                self.counters.inc(name, pool=pool, outcome=outcome)
+
+        task.add_done_callback(finished)
 
     def intern(self, values: Values) -> Values:
         """One dict per distinct state, so that most checks are identity checks."""
@@ -297,6 +409,8 @@ class SessionMode:
                 session.close("idle timeout")
 
     def close(self) -> None:
+        for task in self._background:
+            task.cancel()
         for session in list(self.sessions.values()):
             session.close("shutting down")
         for servers in self.pools.values():
@@ -319,12 +433,47 @@ class SessionMode:
                 }
                 for address, server in servers.items()
             }
+        cache = self.cache.stats
         return {
             "client_sessions": len(self.sessions),
             "statements": self.statements,
             "users": dict(self.per_user),
             "pools": pools,
+            "query_cache": {
+                "entries": len(self.cache),
+                "bytes": self.cache.bytes,
+                "hits": cache.hits,
+                "misses": cache.misses,
+                "stores": cache.stores,
+                "evictions": cache.evictions,
+                "expirations": cache.expirations,
+                "too_large": cache.too_large,
+            },
+            # A data plane's busiest digests (the rest folded into "other", so that sums
+            # stay exact): the control plane merges every data plane's.
+            "digests": self.digests.top(2 * self.digests.top_n) if self.digests else [],
         }
+
+
+def _of_side(
+    members: tuple[Member, ...], side: str, writer_reads: str, exclude: Collection[Address]
+) -> tuple[Member, ...]:
+    """The members a statement for ``side`` may use, best kind first."""
+    usable = [
+        m
+        for m in members
+        if m.state is ServerState.ONLINE and m.address not in exclude and m.weight > 0
+    ]
+    writers = tuple(m for m in usable if m.role == Role.WRITER)
+    readers = tuple(m for m in usable if m.role == Role.READER)
+    unknown = tuple(m for m in usable if m.role == Role.ANY)
+    if side == Role.WRITER:
+        return writers or unknown
+    if writer_reads == "always":
+        return readers + writers or unknown
+    if writer_reads == "fallback":
+        return readers or writers or unknown
+    return readers or unknown
 
 
 def _server_context(listener: ListenerConfig) -> ssl.SSLContext:

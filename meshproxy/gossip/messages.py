@@ -48,6 +48,9 @@ class NodeMeta:
     draining: bool = False
     # Where the node accepts hops from other mesh nodes ("host:port"); "" when it has none.
     mesh: str = ""
+    # The servers of its replication pools it sends writes to: a middle that sees another
+    # writer re-checks both at once, so a promotion moves every middle's writes together.
+    writers: tuple[str, ...] = ()
 
 
 # ---- messages carried in UDP packets ---------------------------------------------------

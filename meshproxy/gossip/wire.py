@@ -72,7 +72,15 @@ class Kind(enum.IntEnum):
 
 def _meta_out(meta: NodeMeta) -> list[Any]:
     services = [[s.name, s.healthy, s.total, list(s.down)] for s in meta.services]
-    return [meta.role, meta.tier, services, meta.active_connections, meta.draining, meta.mesh]
+    return [
+        meta.role,
+        meta.tier,
+        services,
+        meta.active_connections,
+        meta.draining,
+        meta.mesh,
+        list(meta.writers),
+    ]
 
 
 def to_wire(msg: Message | PushPull) -> list[Any]:
@@ -210,6 +218,11 @@ def _meta_in(value: Any) -> NodeMeta:
     mesh = value[5] if len(value) > 5 else ""
     if type(mesh) is not str or len(mesh) > MAX_HOST_CHARS + 8:
         raise _bad("mesh address")
+    writers = value[6] if len(value) > 6 else ()
+    if type(writers) is not tuple or len(writers) > MAX_DOWN_BACKENDS:
+        raise _bad("writers")
+    for writer in writers:
+        _name(writer, "writer")
     if type(role) is not str or len(role) > MAX_NAME_CHARS:
         raise _bad("role")
     if type(tier) is not str or len(tier) > MAX_NAME_CHARS:
@@ -233,7 +246,8 @@ def _meta_in(value: Any) -> NodeMeta:
         )
     if type(draining) is not bool:
         raise _bad("draining")
-    return NodeMeta(role, tier, tuple(parsed), _uint(active, "active connections"), draining, mesh)
+    active_connections = _uint(active, "active connections")
+    return NodeMeta(role, tier, tuple(parsed), active_connections, draining, mesh, writers)
 
 
 def from_wire(value: Any) -> Message | None:

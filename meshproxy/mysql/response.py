@@ -107,6 +107,7 @@ class Response:
         "last_insert_id",
         "next_seq",
         "prepared",
+        "rows",
         "status",
     )
 
@@ -129,6 +130,7 @@ class Response:
         self.infile = False  # the server asked for a LOCAL INFILE: the client sends next
         self.prepared: tuple[int, int, int] | None = None  # (statement id, columns, params)
         self.next_seq = 0  # sequence id the next packet of this exchange would carry
+        self.rows = 0  # rows of every result set so far
 
     @property
     def done(self) -> bool:
@@ -205,6 +207,8 @@ class Response:
                 self._want = True
             elif state is _S.COLUMNS or state is _S.PARAMS or state is _S.PREPARE_COLUMNS:
                 self._column(state)
+            elif state is _S.ROWS:
+                self.rows += 1
             self._left = length
             if not length and self._state is _S.DONE:
                 return pos
@@ -217,6 +221,7 @@ class Response:
         if self._undecided >= 0:
             return pos
         seq = -1
+        rows = 0
         while end - pos >= 5:
             length = data[pos] | data[pos + 1] << 8 | data[pos + 2] << 16
             first = data[pos + 4]
@@ -225,8 +230,10 @@ class Response:
                 break
             seq = data[pos + 3]
             pos = following
+            rows += 1
         if seq >= 0:
             self.next_seq = (seq + 1) & 0xFF
+            self.rows += rows
         return pos
 
     def _ends_here(self, state: _S, length: int, first: int) -> bool:

@@ -90,6 +90,15 @@ _LOAD_LOCAL = re.compile(
 )
 _LAST_STATE = re.compile(r"\b(?:FOUND_ROWS|ROW_COUNT)\s*\(", re.I)
 _LAST_INSERT_ID = re.compile(r"\bLAST_INSERT_ID\s*\(\s*\)", re.I)
+# A read, for read/write split: a statement of these kinds that takes no lock, writes no
+# file or variable and draws no sequence value. Anything else goes to the writer.
+_READ = re.compile(r"^[\s(]*(?:SELECT|SHOW|DESC|DESCRIBE|EXPLAIN|WITH|VALUES|TABLE)\b", re.I)
+_NOT_READ = re.compile(
+    r"\bFOR\s+(?:UPDATE|SHARE)\b|\bLOCK\s+IN\s+SHARE\s+MODE\b|\bINTO\b"
+    r"|\b(?:NEXTVAL|SETVAL|LASTVAL)\s*\(|\bNEXT\s+VALUE\s+FOR\b"
+    r"|\b(?:INSERT|UPDATE|DELETE|REPLACE|CREATE|DROP|ALTER|GRANT|CALL)\b",
+    re.I,
+)
 
 
 @dataclass
@@ -105,6 +114,7 @@ class Effects:
     last_state: bool = False  # reads FOUND_ROWS() or ROW_COUNT() of a previous statement
     last_insert_id: bool = False  # reads LAST_INSERT_ID()
     kill: tuple[bool, int] | None = None  # (query only, connection id the client saw)
+    read: bool = False  # only reads: a replica may answer it (read/write split)
     inert: bool = True  # none of the above: nothing to do before or after it
 
     def settle(self) -> Effects:
@@ -157,6 +167,12 @@ def classify(sql: str) -> Effects:
     effects.multi = len(parts) > 1
     for part in parts:
         _one(part, effects)
+    effects.read = (
+        len(parts) == 1
+        and _READ.match(parts[0]) is not None
+        and _NOT_READ.search(parts[0]) is None
+        and not effects.pins
+    )
     return effects.settle()
 
 

@@ -123,14 +123,14 @@ class Peer:
 
 
 def members_message(ref: UpstreamRef, members: tuple[Member, ...]) -> Message:
-    rows = [[str(m.address), m.weight, m.state.value] for m in members]
+    rows = [[str(m.address), m.weight, m.state.value, m.role] for m in members]
     return {"t": "members", "ref": str(ref), "m": rows}
 
 
 def parse_members(message: Message) -> tuple[UpstreamRef, tuple[Member, ...]]:
     members = tuple(
-        Member(Address.parse(address), int(weight), ServerState(state))
-        for address, weight, state in message["m"]
+        Member(Address.parse(address), int(weight), ServerState(state), str(role))
+        for address, weight, state, role in message["m"]
     )
     return UpstreamRef.parse(message["ref"]), members
 

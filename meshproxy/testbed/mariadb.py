@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from meshproxy.config import Address
@@ -26,12 +27,15 @@ MONITOR_USER = "monitor"
 MONITOR_PASSWORD = "monitor"  # noqa: S105 - throwaway local servers only
 DATABASE = "sbtest"
 
+# The monitor user's one privilege, SLAVE MONITOR (alias REPLICA MONITOR), is the least
+# that SHOW SLAVE STATUS needs since MariaDB 10.5.9; REPLICATION CLIENT, now an alias of
+# BINLOG MONITOR, no longer allows it. It allows no reads of data and no writes.
 _INIT_SQL = f"""
 CREATE DATABASE IF NOT EXISTS {DATABASE};
 CREATE USER IF NOT EXISTS '{APP_USER}'@'%' IDENTIFIED BY '{APP_PASSWORD}';
 GRANT ALL ON *.* TO '{APP_USER}'@'%';
 CREATE USER IF NOT EXISTS '{MONITOR_USER}'@'%' IDENTIFIED BY '{MONITOR_PASSWORD}';
-GRANT USAGE ON *.* TO '{MONITOR_USER}'@'%';
+GRANT SLAVE MONITOR ON *.* TO '{MONITOR_USER}'@'%';
 """
 
 
@@ -52,11 +56,21 @@ def free_port(host: str = "127.0.0.1") -> int:
 class MariaDB:
     """One mariadbd process with its own data directory under ``workdir``."""
 
-    def __init__(self, workdir: Path, name: str, port: int | None = None, tls: bool = False):
+    def __init__(
+        self,
+        workdir: Path,
+        name: str,
+        port: int | None = None,
+        tls: bool = False,
+        extra_args: Sequence[str] = (),
+    ):
         self.name = name
         self.dir = workdir / name
         self.port = port or free_port()
         self.tls = tls
+        # More mariadbd options, after ours: the last of an option wins (``--log-bin`` here
+        # undoes our ``--skip-log-bin``).
+        self.extra_args = tuple(extra_args)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -100,6 +114,7 @@ class MariaDB:
         ]
         if self.tls:
             args += self._tls_args()
+        args += self.extra_args
         self.process = subprocess.Popen(  # noqa: S603 - fixed argv
             args,
             stdout=subprocess.DEVNULL,

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from meshproxy.testbed import mariadb
+from meshproxy.testbed.replication import ReplicationSet
 from tests.integration.harness import (
     Chain,
     MariaDBFarm,
@@ -132,3 +133,48 @@ def shared_chain(
     yield chain
     if _failed(request):
         _print_logs(factory)
+
+
+def _replication_set(farm: MariaDBFarm) -> Iterator[ReplicationSet]:
+    """Start a primary and two replicas in their own directory of the farm's workdir; stop
+    them all and remove that directory however the user of the set ends."""
+    workdir = Path(tempfile.mkdtemp(prefix="replication-", dir=farm.workdir))
+    replication_set = ReplicationSet(workdir, farm.template, free_port=free_port)
+    try:
+        replication_set.start()
+        yield replication_set
+    finally:
+        replication_set.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def _module_replication(mariadb_farm: MariaDBFarm) -> Iterator[ReplicationSet]:
+    yield from _replication_set(mariadb_farm)
+
+
+@pytest.fixture
+def replication(_module_replication: ReplicationSet) -> Iterator[ReplicationSet]:
+    """A started GTID primary with two read-only replicas, shared by the tests of a module
+    that leave it as they found it: after each, the same primary, every SQL thread running
+    again (restarted if the test stopped one) and every replica caught up."""
+    replication_set = _module_replication
+    primary, replicas = replication_set.primary, replication_set.replicas
+    yield replication_set
+    if (replication_set.primary, replication_set.replicas) != (primary, replicas):
+        pytest.fail(
+            "a test changed the topology of the shared replication set: use fresh_replication"
+        )
+    for replica in replicas:
+        status = replication_set.slave_status(replica)
+        if status is not None and status["Slave_SQL_Running"] == "No":
+            replication_set.start_sql_thread(replica)
+        replication_set.wait_running(replica)
+    replication_set.wait_caught_up()
+
+
+@pytest.fixture
+def fresh_replication(mariadb_farm: MariaDBFarm) -> Iterator[ReplicationSet]:
+    """A started GTID primary with two read-only replicas for one test alone, which may
+    promote, stop or break them; every server is stopped at its end."""
+    yield from _replication_set(mariadb_farm)

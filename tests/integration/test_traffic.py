@@ -48,8 +48,7 @@ def test_large_result_set_arrives_complete(shared_chain: Chain) -> None:
         with conn.cursor() as cursor:
             # seq_1_to_N is MariaDB's sequence engine: N generated rows, no table needed.
             cursor.execute(
-                "SELECT seq, REPEAT(CHAR(65 + MOD(seq, 26) USING ascii), %s) "  # noqa: S608
-                f"FROM seq_1_to_{rows}",
+                f"SELECT seq, REPEAT(CHAR(65 + MOD(seq, 26) USING ascii), %s) FROM seq_1_to_{rows}",
                 (width,),
             )
             count = 0
@@ -77,10 +76,10 @@ def test_packets_over_16_mib_pass_both_ways(shared_chain: Chain) -> None:
             assert text == "x" * size
 
             cursor.execute(f"CREATE TABLE {table} (id INT PRIMARY KEY, b LONGBLOB)")
-            cursor.execute(f"INSERT INTO {table} VALUES (1, %s)", (blob,))  # noqa: S608
-            cursor.execute(f"SELECT LENGTH(b), SHA2(b, 256) FROM {table}")  # noqa: S608
+            cursor.execute(f"INSERT INTO {table} VALUES (1, %s)", (blob,))
+            cursor.execute(f"SELECT LENGTH(b), SHA2(b, 256) FROM {table}")
             assert cursor.fetchone() == (size, hashlib.sha256(blob).hexdigest())
-            cursor.execute(f"SELECT b FROM {table}")  # noqa: S608
+            cursor.execute(f"SELECT b FROM {table}")
             assert cursor.fetchone()[0] == blob
             cursor.execute(f"DROP TABLE {table}")
     finally:

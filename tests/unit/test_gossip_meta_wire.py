@@ -24,14 +24,18 @@ def test_mesh_address_round_trips() -> None:
 
 
 def test_older_and_newer_metadata_layouts_decode() -> None:
-    """Metadata of five fields (before the mesh address) decodes with no mesh address, and
-    fields a newer peer appends are ignored."""
+    """Metadata of five fields (before the mesh address) decodes with no mesh address, of
+    six with no writers, and fields a newer peer appends are ignored."""
     old = wire.from_wire(_alive_with(("middle", "t", (), 0, False)))
     assert isinstance(old, Alive)
     assert old.meta.mesh == ""
-    newer = wire.from_wire(_alive_with(("middle", "t", (), 0, False, "h:1", "future", 7)))
+    six = wire.from_wire(_alive_with(("middle", "t", (), 0, False, "h:1")))
+    assert isinstance(six, Alive)
+    assert six.meta.writers == ()
+    fields = ("middle", "t", (), 0, False, "h:1", ("10.0.0.1:3306",), "future", 7)
+    newer = wire.from_wire(_alive_with(fields))
     assert isinstance(newer, Alive)
-    assert newer.meta.mesh == "h:1"
+    assert (newer.meta.mesh, newer.meta.writers) == ("h:1", ("10.0.0.1:3306",))
 
 
 @pytest.mark.parametrize(

@@ -88,7 +88,7 @@ def test_user_variables_pin(sql: str) -> None:
 )
 def test_no_user_variable_in_strings_comments_or_system_variables(sql: str) -> None:
     """An '@' in a string, name or comment, or of a system variable, does not pin."""
-    assert classify(sql) == Effects()
+    assert classify(sql) == Effects(read=True)
 
 
 # ----------------------------------------------------------------- SET
@@ -344,7 +344,7 @@ def test_reads_of_previous_statement_state() -> None:
 def test_plain_statements_have_no_effects() -> None:
     """Ordinary reads and writes leave nothing to track."""
     for sql in ("SELECT * FROM t", "INSERT INTO t VALUES (1)", "BEGIN", "", "   "):
-        assert classify(sql) == Effects()
+        assert classify(sql) == Effects(read=sql.startswith("SELECT"))
 
 
 @settings(max_examples=500, deadline=None)
@@ -370,3 +370,34 @@ def test_classify_never_raises_on_sql_like_text(words: list[str]) -> None:
     """Text made of SQL's significant words and quotes classifies without raising."""
     classify(" ".join(words))
     classify("".join(words))
+
+
+@pytest.mark.parametrize(
+    ("sql", "read"),
+    [
+        ("SELECT c FROM sbtest1 WHERE id = 1", True),
+        ("  (SELECT 1) UNION (SELECT 2)", True),
+        ("WITH a AS (SELECT 1) SELECT * FROM a", True),
+        ("SHOW TABLES", True),
+        ("EXPLAIN SELECT 1", True),
+        ("SELECT 'INSERT INTO t' FROM dual", True),
+        ("SELECT * FROM t FOR UPDATE", False),
+        ("SELECT * FROM t LOCK IN SHARE MODE", False),
+        ("SELECT * FROM t FOR SHARE", False),
+        ("SELECT 1 INTO @x", False),
+        ("SELECT a INTO OUTFILE '/tmp/x' FROM t", False),
+        ("SELECT NEXTVAL(s)", False),
+        ("SELECT NEXT VALUE FOR s", False),
+        ("SELECT GET_LOCK('a', 1)", False),
+        ("SELECT @x := 1", False),
+        ("SELECT 1; SELECT 2", False),
+        ("INSERT INTO t SELECT * FROM u", False),
+        ("BEGIN", False),
+        ("SET autocommit = 1", False),
+        ("CALL p()", False),
+    ],
+)
+def test_reads_are_told_apart_from_everything_else(sql: str, read: bool) -> None:
+    """Only a single statement that reads, locks nothing and writes no file, variable or
+    sequence counts as a read (a replica may answer it)."""
+    assert classify(sql).read is read

@@ -1,0 +1,1 @@
+"""Query routing: digests, rules, the query cache and replication roles."""
