@@ -3,13 +3,15 @@
 ``normalize`` gives the digest text ProxySQL and performance_schema show: string, number,
 hex and bit literals become ``?`` (so do ``X'..'``, ``B'..'`` and ``N'..'``, and a minus
 sign that negates a number rather than subtracts), ``NULL`` stays ``NULL``, a list of
-values ``IN (?, ?, ?)`` or ``VALUES (?, ?), (?, ?)`` becomes ``IN (...)`` / ``VALUES
-(...)`` whatever its length, comments go, executable comments (``/*! */``, ``/*M! */``)
-keep what they hold without their markers, whitespace runs fold to one space, and
-trailing semicolons go. Double-quoted text is a string, as in MariaDB's default sql_mode
-(not ANSI_QUOTES); backslash escapes are read as the default sql_mode reads them.
+literals ``IN (?, ?, ?)`` or ``VALUES (?, ?), (?, ?)`` becomes ``IN (...)`` / ``VALUES
+(...)`` whatever its length (a list holding anything else, ``NULL`` or ``NOW()``, stays),
+comments go, executable comments (``/*! */``, ``/*M! */``) keep what they hold without
+their markers, whitespace runs fold to one space, and trailing semicolons go.
+Double-quoted text is a string, as in MariaDB's default sql_mode (not ANSI_QUOTES), and
+backslashes escape, as in the default sql_mode (not NO_BACKSLASH_ESCAPES). ``digest``
+gives the id of a digest text: the first 8 bytes of its BLAKE2b hash, in hex.
 
-Choices made for speed, all stable for a given statement text:
+Choices made for speed or plainness, all stable for a given statement text:
 
 * Case is kept, keywords included: ``select`` and ``SELECT`` give two digests, as in
   ProxySQL with its default ``mysql-query_digests_lowercase=false``. Folding keywords
@@ -19,14 +21,16 @@ Choices made for speed, all stable for a given statement text:
 * Spacing is kept apart from folding runs: ``id=1`` and ``id = 1`` give two digests.
 * Optimizer hints ``/*+ ... */`` are kept whole, literals inside included: they change
   the plan, so a hinted statement is another digest, and what they hold is not SQL.
+* A character set introducer stays: ``_utf8mb4'a'`` gives ``_utf8mb4?``.
 * Whitespace is what ``str.split`` splits at (Unicode whitespace, wider than MySQL's),
   also inside backquoted names: two names that differ only in their inner spacing share a
   digest text.
 
-The scan is one regex whose every match starts with one character out of a small set, so
-the regex engine skips to candidates in C, and a callback per match (literal, comment,
-backquoted name). ``normalize`` is idempotent on the texts it returns for everyday SQL;
-``tests/unit/test_digest.py`` says where it is not.
+The scan is one regex pass with a callback per match (literal, comment, run of backquoted
+names), then ``str.split`` for the whitespace, and a second regex pass only when there is
+a list to collapse. Results are cached (``functools.lru_cache``, 4096 texts of at most 4096
+characters): applications repeat short statements. ``normalize`` is idempotent on the
+texts it returns for everyday SQL; ``tests/unit/test_digest.py`` shows where it is not.
 """
 
 from __future__ import annotations
@@ -54,8 +58,8 @@ _INERT = rf"{_PLAIN}(?:(?:\.(?![0-9])|\*(?!/)|/(?!\*)|-(?![-0-9.\s])){_PLAIN})*+
 
 # (first character, the rest with one group, what a match becomes). Each lexeme starts
 # with a literal character, so the engine skips in C to where one can start, and tries
-# only those whose character is there: three times faster than starting with a class or a
-# look-behind. A literal may not follow a name character (sbtest1, t2.c3): the
+# only those whose character is there: over twice as fast as lexemes that start with a
+# class or a look-behind. A literal may not follow a name character (sbtest1, t2.c3): the
 # look-behinds check two characters back, the first one matched.
 _LEXEMES = [
     ("0", r"(?<![\w$]0)([xX][0-9a-fA-F]+|[bB][01]+)(?![\w$])", _LITERAL),  # 0x1F, 0b101
@@ -78,8 +82,10 @@ _LEXEMES = [
 ]
 _SCAN = re.compile("|".join(re.escape(c) + rest for c, rest, _ in _LEXEMES), re.DOTALL)
 _KIND = (None, *(kind for _, _, kind in _LEXEMES))  # by group number
-# A hex, bit or national string's letter goes with it: its quote is where a match can
-# start, so the match leaves a mark and the letter and mark become one ``?`` afterwards.
+# A hex, bit or national string's letter goes with it. Its quote is where the match starts
+# (letters as starts would slow every name down), so the match leaves a mark, and the
+# letter and the mark become one ``?`` afterwards. A NUL in the text itself after such a
+# letter, outside strings, would too: no SQL has one.
 _MARK = "\x00"
 _PREFIXED = re.compile(r"[xXbBnN]\x00")
 # Lists of values, in a text already scanned: literals are ``?``, spaces single. As in
@@ -100,6 +106,7 @@ _LIST = re.compile(
 _SPACE = " \t\n\r\f\v"
 # After these a minus sign negates the number that follows it.
 _OPERATORS = frozenset("-+*/%=<>!,(~^&|:;")
+# After these keywords comes an operand: a minus sign there negates too.
 _BEFORE_OPERAND = frozenset(
     [
         "SELECT",
