@@ -24,6 +24,7 @@ if typing.TYPE_CHECKING:
     from meshproxy.dataplane.sessionmode import SessionMode
 
 ER_NOT_ALLOWED_COMMAND = 1148  # what ProxySQL answers a refusing rule with
+DIGEST_MAX_BYTES = 65536
 
 
 @dataclass(slots=True)
@@ -95,7 +96,10 @@ class SessionRouter:
         mode = self.mode
         digest_text = ""
         if mode.digests is not None or (rules is not None and rules.needs_digest):
-            digest_text = normalize(payload[1:].decode("utf-8", "replace"))
+            # As ProxySQL's query_digests_max_query_length: a 20 MiB INSERT is digested by
+            # its head, not scanned whole for every statement.
+            head = payload[1 : 1 + DIGEST_MAX_BYTES].decode("utf-8", "replace")
+            digest_text = normalize(head)
         plan = Plan(payload, effects, pool, reads=reads, digest_text=digest_text)
         if rules is not None:
             decision = rules.decide(payload[1:].decode("utf-8", "replace"), digest_text, schema)

@@ -502,6 +502,8 @@ class ClientSession(asyncio.Protocol, Sink):
             effects = Effects(pins={"cursor"}).settle()
         pool = self.target_pool = statement.decision.pool or self.pool_name
         if command == Command.STMT_EXECUTE:
+            if not statement.decision.multiplex:
+                effects = Effects(pins={"query rule"}).settle()
             reads = statement.reads and effects.inert
             self.side = self.router.side_of(pool, reads, statement.decision, self._free_to_move())
             self._plan = Plan(
@@ -853,7 +855,8 @@ class ClientSession(asyncio.Protocol, Sink):
         mode = self.mode
         if flight.timer is not None:
             flight.timer.cancel()
-        mode.record_digest(self, plan, time.monotonic() - self._sent_at, response)
+        if flight.command != Command.STMT_PREPARE:  # its executes count, not the prepare
+            mode.record_digest(self, plan, time.monotonic() - self._sent_at, response)
         ok = response.error is None
         if flight.answer is not None and ok and plan.cache_key is not None:
             mode.cache.put(

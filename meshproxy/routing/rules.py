@@ -119,7 +119,11 @@ class SessionRules:
             if not rule.matches(text, digest_text, schema):
                 continue
             names.append(rule.name)
-            _apply(rule, text, decision)
+            try:
+                _apply(rule, text, decision)
+            except (re.error, IndexError) as exc:  # a rewrite naming a group it lacks
+                decision["error"] = f"meshproxy: query rule {rule.name!r} cannot rewrite: {exc}"
+                break
             rewritten = decision.get("sql")
             if isinstance(rewritten, str):
                 text = rewritten  # later rules see the rewritten text, as in ProxySQL

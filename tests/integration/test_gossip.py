@@ -434,3 +434,41 @@ def test_nodes_find_each_other_by_mdns(nodes: NodeFactory) -> None:
         return all(member_states(admin_port) == expected for admin_port in admins)
 
     wait_until(one_cluster, 20, "both nodes to be members of one cluster through mDNS")
+
+
+def test_a_promotion_seen_by_one_middle_moves_the_others_at_once(
+    nodes: NodeFactory,
+    fresh_replication: Any,
+    middle_gossip_doc: Callable[..., tuple[Doc, int, int, int]],
+) -> None:
+    """Middle p2 checks a replicated pool every 200 ms, p3 every 20 s: after a promotion
+    p2 gossips its new writer, and p3 re-checks both servers at once and sends its writes
+    there too, long before its own interval."""
+    replication = fresh_replication
+    old, new = replication.primary, replication.replicas[0]
+    servers = [old.port, new.port]
+    slow_check = {**MYSQL_CHECK, "interval_ms": 20000, "timeout_ms": 500, "rise": 1}
+    replicated = {"replication": {"enabled": True}}
+    doc2, _, gossip2, _ = middle_gossip_doc("p2", servers, [], {**FAST_CHECK, "rise": 1})
+    doc2["pool"][0].update(replicated)
+    p2 = nodes.start(doc2)
+    doc3, _, _, _ = middle_gossip_doc("p3", servers, [gossip2], slow_check)
+    doc3["pool"][0].update(replicated)
+    p3 = nodes.start(doc3)
+    # (p3's own first checks come at random within its 20 s interval: not waited for.)
+    p2.wait_for_event("replication_state", server=addr(new.port), change="unknown -> reader")
+    replication.promote(new)
+    promoted_at = time.time()
+    p2.wait_for_event("replication_state", server=addr(new.port), change="reader -> writer")
+    recheck = p3.wait_for_event("gossip_recheck", timeout_s=10, server=addr(new.port))
+    assert recheck.fields["reported_by"] == "p2"
+    moved = wait_until(
+        lambda: [
+            e
+            for e in p3.events("replication_state", server=addr(new.port))
+            if e.fields["change"].endswith("-> writer")
+        ],
+        10,
+        "p3 to write to the new primary",
+    )[0]
+    assert moved.ts - promoted_at < 8.0, moved.line  # its own schedule: up to 20 s

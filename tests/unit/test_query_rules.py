@@ -123,3 +123,11 @@ def test_inactive_rules_are_skipped() -> None:
     """A rule with active = false never applies."""
     rules = RuleSet([QueryRuleConfig(match_pattern=".", error="x", active=False)])
     assert rules.for_session("u", "10.0.0.1", "l") is None
+
+
+def test_a_rewrite_that_cannot_apply_refuses_the_statement() -> None:
+    """A rewrite naming a group its pattern lacks refuses the statement with why, and
+    raises nothing (the session carries on)."""
+    rules = RuleSet([QueryRuleConfig(name="bad", match_pattern="(SELECT)", rewrite="\\2")])
+    decision = decide(rules, "SELECT 1")
+    assert decision.error.startswith("meshproxy: query rule 'bad' cannot rewrite")
