@@ -3,8 +3,9 @@
 One entry per (digest id, user, schema) with its count, times, rows and errors. At most
 ``max_tracked`` entries are kept: a new key arriving when the table is full pushes out the
 entry with the least total time, whose numbers are added to one "other" bucket, so the
-totals over all rows stay exact. Each worker process keeps its own ``DigestStats``; the
-control process merges their ``snapshot()`` rows into one with ``merge``.
+totals over all rows stay exact. ``top(n)`` adds the entries past ``n`` to its "other" row
+too, so its sums are exact as well. Each worker process keeps its own ``DigestStats``; the
+control process merges their ``snapshot()`` (or ``top(n)``) rows into one with ``merge``.
 
 Finding the least total cheaply: a heap of (total at the time it was pushed, key), one
 item per entry, checked lazily. Totals only grow, so an item's total is at most its
@@ -185,8 +186,9 @@ class DigestStats:
             heapq.heapreplace(heap, (entry.total_s, key))
 
     def top(self, n: int | None = None, by: str = "total_s") -> list[DigestRow]:
-        """The ``n`` (default ``top_n``) entries with the most ``by``, most first, then the
-        "other" bucket if anything went into it."""
+        """The ``n`` (default ``top_n``) entries with the most ``by``, most first, then one
+        "other" row for the rest: the entries past ``n`` and those pushed out. The rows'
+        sums are always the sums of everything recorded."""
         if by not in ORDERS:
             raise ValueError(f"cannot order digests by {by!r}: one of {', '.join(ORDERS)}")
         value = attrgetter(by)
@@ -196,8 +198,15 @@ class DigestStats:
             key=lambda item: value(item[1]),
         )
         rows = [entry.row(key) for key, entry in best]
-        if self._other.count:
-            rows.append(self._other.row((OTHER, "", "")))
+        rest = _Entry(OTHER_TEXT)
+        rest.add(self._other)
+        if len(best) < len(self._entries):
+            shown = {key for key, _ in best}
+            for key, entry in self._entries.items():
+                if key not in shown:
+                    rest.add(entry)
+        if rest.count:
+            rows.append(rest.row((OTHER, "", "")))
         return rows
 
     def snapshot(self) -> list[DigestRow]:

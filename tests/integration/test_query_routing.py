@@ -347,7 +347,12 @@ def test_rules_route_refuse_rewrite_and_pin(
             "then": "continue",
         },
         {"name": "primary reads", "match_pattern": "/\\* writer \\*/", "route": "writer"},
-        {"name": "sticky", "match_pattern": "^SELECT CONNECTION_ID", "multiplex": False},
+        {
+            "name": "sticky",
+            "match_pattern": "^SELECT CONNECTION_ID",
+            "multiplex": False,
+            "route": "writer",
+        },
     ]
     node = start_node(
         nodes,
@@ -367,10 +372,13 @@ def test_rules_route_refuse_rewrite_and_pin(
     assert one(conn, "SELECT /* writer */ @@server_id") == server_id(primary)
     other = client(node, mariadb.APP_USER, mariadb.APP_PASSWORD)
     first = one(conn, "SELECT CONNECTION_ID()")
-    one(other, "SELECT 1")
+    # Unpinned, that writer connection would be the idle one the other session takes next.
+    assert one(other, "SELECT /* writer */ CONNECTION_ID()") != first
     assert one(conn, "SELECT CONNECTION_ID()") == first
     assert node.counter("query_rule_hits", rule="firewall") == 1
-    node.api("PUT", "/query_rules", [{"name": "all refused", "match_pattern": "^SELECT", "error": "x"}])
+    node.api(
+        "PUT", "/query_rules", [{"name": "all refused", "match_pattern": "^SELECT", "error": "x"}]
+    )
     fresh = client(node, mariadb.APP_USER, mariadb.APP_PASSWORD)
     with pytest.raises(pymysql.err.OperationalError) as now_refused:
         run(fresh, "SELECT 1")

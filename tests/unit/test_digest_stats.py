@@ -141,14 +141,34 @@ def test_top_orders_by_each_column(by: str) -> None:
     assert stats.top(n=2, by=by) == rows_out[:2]
 
 
-def test_top_defaults_to_top_n_and_appends_other() -> None:
-    """top() gives top_n rows by default and the other bucket after them."""
+def test_top_folds_the_rest_into_other() -> None:
+    """top() gives top_n rows by default, then one other row for the entries past them and
+    those pushed out, so that its sums are the sums of everything."""
     stats = DigestStats(top_n=2, max_tracked=4)
     for i in range(6):
-        run(stats, f"d{i}", float(i + 1))
+        run(stats, f"d{i}", float(i + 1), now=float(i))
     rows = stats.top()
     assert [r["digest_id"] for r in rows] == ["d5", "d4", OTHER]
-    assert rows[-1]["count"] == 2
+    other = rows[-1]
+    assert (other["count"], other["total_s"], other["min_s"], other["max_s"]) == (4, 10.0, 1.0, 4.0)
+    assert (other["first_seen"], other["last_seen"]) == (0.0, 3.0)
+    assert [r["digest_id"] for r in stats.top(n=0)] == [OTHER]
+    assert stats.top(n=0)[0]["count"] == 6
+
+
+def test_top_rows_merge_with_exact_sums() -> None:
+    """A control process merging each worker's top(n) rows gets the workers' exact sums."""
+    workers = [DigestStats(max_tracked=6) for _ in range(2)]
+    for w, stats in enumerate(workers):
+        for i in range(10):
+            run(stats, f"d{i}", 0.5 * (i + w), rows=i)
+    merged = DigestStats()
+    for stats in workers:
+        merged.merge(stats.top(n=2))
+    rows = merged.snapshot()
+    assert sum(r["count"] for r in rows) == 20
+    assert sum(r["total_s"] for r in rows) == sum(0.5 * (i + w) for i in range(10) for w in (0, 1))
+    assert sum(r["rows"] for r in rows) == 2 * sum(range(10))
 
 
 def test_top_refuses_unknown_orders() -> None:
