@@ -19,6 +19,22 @@ sysbench and the server:
 and, for the many-clients workload only, ``session-32`` and ``proxysql-32``: the same
 session-mode middle and ProxySQL with their pools capped at 32 connections per server.
 
+Query routing's paths are session-mode middles like ``session``, each with one thing more
+(``SESSION_VARIANTS``), on the same MariaDB:
+
+    session-rules50   50 query rules that match nothing
+    session-nodigest  ``[digests] enabled = false``
+    session-cache     a rule that caches sysbench's point select (60 s TTL)
+
+and, on a replication set of its own (a GTID primary and two read-only replicas,
+``meshproxy.testbed.replication``), started only when one of them is wanted:
+
+    primary          sysbench -> the primary
+    session-primary  sysbench -> session-mode middle, pool of the primary alone -> primary
+    session-split    sysbench -> session-mode middle, ``[pool.replication]`` over all three
+
+Each of those runs only the workloads it is about (``RUNS_ONLY``).
+
 Why HAProxy runs with ``nbthread 1``: a meshproxy node's data plane is one event loop in
 one process (one worker under the angel by default, or the only process with
 ``--no-angel``), so it can use at most one core; one HAProxy thread is the like-for-like
@@ -38,16 +54,19 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 import pymysql
 
+from bench import routing, sysbench
 from bench.procs import Child, Processes, wait_port
+from bench.sysbench import APP, Login
 from meshproxy.security import pki
 from meshproxy.testbed import mariadb
+from meshproxy.testbed.replication import WRITER_PASSWORD, WRITER_USER, ReplicationSet
 
 MESHPROXY_LOG_LEVEL = "warning"
 
@@ -67,6 +86,12 @@ MANY_CLIENTS_POOL_MAX = 32
 PROXYSQL_ANCHOR = Path("/work/shared/anchors/proxysql/proxysql")
 
 
+MAIN, REPLICATED = "main", "replicated"  # the one MariaDB, or the replication set
+# The replication set's paths log in as its ``writer``: no READ_ONLY ADMIN, so a write that
+# reached a replica would fail (``app`` could write there).
+WRITER = Login(WRITER_USER, WRITER_PASSWORD)
+
+
 @dataclass(frozen=True)
 class Target:
     """One path from sysbench to MariaDB."""
@@ -76,6 +101,9 @@ class Target:
     port: int
     pids: tuple[int, ...] = ()  # the proxy processes on this path, for CPU accounting
     pool_max: int | None = None  # a pooling proxy's cap on backend connections per server
+    servers: str = MAIN  # where the path ends: MAIN or REPLICATED
+    login: Login = APP  # sysbench's user
+    admin_port: int | None = None  # the node's admin API, read around each run
 
 
 TARGET_LABELS = {
@@ -90,8 +118,40 @@ TARGET_LABELS = {
     "session": "meshproxy session mode",
     "chain-session": "meshproxy chain, session",
     "proxysql": "ProxySQL threads=1",
+    "session-rules50": "session, 50 rules",
+    "session-nodigest": "session, digests off",
+    "session-cache": "session, query cache",
+    "primary": "repl. primary direct",
+    "session-primary": "session, primary only",
+    "session-split": "session, split 1+2",
 }
 ALL_TARGETS = tuple(TARGET_LABELS)
+REPLICATED_TARGETS = ("primary", "session-primary", "session-split")
+# The default run leaves out what needs the replication set or a workload of its own.
+DEFAULT_TARGETS = tuple(
+    t for t in ALL_TARGETS if t not in (*REPLICATED_TARGETS, "session-cache")
+)
+# `--routing`: the query routing comparisons, each against `session` or `session-primary`
+ROUTING_TARGETS = ("session", *SESSION_VARIANTS, *REPLICATED_TARGETS)
+POINT_SELECTS = ("oltp_point_select", "point_select_ps", "point_select_text")
+READ_WRITES = ("oltp_read_write", sysbench.READ_WRITE_SKIP_TRX)
+ROUTING_WORKLOADS = (
+    "oltp_point_select",
+    "point_select_text",
+    sysbench.POINT_SELECT_CACHED,
+    *READ_WRITES,
+)
+# The workloads each routing path runs (the others run every workload).
+RUNS_ONLY = {
+    "session-rules50": POINT_SELECTS,
+    "session-nodigest": POINT_SELECTS,
+    "session-cache": (sysbench.POINT_SELECT_CACHED,),
+    **dict.fromkeys(REPLICATED_TARGETS, READ_WRITES),
+}
+
+
+def runs(target: str, workload: str) -> bool:
+    return workload in RUNS_ONLY.get(target, (workload,))
 # Started only for the many-clients workload, never chosen with --targets.
 MANY_CLIENTS_LABELS = {
     "session-32": "meshproxy session, pool 32",
@@ -189,100 +249,118 @@ def mesh_tls(directory: Path, node: str, role: str) -> str:
     )
 
 
+# Building blocks of the nodes' TOML, shared by every config below.
+
+
+def node_toml(name: str, role: str, mesh_port: int | None = None, workers: int = 1) -> str:
+    mesh = f'mesh_bind = "127.0.0.1:{mesh_port}"\n' if mesh_port is not None else ""
+    more = f"workers = {workers}\n" if workers != 1 else ""
+    return (
+        f'[node]\nname = "{name}"\nrole = "{role}"\n{mesh}'
+        f'log_level = "{MESHPROXY_LOG_LEVEL}"\n{more}'
+    )
+
+
+def entrance_toml(kind: str, name: str, upstream: str, port: int | None, mode: str = "") -> str:
+    """A ``[[listener]]`` (with ``port``) or ``[[service]]`` (mesh, without)."""
+    bind = f'bind = "127.0.0.1:{port}"\n' if port is not None else ""
+    session = f'mode = "{mode}"\n' if mode else ""
+    return f'\n[[{kind}]]\nname = "{name}"\n{bind}upstream = "{upstream}"\n{session}'
+
+
+def check_toml(table: str, kind: str = "mysql") -> str:
+    """The lenient health check every proxy here runs (see CHECK_INTERVAL_MS)."""
+    auth = ""
+    if kind == "mysql":
+        auth = f'user = "{mariadb.MONITOR_USER}"\npassword = "{mariadb.MONITOR_PASSWORD}"\n'
+    return (
+        f'[{table}]\ntype = "{kind}"\n{auth}interval_ms = {CHECK_INTERVAL_MS}\n'
+        f"timeout_ms = {CHECK_TIMEOUT_MS}\nfall = {CHECK_FALL}\nrise = 1\n"
+    )
+
+
+def pool_toml(
+    server_ports: Sequence[int], pool_max: int | None = None, replication: bool = False
+) -> str:
+    """Pool ``main`` on those servers; with ``replication``, split by read_only roles."""
+    servers = ", ".join(f'"127.0.0.1:{p}"' for p in server_ports)
+    text = f'\n[[pool]]\nname = "main"\nservers = [{servers}]\n' + check_toml("pool.check")
+    if pool_max is not None:
+        text += f"[pool.connections]\nmax_per_server = {pool_max}\n"
+    if replication:
+        text += "[pool.replication]\nenabled = true\n"
+    return text
+
+
+def users_toml(*logins: Login) -> str:
+    return "".join(
+        f'\n[[user]]\nname = "{login.user}"\npassword = "{login.password}"\n' for login in logins
+    )
+
+
+def admin_toml(port: int) -> str:
+    return f'\n[admin]\nbind = "127.0.0.1:{port}"\ntoken = "{routing.ADMIN_TOKEN}"\n'
+
+
 def middle_config(single_port: int, mesh_port: int, server_port: int, workers: int = 1) -> str:
-    return f"""\
-[node]
-name = "bench-middle"
-role = "middle"
-mesh_bind = "127.0.0.1:{mesh_port}"
-log_level = "{MESHPROXY_LOG_LEVEL}"
-workers = {workers}
-
-[[listener]]
-name = "single"
-bind = "127.0.0.1:{single_port}"
-upstream = "pool:main"
-
-[[service]]
-name = "mysql"
-upstream = "pool:main"
-
-[[pool]]
-name = "main"
-servers = ["127.0.0.1:{server_port}"]
-[pool.check]
-type = "mysql"
-user = "{mariadb.MONITOR_USER}"
-password = "{mariadb.MONITOR_PASSWORD}"
-interval_ms = {CHECK_INTERVAL_MS}
-timeout_ms = {CHECK_TIMEOUT_MS}
-fall = {CHECK_FALL}
-rise = 1
-"""
+    return (
+        node_toml("bench-middle", "middle", mesh_port, workers)
+        + entrance_toml("listener", "single", "pool:main", single_port)
+        + entrance_toml("service", "mysql", "pool:main", None)
+        + pool_toml([server_port])
+    )
 
 
-def session_config(port: int, mesh_port: int, server_port: int, pool_max: int = POOL_MAX) -> str:
+def session_config(
+    port: int,
+    mesh_port: int,
+    server_ports: Sequence[int],
+    pool_max: int = POOL_MAX,
+    name: str = "",
+    replication: bool = False,
+    login: Login = APP,
+) -> str:
     """A middle in session mode on both its listener and its mesh service."""
-    return f"""\
-[node]
-name = "bench-session-{pool_max}"
-role = "middle"
-mesh_bind = "127.0.0.1:{mesh_port}"
-log_level = "{MESHPROXY_LOG_LEVEL}"
+    return (
+        node_toml(name or f"bench-session-{pool_max}", "middle", mesh_port)
+        + entrance_toml("listener", "session", "pool:main", port, "session")
+        + entrance_toml("service", "mysql", "pool:main", None, "session")
+        + pool_toml(server_ports, pool_max, replication)
+        + users_toml(login)
+    )
 
-[[listener]]
-name = "session"
-bind = "127.0.0.1:{port}"
-upstream = "pool:main"
-mode = "session"
 
-[[service]]
-name = "mysql"
-upstream = "pool:main"
-mode = "session"
+def no_match_rules(count: int) -> str:
+    """``count`` query rules that no sysbench statement matches (a firewall list, say)."""
+    return "".join(
+        f'\n[[query_rule]]\nname = "no-match-{i}"\n'
+        f"match_pattern = '^SELECT .* FROM no_such_table_{i}\\b'\npool = \"main\"\n"
+        for i in range(count)
+    )
 
-[[pool]]
-name = "main"
-servers = ["127.0.0.1:{server_port}"]
-[pool.check]
-type = "mysql"
-user = "{mariadb.MONITOR_USER}"
-password = "{mariadb.MONITOR_PASSWORD}"
-interval_ms = {CHECK_INTERVAL_MS}
-timeout_ms = {CHECK_TIMEOUT_MS}
-fall = {CHECK_FALL}
-rise = 1
-[pool.connections]
-max_per_server = {pool_max}
 
-[[user]]
-name = "{mariadb.APP_USER}"
-password = "{mariadb.APP_PASSWORD}"
-"""
+# sysbench's text point select, "SELECT c FROM sbtest3 WHERE id=4711", normalizes to
+# "SELECT c FROM sbtest3 WHERE id=?" (meshproxy.mysql.digest.normalize).
+CACHE_RULE = (
+    '\n[[query_rule]]\nname = "cache-point-select"\n'
+    "match_digest = '^SELECT c FROM sbtest\\d+ WHERE id=\\?$'\ncache_ttl_ms = 60000\n"
+)
+DIGESTS_OFF = "\n[digests]\nenabled = false\n"
+# What the session-mode variants add to the config of ``session``, which has none of it.
+SESSION_VARIANTS = {
+    "session-rules50": no_match_rules(50),
+    "session-nodigest": DIGESTS_OFF,
+    "session-cache": CACHE_RULE,
+}
 
 
 def edge_config(port: int, mesh_port: int) -> str:
-    return f"""\
-[node]
-name = "bench-edge"
-role = "edge"
-log_level = "{MESHPROXY_LOG_LEVEL}"
-
-[[listener]]
-name = "mysql"
-bind = "127.0.0.1:{port}"
-upstream = "tier:middle"
-
-[[tier]]
-name = "middle"
-members = ["127.0.0.1:{mesh_port}"]
-[tier.check]
-type = "tcp"
-interval_ms = {CHECK_INTERVAL_MS}
-timeout_ms = {CHECK_TIMEOUT_MS}
-fall = {CHECK_FALL}
-rise = 1
-"""
+    return (
+        node_toml("bench-edge", "edge")
+        + entrance_toml("listener", "mysql", "tier:middle", port)
+        + f'\n[[tier]]\nname = "middle"\nmembers = ["127.0.0.1:{mesh_port}"]\n'
+        + check_toml("tier.check", "tcp")
+    )
 
 
 def wait_mysql(child: Child | None, port: int, timeout_s: float = 20.0) -> None:
