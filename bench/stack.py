@@ -132,7 +132,13 @@ DEFAULT_TARGETS = tuple(
     t for t in ALL_TARGETS if t not in (*REPLICATED_TARGETS, "session-cache")
 )
 # `--routing`: the query routing comparisons, each against `session` or `session-primary`
-ROUTING_TARGETS = ("session", *SESSION_VARIANTS, *REPLICATED_TARGETS)
+ROUTING_TARGETS = (
+    "session",
+    "session-rules50",
+    "session-nodigest",
+    "session-cache",
+    *REPLICATED_TARGETS,
+)
 POINT_SELECTS = ("oltp_point_select", "point_select_ps", "point_select_text")
 READ_WRITES = ("oltp_read_write", sysbench.READ_WRITE_SKIP_TRX)
 ROUTING_WORKLOADS = (
@@ -363,7 +369,9 @@ def edge_config(port: int, mesh_port: int) -> str:
     )
 
 
-def wait_mysql(child: Child | None, port: int, timeout_s: float = 20.0) -> None:
+def wait_mysql(
+    child: Child | None, port: int, timeout_s: float = 20.0, login: Login = APP
+) -> None:
     """Wait until a MySQL login and ``SELECT 1`` work through ``port``."""
     deadline = time.monotonic() + timeout_s
     while True:
@@ -373,8 +381,8 @@ def wait_mysql(child: Child | None, port: int, timeout_s: float = 20.0) -> None:
             conn = pymysql.connect(
                 host="127.0.0.1",
                 port=port,
-                user=mariadb.APP_USER,
-                password=mariadb.APP_PASSWORD,
+                user=login.user,
+                password=login.password,
                 database=mariadb.DATABASE,
                 connect_timeout=2,
             )
@@ -404,6 +412,8 @@ class Stack:
         self.workdir = mariadb.prepare_workdir(Path(tempfile.mkdtemp(prefix="meshproxy-bench-")))
         self.processes = Processes(self.workdir)
         self.db: mariadb.MariaDB | None = None
+        self.template: Path | None = None
+        self.replication: ReplicationSet | None = None
         self.targets: list[Target] = []
         self.many_targets: list[Target] = []  # the many-clients workload's paths
         self.unavailable: dict[str, str] = {}
@@ -426,6 +436,8 @@ class Stack:
             self.processes.stop_all()
             if self.db is not None:
                 self.db.stop()
+            if self.replication is not None:
+                self.replication.stop()
         finally:
             shutil.rmtree(self.workdir, ignore_errors=True)
             for signum, handler in previous.items():
@@ -458,6 +470,12 @@ class Stack:
             self._try("session", lambda: self._session_and_chain(db_port, want))
         if "session-32" in want:
             self._try("session-32", lambda: self._session_32(db_port))
+        for name in SESSION_VARIANTS:
+            if name in want:
+                self._try(name, functools.partial(self._session_variant, name, db_port))
+        replicated = [t for t in REPLICATED_TARGETS if t in want]
+        if replicated:
+            self._try(", ".join(replicated), lambda: self._replicated(replicated))
         for name, cap in (("proxysql", POOL_MAX), ("proxysql-32", MANY_CLIENTS_POOL_MAX)):
             if name in want:
                 self._try(name, functools.partial(self._proxysql, name, db_port, cap))
@@ -476,14 +494,32 @@ class Stack:
             self.unavailable[name] = reason[-2000:]
             print(f"  {name}: not started, left out: {reason[-600:]}", flush=True)
 
-    def _add(self, name: str, port: int, pids: tuple[int, ...], pool: int | None = None) -> None:
-        self.targets.append(Target(name, LABELS[name], port, pids, pool))
+    def _add(
+        self,
+        name: str,
+        port: int,
+        pids: tuple[int, ...],
+        pool: int | None = None,
+        servers: str = MAIN,
+        login: Login = APP,
+        admin_port: int | None = None,
+    ) -> None:
+        target = Target(name, LABELS[name], port, pids, pool, servers, login, admin_port)
+        self.targets.append(target)
 
     def _start_mariadb(self) -> int:
-        template = mariadb.make_template(self.workdir)
+        self.template = mariadb.make_template(self.workdir)
         self.db = mariadb.MariaDB(self.workdir, "mariadb")
-        self.db.start(template)
+        self.db.start(self.template)
         return self.db.port
+
+    def prepare(self) -> None:
+        """The sbtest tables on MariaDB and, written on the primary, on the replication set
+        (replicated: every replica has applied them when this returns)."""
+        sysbench.prepare(self.db_port)
+        if self.replication is not None:
+            sysbench.prepare(self.replication.primary.port)
+            self.replication.wait_caught_up(timeout_s=300)
 
     def _haproxy(self, name: str, db_port: int, nbthread: int) -> None:
         port = mariadb.free_port()
@@ -524,7 +560,7 @@ class Stack:
     def _session_and_chain(self, db_port: int, want: set[str]) -> None:
         """One session-mode middle: its listener is ``session``, its mesh service the
         far end of ``chain-session``'s passthrough edge."""
-        middle, port, mesh_port = self._start_session(db_port, POOL_MAX)
+        middle, port, mesh_port = self._start_session("middle-session", [db_port])
         pids = (middle.process.pid,)
         self._add("session", port, pids, POOL_MAX)
         if "chain-session" in want:
@@ -532,14 +568,56 @@ class Stack:
             self._add("chain-session", edge_port, (edge.process.pid, *pids), POOL_MAX)
 
     def _session_32(self, db_port: int) -> None:
-        middle, port, _ = self._start_session(db_port, MANY_CLIENTS_POOL_MAX)
+        name = f"middle-session-{MANY_CLIENTS_POOL_MAX}"
+        middle, port, _ = self._start_session(name, [db_port], MANY_CLIENTS_POOL_MAX)
         self._add("session-32", port, (middle.process.pid,), MANY_CLIENTS_POOL_MAX)
 
-    def _start_session(self, db_port: int, pool_max: int) -> tuple[Child, int, int]:
+    def _start_session(
+        self,
+        name: str,
+        server_ports: Sequence[int],
+        pool_max: int = POOL_MAX,
+        extra: str = "",
+        replication: bool = False,
+        login: Login = APP,
+    ) -> tuple[Child, int, int]:
         port, mesh_port = mariadb.free_port(), mariadb.free_port()
-        text = session_config(port, mesh_port, db_port, pool_max)
-        name = "middle-session" + ("" if pool_max == POOL_MAX else f"-{pool_max}")
-        return self._start_meshproxy(name, text, port), port, mesh_port
+        text = session_config(port, mesh_port, server_ports, pool_max, name, replication, login)
+        return self._start_meshproxy(name, text + extra, port, login), port, mesh_port
+
+    def _session_variant(self, name: str, db_port: int) -> None:
+        """``session`` with one of SESSION_VARIANTS, and an admin API for its figures."""
+        admin = mariadb.free_port()
+        extra = SESSION_VARIANTS[name] + admin_toml(admin)
+        middle, port, _ = self._start_session(f"middle-{name}", [db_port], extra=extra)
+        self._add(name, port, (middle.process.pid,), POOL_MAX, admin_port=admin)
+
+    def _replicated(self, wanted: list[str]) -> None:
+        """The replication set, and the wanted paths that end at it."""
+        assert self.template is not None
+        directory = self.workdir / "replication"
+        directory.mkdir()
+        self.replication = ReplicationSet(directory, self.template, replicas=2)
+        self.replication.start()
+        primary, replicas = self.replication.primary.port, self.replication.replicas
+        if "primary" in wanted:
+            self._add("primary", primary, (), servers=REPLICATED, login=WRITER)
+        for name, split in (("session-primary", False), ("session-split", True)):
+            if name in wanted:
+                ports = [primary, *(r.port for r in replicas)] if split else [primary]
+                self._try(name, functools.partial(self._replicated_session, name, ports, split))
+
+    def _replicated_session(self, name: str, server_ports: list[int], split: bool) -> None:
+        admin = mariadb.free_port()
+        middle, port, _ = self._start_session(
+            f"middle-{name}", server_ports, extra=admin_toml(admin), replication=split, login=WRITER
+        )
+        if split:  # the first checks name the roles; until then every server may take either
+            writer, *readers = server_ports
+            wanted = {writer: ("writer", "ONLINE")} | dict.fromkeys(readers, ("reader", "ONLINE"))
+            routing.wait_roles(admin, wanted, middle.check_alive)
+        pids = (middle.process.pid,)
+        self._add(name, port, pids, POOL_MAX, REPLICATED, WRITER, admin)
 
     def _proxysql(self, name: str, db_port: int, pool_max: int) -> None:
         binary = proxysql_binary()
@@ -559,7 +637,7 @@ class Stack:
         wait_mysql(child, port)
         self._add(name, port, (child.process.pid,), pool_max)
 
-    def _start_meshproxy(self, name: str, text: str, port: int) -> Child:
+    def _start_meshproxy(self, name: str, text: str, port: int, login: Login = APP) -> Child:
         cfg = self.workdir / f"{name}.toml"
         cfg.write_text(text)
         argv = [sys.executable, "-m", "meshproxy", "run", "-c", str(cfg)]
@@ -567,7 +645,7 @@ class Stack:
             argv.append("--no-angel")
         child = self.processes.spawn(name, argv)
         wait_port(child, port)
-        wait_mysql(child, port)
+        wait_mysql(child, port, login=login)
         return child
 
     def _start_middle(

@@ -541,11 +541,7 @@ class ClientSession(asyncio.Protocol, Sink):
                     self.values = server.baseline.get(key)
                 if self.values is not None:
                     conn = self.conn = server.take_idle(key, time.monotonic())
-        if (
-            conn is not None
-            and self._in_step(conn, effects, statement)
-            and not self._must_wait_on(conn)
-        ):
+        if conn is not None and self._in_step(conn, effects, statement) and not self._must_wait():
             data = self._bytes_for(conn, command, payload, statement)
             self._send_command(conn, command, data, effects, statement, stmt_id)
             return
@@ -581,7 +577,7 @@ class ClientSession(asyncio.Protocol, Sink):
         try:
             conn = self.conn or await self._checkout()
             self.conn = conn
-            if self._must_wait_on(conn) and not await self._caught_up(conn):
+            if self._must_wait() and not await self._caught_up(conn):
                 conn = self.conn = await self._checkout()  # now on the writer
             await self._bring_in_step(conn, effects, statement)
         except SessionClosed:
@@ -665,7 +661,7 @@ class ClientSession(asyncio.Protocol, Sink):
                 self.values = server.baseline.get(key, conn.state.values)
             return conn
 
-    def _must_wait_on(self, conn: BackendConnection) -> bool:
+    def _must_wait(self) -> bool:
         """Whether this read must first wait for its reader to apply the session's last
         write (read-your-writes by GTID); a reader seen to have applied it does not."""
         gtid = self.router.gtid
