@@ -9,12 +9,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from bench import routing
 from bench.idle import IdleMemory
 from bench.serverstats import Backend
-from bench.stack import LABELS, MANY_CLIENTS_POOL_MAX, POOL_MAX
+from bench.stack import LABELS, MANY_CLIENTS_POOL_MAX, POOL_MAX, REPLICATED_TARGETS
 from bench.sysbench import IDLE_MEMORY, MANY_CLIENTS, STORM, Sample
 
 REFERENCE = "haproxy"  # the targets are stated relative to HAProxy with nbthread 1
+# "x direct" of a path: against MariaDB direct, or the primary for the replication set's
+DIRECT_OF = dict.fromkeys(REPLICATED_TARGETS, "primary")
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,7 @@ class Run:
     user_us: float | None = None
     threads: int | None = None  # sysbench's client threads
     backend: Backend | None = None  # what MariaDB saw of the run (bench/serverstats.py)
+    routing: dict[str, int] | None = None  # the node's and servers' counts (bench/routing.py)
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,10 @@ def _ratio(value: float | None, base: float | None) -> float | None:
     return value / base if value is not None and base else None
 
 
+def _rate(summary: Summary | None) -> float | None:
+    return summary.rate if summary is not None else None
+
+
 def _max(values: list[int | None]) -> int | None:
     known = [v for v in values if v is not None]
     return max(known) if known else None
@@ -125,12 +133,12 @@ def summarize(runs: list[Run], workload: str, targets: list[str]) -> list[Summar
     mine = [r for r in runs if r.workload == workload]
     rows = [_summary(workload, t, [r for r in mine if r.target == t]) for t in targets]
     rows = [row for row in rows if row.rates or row.failed]
-    direct = next((row for row in rows if row.target == "direct"), None)
-    ref = next((row for row in rows if row.target == REFERENCE), None)
+    by = {row.target: row for row in rows}
+    ref = by.get(REFERENCE)
     return [
         dataclasses.replace(
             row,
-            x_direct=_ratio(row.rate, direct.rate if direct else None),
+            x_direct=_ratio(row.rate, _rate(by.get(DIRECT_OF.get(row.target, "direct")))),
             x_haproxy=_ratio(row.rate, ref.rate if ref else None),
             p95_x_haproxy=_ratio(row.p95_ms, ref.p95_ms if ref else None),
             cpu_x_haproxy=_ratio(row.cpu_us, ref.cpu_us if ref else None),
@@ -224,6 +232,139 @@ def session_checks(summaries: list[Summary]) -> list[Check]:
         passed = top is not None and top <= limit
         what = "session-32 backend conns max"
         out.append(Check(MANY_CLIENTS, what, top, limit, passed, "conns", "<="))
+    return out
+
+
+@dataclass(frozen=True)
+class Comparison:
+    target: str
+    baseline: str  # the same node config without what ``target`` adds
+    about: str
+
+
+COMPARISONS = (
+    Comparison("session-split", "session-primary", "split over primary + 2 replicas"),
+    Comparison("session-rules50", "session", "50 query rules, none matching"),
+    Comparison("session-cache", "session", "query cache rule, 60 s TTL"),
+    Comparison("session-nodigest", "session", "[digests] off (session: on)"),
+)
+RULES_QPS_TARGET = 0.9  # QPS with 50 rules that match nothing, against none
+
+
+@dataclass(frozen=True)
+class RoutingRow:
+    """One routing path against its baseline under one workload (medians over rounds)."""
+
+    workload: str
+    target: str
+    baseline: str
+    qps_x: float | None
+    p95_x: float | None
+    cpu_us: float | None
+    baseline_cpu_us: float | None
+    cpu_delta_us: float | None  # target's CPU per query less the baseline's
+    hit_ratio: float | None  # query cache hits / lookups, during the measured runs
+    replica_share: float | None  # of sysbench's reads, those the replicas ran
+    ryw_waits_per_event: float | None  # reads that first waited on their reader
+    ryw_writer_per_event: float | None  # reads sent to the writer instead
+    rule_hits_per_query: float | None
+
+
+def _per_run(runs: list[Run], of: Any) -> float | None:
+    """The median over the completed runs of ``of(figures, sample)`` where it is known."""
+    values = [
+        v
+        for r in runs
+        if r.sample is not None
+        and r.routing is not None
+        and (v := of(r.routing, r.sample)) is not None
+    ]
+    return _median(values)
+
+
+def routing_rows(summaries: list[Summary], runs: list[Run]) -> list[RoutingRow]:
+    by = {(s.workload, s.target): s for s in summaries}
+    out = []
+    for c in COMPARISONS:
+        for (workload, target), s in by.items():
+            base = by.get((workload, c.baseline))
+            if target != c.target or base is None:
+                continue
+            mine = [r for r in runs if r.workload == workload and r.target == target]
+            cpu_delta = (
+                s.cpu_us - base.cpu_us if s.cpu_us is not None and base.cpu_us is not None else None
+            )
+            out.append(
+                RoutingRow(
+                    workload,
+                    target,
+                    c.baseline,
+                    _ratio(s.rate, base.rate),
+                    _ratio(s.p95_ms, base.p95_ms),
+                    s.cpu_us,
+                    base.cpu_us,
+                    cpu_delta,
+                    _per_run(mine, lambda f, _: routing.hit_ratio(f)),
+                    _per_run(mine, lambda f, sample: routing.replica_share(f, sample.reads)),
+                    _per_run(mine, lambda f, sample: _per(f, "ryw_waited", sample.events)),
+                    _per_run(mine, lambda f, sample: _per(f, "ryw_writer", sample.events)),
+                    _per_run(mine, lambda f, sample: _per(f, "rule_hits", sample.queries)),
+                )
+            )
+    return out
+
+
+def _per(figures: dict[str, int], key: str, units: int) -> float | None:
+    return figures[key] / units if key in figures and units else None
+
+
+def _pct(value: float | None) -> str:
+    return f"{100 * value:.1f}%" if value is not None else "-"
+
+
+def routing_table(rows: list[RoutingRow]) -> str:
+    """Each routing path beside the node config it adds one thing to, workload by workload."""
+    head = (
+        f"{'workload':<20} {'path':<17} {'against':<16} {'QPS x':>6} {'p95 x':>6} "
+        f"{'CPU us':>7} {'base us':>7} {'+CPU us':>7}  notes"
+    )
+    lines = [
+        "query routing: each path against the same node without what it adds (medians)",
+        head,
+        "-" * len(head),
+    ]
+    for r in rows:
+        notes = []
+        if r.hit_ratio is not None:
+            notes.append(f"cache hits {_pct(r.hit_ratio)} of lookups")
+        if r.replica_share is not None:
+            notes.append(f"replicas ran {_pct(r.replica_share)} of reads")
+        if r.ryw_waits_per_event or r.ryw_writer_per_event:
+            notes.append(
+                f"read-your-writes per event: {_fmt(r.ryw_waits_per_event, '.2f')} waits, "
+                f"{_fmt(r.ryw_writer_per_event, '.2f')} to writer"
+            )
+        if r.target == "session-rules50" and r.rule_hits_per_query is not None:
+            notes.append(f"rule hits/query {r.rule_hits_per_query:.3f}")
+        if r.target == "session-nodigest" and r.cpu_delta_us is not None:
+            notes.append(f"digest accounting costs {-r.cpu_delta_us:.1f} us/query")
+        lines.append(
+            f"{r.workload:<20} {r.target:<17} {r.baseline:<16} {_fmt_ratio(r.qps_x):>6} "
+            f"{_fmt_ratio(r.p95_x):>6} {_fmt(r.cpu_us, '.1f'):>7} "
+            f"{_fmt(r.baseline_cpu_us, '.1f'):>7} {_fmt(r.cpu_delta_us, '+.1f'):>7}  "
+            + "; ".join(notes)
+        )
+    return "\n".join(lines)
+
+
+def routing_checks(rows: list[RoutingRow]) -> list[Check]:
+    """50 rules that match nothing keep >= 0.9x the QPS of none (routing issue)."""
+    out = []
+    for r in rows:
+        if r.target == "session-rules50":
+            passed = r.qps_x is not None and r.qps_x >= RULES_QPS_TARGET
+            what = "session-rules50 QPS x session"
+            out.append(Check(r.workload, what, r.qps_x, RULES_QPS_TARGET, passed, "x", ">="))
     return out
 
 
@@ -370,10 +511,12 @@ def as_json(
     summaries: list[Summary],
     results: list[Check],
     memory: list[IdleMemory] | None = None,
+    routed: list[RoutingRow] | None = None,
 ) -> dict[str, Any]:
     return {
         "runs": [asdict(r) for r in runs],
         "summary": [asdict(s) for s in summaries],
+        "routing": [asdict(r) for r in routed or []],
         "targets": [asdict(c) for c in results],
         "idle_memory": [asdict(m) for m in memory or []],
     }

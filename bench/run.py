@@ -2,6 +2,7 @@
 
     python -m bench.run [--duration 10] [--rounds 3] [--storm-duration 5] [--targets ...]
                         [--workloads ...] [--many-clients 1000] [--idle-clients 5000]
+                        [--routing]
 
 Rounds are interleaved: each round runs every workload against every path (starting from
 a different path each round), so drift on a shared machine touches every path alike; the
@@ -13,6 +14,7 @@ directory removed on exit, Ctrl-C and SIGTERM included.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import platform
@@ -27,10 +29,21 @@ from typing import Any
 
 import pymysql
 
-from bench import idle, report, sysbench
+from bench import idle, report, routing, sysbench
 from bench.procs import cpu_seconds
 from bench.serverstats import Watch
-from bench.stack import ALL_TARGETS, Stack, Target, proxysql_binary
+from bench.stack import (
+    ALL_TARGETS,
+    DEFAULT_TARGETS,
+    MAIN,
+    REPLICATED,
+    ROUTING_TARGETS,
+    ROUTING_WORKLOADS,
+    Stack,
+    Target,
+    proxysql_binary,
+    runs,
+)
 
 RESULTS = Path(__file__).with_name("results")
 WARMUP_S = 2.0
@@ -46,15 +59,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--targets",
-        default=",".join(ALL_TARGETS),
-        help=f"comma-separated paths to measure (default: {','.join(ALL_TARGETS)})",
+        help=f"comma-separated paths to measure (default: {','.join(DEFAULT_TARGETS)}; "
+        f"known: {','.join(ALL_TARGETS)})",
     )
     parser.add_argument(
         "--workloads",
-        default=",".join(sysbench.DEFAULT_WORKLOADS),
         help=f"comma-separated workloads (default: {','.join(sysbench.DEFAULT_WORKLOADS)}; "
         f"known: {','.join(sysbench.WORKLOADS)}; {sysbench.MANY_CLIENTS} and "
         f"{sysbench.IDLE_MEMORY} are heavy and opt-in)",
+    )
+    parser.add_argument(
+        "--routing",
+        action="store_true",
+        help="query routing's comparisons: by default then, targets "
+        f"{','.join(ROUTING_TARGETS)} and workloads {','.join(ROUTING_WORKLOADS)} "
+        "(starts a replication set: a primary and two replicas)",
     )
     parser.add_argument("--no-storm", action="store_true", help="skip the connection storm")
     parser.add_argument(
@@ -76,6 +95,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--results", type=Path, default=RESULTS, help="where JSON goes")
     args = parser.parse_args(argv)
+    if args.targets is None:
+        args.targets = ",".join(ROUTING_TARGETS if args.routing else DEFAULT_TARGETS)
+    if args.workloads is None:
+        defaults = ROUTING_WORKLOADS if args.routing else sysbench.DEFAULT_WORKLOADS
+        args.workloads = ",".join(defaults)
     wanted = tuple(t.strip() for t in args.targets.split(",") if t.strip())
     unknown = sorted(set(wanted) - set(ALL_TARGETS))
     if unknown:
@@ -91,6 +115,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     # the interleaved sysbench workloads in a fixed order; idle_memory runs once, after
     args.workloads = tuple(w for w in sysbench.SYSBENCH_WORKLOADS if w in workloads)
     args.idle_memory = sysbench.IDLE_MEMORY in workloads
+    # a routing path none of whose workloads is in the run is not even started
+    args.wanted = tuple(
+        t for t in args.wanted if any(runs(t, w) for w in (*args.workloads, sysbench.IDLE_MEMORY))
+    )
     return args
 
 
@@ -139,39 +167,70 @@ def schedule(
 
 
 def measure_one(
-    number: int, workload: str, target: Target, threads: int, seconds: float, watch: Watch
+    number: int,
+    workload: str,
+    target: Target,
+    threads: int,
+    seconds: float,
+    watch: Watch,
+    stack: Stack,
 ) -> report.Run:
-    """One sysbench run, with the CPU the path's proxies spent on it and what MariaDB saw
-    of it; a failure is recorded."""
+    """One sysbench run, with the CPU the path's proxies spent on it, what MariaDB saw of
+    it and, for a routing path, what its node and servers counted; a failure is recorded."""
+    replication = stack.replication if target.servers == REPLICATED else None
+    if replication is not None:  # the last run's writes applied everywhere, first
+        replication.wait_caught_up(timeout_s=120)
+    warm_up_s = sysbench.SYSBENCH_WORKLOADS[workload].warm_up_s
+    if warm_up_s:  # unmeasured, e.g. to fill a query cache
+        with contextlib.suppress(sysbench.SysbenchError, subprocess.TimeoutExpired):
+            sysbench.run(workload, target.port, threads, warm_up_s, target.login)
+    before = routing.reading(target.admin_port, replication)
     user0, sys0 = cpu_seconds(target.pids)
     # the path's own connections to the server are counted where they are the point
     pooled = workload in (sysbench.STORM, sysbench.MANY_CLIENTS)
     with watch.recording(target.pids if pooled else ()) as recorder:
         try:
-            sample = sysbench.run(workload, target.port, threads, seconds)
+            sample = sysbench.run(workload, target.port, threads, seconds, target.login)
         except (sysbench.SysbenchError, subprocess.TimeoutExpired) as exc:
             sample, error = None, str(exc)[:2000]
     load = os.getloadavg()[0]
+    user1, sys1 = cpu_seconds(target.pids)
     backend = recorder.result
+    figures = routing.delta(before, routing.reading(target.admin_port, replication)) or None
     if sample is None:
         return report.Run(
-            number, workload, target.name, None, load, error, threads=threads, backend=backend
+            number,
+            workload,
+            target.name,
+            None,
+            load,
+            error,
+            threads=threads,
+            backend=backend,
+            routing=figures,
         )
-    user1, sys1 = cpu_seconds(target.pids)
     units = report.units_of(workload, sample)
-    if not target.pids or not units:
-        return report.Run(
-            number, workload, target.name, sample, load, threads=threads, backend=backend
-        )
-    cpu_us = (user1 - user0 + sys1 - sys0) * 1e6 / units
-    user_us = (user1 - user0) * 1e6 / units
+    cpu_us = user_us = None
+    if target.pids and units:
+        cpu_us = (user1 - user0 + sys1 - sys0) * 1e6 / units
+        user_us = (user1 - user0) * 1e6 / units
     return report.Run(
-        number, workload, target.name, sample, load, None, cpu_us, user_us, threads, backend
+        number,
+        workload,
+        target.name,
+        sample,
+        load,
+        None,
+        cpu_us,
+        user_us,
+        threads,
+        backend,
+        figures,
     )
 
 
 def progress(run: report.Run, rounds: int, label: str) -> str:
-    head = f"  round {run.round}/{rounds} {run.workload:<18} {label:<26}"
+    head = f"  round {run.round}/{rounds} {run.workload:<19} {label:<26}"
     if run.sample is None:
         lines = (run.error or "").splitlines()
         reason = next((line for line in lines if "FATAL: " in line), lines[0] if lines else "")
@@ -186,6 +245,12 @@ def progress(run: report.Run, rounds: int, label: str) -> str:
     if run.sample.errors:
         line += f"  {run.sample.errors} errors"
     b = run.backend
+    hits = routing.hit_ratio(run.routing or {})
+    if hits is not None:
+        line += f"  cache hits {100 * hits:.1f}%"
+    share = routing.replica_share(run.routing or {}, run.sample.reads)
+    if share is not None:
+        line += f"  replicas ran {100 * share:.0f}% of reads"
     if b is not None and run.workload in (sysbench.STORM, sysbench.MANY_CLIENTS):
         line += (
             f"  backend: {b.app_logins} new, {b.path_max} held max; MariaDB: "
@@ -196,20 +261,26 @@ def progress(run: report.Run, rounds: int, label: str) -> str:
 
 def plan_of(args: argparse.Namespace, stack: Stack) -> list[tuple[str, list[Target]]]:
     return [
-        (w, stack.many_targets if w == sysbench.MANY_CLIENTS else stack.targets)
+        (
+            w,
+            stack.many_targets
+            if w == sysbench.MANY_CLIENTS
+            else [t for t in stack.targets if runs(t.name, w)],
+        )
         for w in args.workloads
     ]
 
 
-def measure(args: argparse.Namespace, stack: Stack, watch: Watch) -> list[report.Run]:
-    runs: list[report.Run] = []
+def measure(args: argparse.Namespace, stack: Stack, watches: dict[str, Watch]) -> list[report.Run]:
+    done: list[report.Run] = []
     for number, workload, target in schedule(args.rounds, plan_of(args, stack)):
         seconds = args.storm_duration if workload == sysbench.STORM else args.duration
         threads = args.many_clients if workload == sysbench.MANY_CLIENTS else args.threads
-        run = measure_one(number, workload, target, threads, seconds, watch)
-        runs.append(run)
+        watch = watches[target.servers]
+        run = measure_one(number, workload, target, threads, seconds, watch, stack)
+        done.append(run)
         print(progress(run, args.rounds, target.label), flush=True)
-    return runs
+    return done
 
 
 def measure_memory(args: argparse.Namespace, stack: Stack, watch: Watch) -> list[idle.IdleMemory]:
@@ -234,7 +305,7 @@ def warm_up(targets: list[Target], threads: int) -> None:
     """A short point-select run through every path, so no path pays for first use."""
     for target in targets:
         try:
-            sysbench.run("oltp_point_select", target.port, threads, WARMUP_S)
+            sysbench.run("oltp_point_select", target.port, threads, WARMUP_S, target.login)
         except sysbench.SysbenchError as exc:
             print(f"  warm-up through {target.label} failed: {str(exc)[:300]}", flush=True)
 
@@ -244,7 +315,7 @@ def render(
     runs: list[report.Run],
     memory: list[idle.IdleMemory],
     unavailable: dict[str, str],
-) -> tuple[str, list[report.Summary], list[report.Check]]:
+) -> tuple[str, list[report.Summary], list[report.Check], list[report.RoutingRow]]:
     names = list(args.wanted)
     blocks: list[str] = []
     summaries: list[report.Summary] = []
@@ -270,6 +341,9 @@ def render(
     cpu = report.cpu_table(summaries)
     if cpu:
         blocks.append("\n" + cpu)
+    routed = report.routing_rows(summaries, runs)
+    if routed:
+        blocks.append("\n" + report.routing_table(routed))
     if memory:
         blocks.append("\n" + report.memory_table(memory))
     if unavailable:
@@ -277,9 +351,10 @@ def render(
         blocks += [
             f"  {name}: {reason.splitlines()[0][:300]}" for name, reason in unavailable.items()
         ]
-    results = report.checks(summaries) + report.memory_checks(memory)
+    results = report.checks(summaries) + report.routing_checks(routed)
+    results += report.memory_checks(memory)
     blocks.append("\n" + report.checks_table(results))
-    return "\n".join(blocks), summaries, results
+    return "\n".join(blocks), summaries, results, routed
 
 
 def node_report(warnings: dict[str, list[str]]) -> str:
@@ -313,16 +388,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             targets = stack.start()
             print(f"proxy pids: {stack.pids()}", flush=True)
             print("preparing sbtest (4 tables x 10k rows) and warming up", flush=True)
-            sysbench.prepare(stack.db_port)
+            stack.prepare()
             extra = [t for t in stack.many_targets if t not in targets]
             warm_up(targets + extra, args.threads)
-            watch = Watch(stack.db_port)
+            watches = {MAIN: Watch(stack.db_port)}
+            if stack.replication is not None:
+                watches[REPLICATED] = Watch(stack.replication.primary.port)
             try:
-                runs = measure(args, stack, watch)
+                runs = measure(args, stack, watches)
                 if args.idle_memory:
-                    memory = measure_memory(args, stack, watch)
+                    memory = measure_memory(args, stack, watches[MAIN])
             finally:
-                watch.close()
+                for watch in watches.values():
+                    watch.close()
             warnings = stack.node_warnings()
             failing = failing_logs(stack, runs)
             unavailable = dict(stack.unavailable)
@@ -332,7 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, RuntimeError, subprocess.SubprocessError, pymysql.err.MySQLError) as exc:
         print(f"\nbench failed: {exc}", file=sys.stderr)
         return 1
-    text, summaries, results = render(args, runs, memory, unavailable)
+    text, summaries, results, routed = render(args, runs, memory, unavailable)
     print(text)
     if warnings:
         print(node_report(warnings))
@@ -345,7 +423,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "environment": environment(),
         "meshproxy_warnings": warnings,
         "unavailable": unavailable,
-        **report.as_json(runs, summaries, results, memory),
+        **report.as_json(runs, summaries, results, memory, routed),
     }
     path = report.write_json(args.results, stamp, record)
     print(f"\nwrote {path} and {path.with_name('latest.json')}")
@@ -377,6 +455,8 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         "many_clients": args.many_clients,
         "idle_clients": args.idle_clients,
         "meshproxy_angel": not args.no_angel,
+        "routing": args.routing,
+        "cached_table_size": sysbench.CACHED_TABLE_SIZE,
     }
 
 

@@ -128,9 +128,7 @@ TARGET_LABELS = {
 ALL_TARGETS = tuple(TARGET_LABELS)
 REPLICATED_TARGETS = ("primary", "session-primary", "session-split")
 # The default run leaves out what needs the replication set or a workload of its own.
-DEFAULT_TARGETS = tuple(
-    t for t in ALL_TARGETS if t not in (*REPLICATED_TARGETS, "session-cache")
-)
+DEFAULT_TARGETS = tuple(t for t in ALL_TARGETS if t not in (*REPLICATED_TARGETS, "session-cache"))
 # `--routing`: the query routing comparisons, each against `session` or `session-primary`
 ROUTING_TARGETS = (
     "session",
@@ -158,6 +156,8 @@ RUNS_ONLY = {
 
 def runs(target: str, workload: str) -> bool:
     return workload in RUNS_ONLY.get(target, (workload,))
+
+
 # Started only for the many-clients workload, never chosen with --targets.
 MANY_CLIENTS_LABELS = {
     "session-32": "meshproxy session, pool 32",
@@ -336,20 +336,29 @@ def session_config(
     )
 
 
+def _toml_value(value: str | int) -> str:
+    return str(value) if isinstance(value, int) else f"'{value}'"
+
+
+def rule_toml(name: str, **keys: str | int) -> str:
+    """A ``[[query_rule]]``; strings go in TOML literal quotes, backslashes as they are."""
+    body = "".join(f"{k} = {_toml_value(v)}\n" for k, v in keys.items())
+    return f'\n[[query_rule]]\nname = "{name}"\n{body}'
+
+
 def no_match_rules(count: int) -> str:
     """``count`` query rules that no sysbench statement matches (a firewall list, say)."""
+    patterns = (rf"^SELECT .* FROM no_such_table_{i}\b" for i in range(count))  # noqa: S608
     return "".join(
-        f'\n[[query_rule]]\nname = "no-match-{i}"\n'
-        f"match_pattern = '^SELECT .* FROM no_such_table_{i}\\b'\npool = \"main\"\n"
-        for i in range(count)
+        rule_toml(f"no-match-{i}", match_pattern=pattern, pool="main")
+        for i, pattern in enumerate(patterns)
     )
 
 
 # sysbench's text point select, "SELECT c FROM sbtest3 WHERE id=4711", normalizes to
 # "SELECT c FROM sbtest3 WHERE id=?" (meshproxy.mysql.digest.normalize).
-CACHE_RULE = (
-    '\n[[query_rule]]\nname = "cache-point-select"\n'
-    "match_digest = '^SELECT c FROM sbtest\\d+ WHERE id=\\?$'\ncache_ttl_ms = 60000\n"
+CACHE_RULE = rule_toml(
+    "cache-point-select", match_digest=r"^SELECT c FROM sbtest\d+ WHERE id=\?$", cache_ttl_ms=60000
 )
 DIGESTS_OFF = "\n[digests]\nenabled = false\n"
 # What the session-mode variants add to the config of ``session``, which has none of it.
@@ -369,9 +378,7 @@ def edge_config(port: int, mesh_port: int) -> str:
     )
 
 
-def wait_mysql(
-    child: Child | None, port: int, timeout_s: float = 20.0, login: Login = APP
-) -> None:
+def wait_mysql(child: Child | None, port: int, timeout_s: float = 20.0, login: Login = APP) -> None:
     """Wait until a MySQL login and ``SELECT 1`` work through ``port``."""
     deadline = time.monotonic() + timeout_s
     while True:

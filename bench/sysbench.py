@@ -118,9 +118,7 @@ def prepare(port: int) -> None:
     _run(argv, timeout_s=300)
 
 
-def run(
-    workload: str, port: int, threads: int, duration_s: float, login: Login = APP
-) -> Sample:
+def run(workload: str, port: int, threads: int, duration_s: float, login: Login = APP) -> Sample:
     """One timed run of ``workload`` against 127.0.0.1:port."""
     spec = SYSBENCH_WORKLOADS[workload]
     argv = [

@@ -216,6 +216,10 @@ class ConnectionsConfig:
     max_idle_s: int = 600
     ping_after_idle_ms: int = 1000  # a connection idle longer is pinged before reuse
     max_packet_mib: int = 64  # the largest client packet held for a statement
+    # TLS to the servers: "off"; "on" (encrypted, the server's certificate not checked);
+    # "verify" (against tls_ca, or the system's CAs, and the server's host name).
+    tls: Literal["off", "on", "verify"] = "off"
+    tls_ca: str = ""
 
 
 @dataclass(frozen=True)
@@ -618,7 +622,11 @@ def _absolute_paths(config: Config) -> Config:
         replace(item, tls_cert=fix(item.tls_cert), tls_key=fix(item.tls_key))
         for item in config.listener
     )
-    return replace(config, listener=listeners)
+    pools = tuple(
+        replace(p, connections=replace(p.connections, tls_ca=fix(p.connections.tls_ca)))
+        for p in config.pool
+    )
+    return replace(config, listener=listeners, pool=pools)
 
 
 def _check_files(config: Config, loader: _Loader) -> None:
@@ -668,6 +676,15 @@ def _check_files(config: Config, loader: _Loader) -> None:
         if listener.tls_cert:
             keys = (f"listener[{i}].tls_cert", f"listener[{i}].tls_key", "")
             tls_files(keys, listener.tls_cert, listener.tls_key)
+    for i, pool in enumerate(config.pool):
+        ca = pool.connections.tls_ca
+        if ca:
+            key = f"pool[{i}].connections.tls_ca"
+            readable(key, ca)
+            try:
+                ssl.create_default_context(cafile=ca)
+            except (ssl.SSLError, OSError) as exc:
+                raise loader.fail(key, f"not a PEM CA bundle: {describe(exc)}") from None
     for i, user in enumerate(config.user):
         # A login whose password is missing must not become a login without one.
         for key, name in (

@@ -8,15 +8,21 @@ forwarding the answer to one client command to that client, chunk by chunk as it
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 import typing
 from dataclasses import dataclass
 
 from meshproxy.config import Address
-from meshproxy.errors import ConnectFailed, ProtocolError
+from meshproxy.errors import ConnectFailed, ProtocolError, describe
 from meshproxy.mysql import auth
 from meshproxy.mysql.constants import BACKEND_CAPS, Cap, Command
-from meshproxy.mysql.handshake import login_payload, parse_auth_switch, parse_greeting
+from meshproxy.mysql.handshake import (
+    login_payload,
+    parse_auth_switch,
+    parse_greeting,
+    ssl_request_payload,
+)
 from meshproxy.mysql.packets import Framer, Packet, frame, parse_err, read_lenenc_bytes
 from meshproxy.mysql.response import Response
 from meshproxy.mysql.state import Flavor, SessionState, from_row, read_back_sql
@@ -253,6 +259,24 @@ class BackendConnection(asyncio.Protocol):
             raise ProtocolError(f"{sql[:60]!r} failed on {self.address}: {error}")
         return reply
 
+    async def _start_tls(self, context: ssl.SSLContext, offered: int, caps: int) -> None:
+        """SSLRequest, then the TLS handshake on this connection (the login follows)."""
+        if not offered & Cap.SSL:
+            raise ConnectFailed(str(self.address), "the server offers no TLS (connections.tls)")
+        assert self.transport is not None
+        self.transport.write(frame(1, ssl_request_payload(caps, self.key.collation)))
+        loop = asyncio.get_running_loop()
+        hostname = self.address.host if context.check_hostname else None
+        try:
+            transport = await loop.start_tls(
+                self.transport, self, context, server_hostname=hostname
+            )
+        except (ssl.SSLError, ConnectionError) as exc:
+            raise ConnectFailed(str(self.address), f"TLS failed: {describe(exc)}") from None
+        if transport is None:
+            raise ConnectFailed(str(self.address), "TLS failed: connection closed")
+        self.transport = transport
+
     async def read_back(self, timeout_s: float) -> SessionState:
         """Read the schema and the tracked variables as the server has them now."""
         rows = (await self.query(read_back_sql(self.flavor), timeout_s)).rows()
@@ -265,9 +289,16 @@ class BackendConnection(asyncio.Protocol):
 
     # ----------------------------------------------------------------- login
 
-    async def login(self, user: str, sha1_password: bytes | None, timeout_s: float) -> None:
-        """Log in as ``user`` (mysql_native_password; SHA1(password) is all it needs), then
-        read the session state the server starts us with. Raises ConnectFailed."""
+    async def login(
+        self,
+        user: str,
+        sha1_password: bytes | None,
+        timeout_s: float,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        """Log in as ``user`` (mysql_native_password; SHA1(password) is all it needs), over
+        TLS when ``tls`` is given, then read the session state the server starts us with.
+        Raises ConnectFailed."""
         try:
             async with asyncio.timeout(timeout_s):
                 greeting = parse_greeting((await self._packet()).payload)
@@ -278,6 +309,11 @@ class BackendConnection(asyncio.Protocol):
                 self.flavor = Flavor.of(greeting.server_version)
                 caps = (BACKEND_CAPS | self.key.caps) & greeting.capabilities
                 self.deprecate_eof = bool(caps & Cap.DEPRECATE_EOF)
+                seq = 1
+                if tls is not None:
+                    await self._start_tls(tls, greeting.capabilities, caps)
+                    caps |= Cap.SSL
+                    seq = 2
                 token = (
                     auth.native_token(sha1_password, greeting.scramble)
                     if sha1_password is not None
@@ -285,7 +321,7 @@ class BackendConnection(asyncio.Protocol):
                 )
                 self.transport.write(  # type: ignore[union-attr]
                     frame(
-                        1,
+                        seq,
                         login_payload(caps, self.key.collation, user, token, "", auth.NATIVE),
                     )
                 )

@@ -10,6 +10,7 @@ pinned on it, or it has been reset.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections import deque
 from collections.abc import Callable
@@ -78,6 +79,7 @@ class ServerPool:
         self.stats = ServerStats()
         self.accepting = True  # False: OFFLINE_SOFT or worse; no new checkouts
         self.role = Role.ANY  # its side of a replication pool, as the checks see it
+        self.tls: ssl.SSLContext | None = None  # TLS to the server (connections.tls)
         # The highest GTID sequence per domain this server is known to have applied (a
         # reader that waited for it): later reads needing no more do not wait again.
         self.applied: dict[int, int] = {}
@@ -197,7 +199,7 @@ class ServerPool:
                     local_addr=(self.source_ip, 0) if self.source_ip else None,
                 )
             set_nodelay(transport)
-            await conn.login(key.user, sha1, max(timeout_s, self.connect_s))
+            await conn.login(key.user, sha1, max(timeout_s, self.connect_s), self.tls)
         except (OSError, TimeoutError, ConnectFailed, ProtocolError) as exc:
             self.total -= 1
             self.stats.failed += 1

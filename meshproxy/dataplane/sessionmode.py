@@ -125,6 +125,7 @@ class SessionMode:
         for name, pool in wanted.items():
             servers = self.pools.setdefault(name, {})
             self.settings[name] = pool.connections
+            tls = _backend_context(pool.connections)
             addresses = {s.address for s in pool.servers}
             for address in set(servers) - addresses:
                 servers.pop(address).close()
@@ -144,6 +145,7 @@ class SessionMode:
                 found.settings = pool.connections
                 found.connect_s = self.connect_s
                 found.source_ip = pool.source_ip
+                found.tls = tls
         self.replication = {p.name: p.replication for p in config.pool if p.replication.enabled}
         if self.rules.configs != config.query_rule:
             self.rules = RuleSet(config.query_rule)
@@ -474,6 +476,17 @@ def _of_side(
     if writer_reads == "fallback":
         return readers or writers or unknown
     return readers or unknown
+
+
+def _backend_context(connections: ConnectionsConfig) -> ssl.SSLContext | None:
+    """TLS to a pool's servers, as ``connections.tls`` asks (None: plain TCP)."""
+    if connections.tls == "off":
+        return None
+    context = ssl.create_default_context(cafile=connections.tls_ca or None)
+    if connections.tls == "on":  # encrypted, but whoever answers is taken at its word
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 def _server_context(listener: ListenerConfig) -> ssl.SSLContext:

@@ -97,6 +97,12 @@ def parse_ssl_request(payload: bytes) -> int | None:
     return caps if caps & Cap.SSL and caps & Cap.PROTOCOL_41 else None
 
 
+def ssl_request_payload(capabilities: int, collation: int) -> bytes:
+    """An SSLRequest, as meshproxy sends it to a backend before TLS starts."""
+    caps = capabilities | Cap.SSL
+    return struct.pack("<IIB", caps, 1 << 30, collation) + b"\x00" * 23
+
+
 def parse_login(payload: bytes) -> Login | None:
     if len(payload) < 33:
         return None

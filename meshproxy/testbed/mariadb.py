@@ -138,6 +138,8 @@ class MariaDB:
                     "2",
                     "-subj",
                     "/CN=meshproxy-test",
+                    "-addext",
+                    "subjectAltName=IP:127.0.0.1,DNS:localhost",
                     "-keyout",
                     str(key),
                     "-out",

@@ -897,6 +897,34 @@ def test_logins_change_through_the_admin_api(
     assert one(conn, "SELECT 'still open'") == "still open"
 
 
+def test_tls_to_the_servers(
+    nodes: NodeFactory, shared_mariadb: mariadb.MariaDB, mariadb_factory: MariaDBFactory
+) -> None:
+    """connections.tls = "verify" logs in to the servers over TLS checked against tls_ca
+    (the server sees an encrypted session), a server without TLS fails the connect with
+    why, and "verify" refuses a certificate its CA did not sign."""
+    ca = str(shared_mariadb.dir / "cert.pem")
+    node = start_session_node(
+        nodes, [shared_mariadb.port], connections={"tls": "verify", "tls_ca": ca}
+    )
+    conn = session_connect(node)
+    cipher = "SELECT VARIABLE_VALUE FROM information_schema.SESSION_STATUS"
+    cipher += " WHERE VARIABLE_NAME = 'Ssl_cipher'"
+    assert one(conn, cipher)
+    plain = mariadb_factory()
+    node = start_session_node(nodes, [plain.port], name="s2", connections={"tls": "on"})
+    with pytest.raises(pymysql.err.OperationalError) as refused:
+        one(session_connect(node), "SELECT 1")  # (PyMySQL runs a SET as it connects)
+    assert "the server offers no TLS" in refused.value.args[1]
+    other = mariadb_factory(tls=True)  # its own self-signed certificate
+    node = start_session_node(
+        nodes, [other.port], name="s3", connections={"tls": "verify", "tls_ca": ca}
+    )
+    with pytest.raises(pymysql.err.OperationalError) as unverified:
+        one(session_connect(node), "SELECT 1")
+    assert "CERTIFICATE_VERIFY_FAILED" in unverified.value.args[1]
+
+
 def test_a_tls_hello_read_with_its_ssl_request_still_starts_tls(
     nodes: NodeFactory, shared_mariadb: mariadb.MariaDB, tls_files: tuple[str, str]
 ) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -148,3 +149,15 @@ def test_a_password_from_an_unset_environment_variable_is_refused(
     assert error.key == "user[0].password_env"
     monkeypatch.setenv("MESHPROXY_TEST_PW", "app")
     assert parse(text).user[0].secret() == "app"
+
+
+def test_backend_tls_keys(tmp_path: Path) -> None:
+    """connections.tls takes off, on or verify; an unreadable or non-PEM tls_ca is named."""
+    cfg = parse(BASE + '[pool.connections]\ntls = "verify"\n')
+    assert (cfg.pool[0].connections.tls, cfg.pool[0].connections.tls_ca) == ("verify", "")
+    assert refused(BASE + '[pool.connections]\ntls = "maybe"\n').key == "pool[0].connections.tls"
+    bad = tmp_path / "ca.pem"
+    bad.write_text("not a certificate")
+    for path in (bad, tmp_path / "missing.pem"):
+        text = BASE + f'[pool.connections]\ntls = "verify"\ntls_ca = "{path}"\n'
+        assert refused(text).key == "pool[0].connections.tls_ca"

@@ -23,6 +23,7 @@ from meshproxy.mysql.handshake import (
     parse_greeting,
     parse_login,
     parse_ssl_request,
+    ssl_request_payload,
 )
 from meshproxy.mysql.packets import lenenc_bytes
 
@@ -386,3 +387,12 @@ def test_clear_from_packet() -> None:
     """A clear-text password ends at its NUL (or the end of the packet)."""
     assert auth.clear_from_packet(b"secret\x00") == "secret"
     assert auth.clear_from_packet(b"secret") == "secret"
+
+
+def test_an_ssl_request_we_send_is_one_a_server_reads() -> None:
+    """meshproxy's SSLRequest to a backend carries the SSL flag and parses as one."""
+    payload = ssl_request_payload(Cap.PROTOCOL_41 | Cap.LONG_PASSWORD, 45)
+    caps = parse_ssl_request(payload)
+    assert caps is not None
+    assert caps & Cap.SSL
+    assert payload[8] == 45
