@@ -61,7 +61,7 @@ class Gtid:
 class SessionRouter:
     """The routing state of one client session."""
 
-    __slots__ = ("_rules", "_rules_version", "gtid", "mode", "wrote_at")
+    __slots__ = ("_rules", "_rules_version", "gtid", "gtid_unknown", "mode", "wrote_at")
 
     def __init__(self, mode: SessionMode) -> None:
         self.mode = mode
@@ -69,6 +69,7 @@ class SessionRouter:
         self._rules_version = -1
         self.gtid: Gtid | None = None  # the session's last write, as the writer numbered it
         self.wrote_at = -1e18  # monotonic time of the session's last write
+        self.gtid_unknown = False  # the last write's server has no MariaDB GTIDs
 
     def rules(self, user: str, client: str, entrance: str) -> SessionRules | None:
         mode = self.mode
@@ -139,7 +140,7 @@ class SessionRouter:
             return decision.route
         if not (reads and free_to_move):
             return Role.WRITER
-        if replication.read_your_writes == "writer":
+        if replication.read_your_writes == "writer" or self.gtid_unknown:
             window_s = replication.writer_window_ms / 1000
             if time.monotonic() - self.wrote_at < window_s:
                 return Role.WRITER
@@ -147,6 +148,10 @@ class SessionRouter:
 
     def wrote(self) -> None:
         self.wrote_at = time.monotonic()
+
+    def without_gtid(self) -> None:
+        """The write went to a server without MariaDB GTIDs: "gtid" acts as "writer"."""
+        self.gtid_unknown = True
 
     def learned(self, text: str) -> None:
         """The writer's number for the session's last write (``@@last_gtid``)."""

@@ -873,12 +873,12 @@ class ClientSession(asyncio.Protocol, Sink):
         ):
             return False
         self.router.wrote()
-        return (
-            replication.read_your_writes == "gtid"
-            and not response.status & Status.IN_TRANS  # committed: it has its GTID now
-            and server is not None
-            and server.role != Role.READER
-        )
+        if replication.read_your_writes != "gtid" or response.status & Status.IN_TRANS:
+            return False  # (uncommitted: no GTID yet)
+        if not flight.conn.flavor.mariadb:  # no @@last_gtid: reads take the writer a while
+            self.router.without_gtid()
+            return False
+        return server is not None and server.role != Role.READER
 
     def _prepared(self, flight: Flight, response: Response) -> None:
         assert response.prepared is not None

@@ -31,17 +31,19 @@ class Flavor:
     """How a server names the tracked variables (MariaDB and MySQL differ in a few)."""
 
     names: dict[str, str]  # our name -> the server's
+    mariadb: bool = False  # MariaDB's GTIDs (@@last_gtid, MASTER_GTID_WAIT) are there
 
     @classmethod
     def of(cls, server_version: str) -> Flavor:
-        if "mariadb" in server_version.lower():
+        mariadb = "mariadb" in server_version.lower()
+        if mariadb:
             renames = {
                 "transaction_isolation": "tx_isolation",
                 "transaction_read_only": "tx_read_only",
             }
         else:
             renames = {"max_statement_time": "max_execution_time"}
-        return cls({name: renames.get(name, name) for name in TRACKED})
+        return cls({name: renames.get(name, name) for name in TRACKED}, mariadb)
 
 
 @dataclass
