@@ -244,6 +244,7 @@ class Comparison:
 
 COMPARISONS = (
     Comparison("session-split", "session-primary", "split over primary + 2 replicas"),
+    Comparison("session-split-noryw", "session-split", "read_your_writes off, not gtid"),
     Comparison("session-rules50", "session", "50 query rules, none matching"),
     Comparison("session-cache", "session", "query cache rule, 60 s TTL"),
     Comparison("session-nodigest", "session", "[digests] off (session: on)"),
@@ -325,7 +326,7 @@ def _pct(value: float | None) -> str:
 def routing_table(rows: list[RoutingRow]) -> str:
     """Each routing path beside the node config it adds one thing to, workload by workload."""
     head = (
-        f"{'workload':<20} {'path':<17} {'against':<16} {'QPS x':>6} {'p95 x':>6} "
+        f"{'workload':<20} {'path':<19} {'against':<16} {'QPS x':>6} {'p95 x':>6} "
         f"{'CPU us':>7} {'base us':>7} {'+CPU us':>7}  notes"
     )
     lines = [
@@ -349,11 +350,13 @@ def routing_table(rows: list[RoutingRow]) -> str:
         if r.target == "session-nodigest" and r.cpu_delta_us is not None:
             notes.append(f"digest accounting costs {-r.cpu_delta_us:.1f} us/query")
         lines.append(
-            f"{r.workload:<20} {r.target:<17} {r.baseline:<16} {_fmt_ratio(r.qps_x):>6} "
+            f"{r.workload:<20} {r.target:<19} {r.baseline:<16} {_fmt_ratio(r.qps_x):>6} "
             f"{_fmt_ratio(r.p95_x):>6} {_fmt(r.cpu_us, '.1f'):>7} "
             f"{_fmt(r.baseline_cpu_us, '.1f'):>7} {_fmt(r.cpu_delta_us, '+.1f'):>7}  "
             + "; ".join(notes)
         )
+    shown = {r.target for r in rows}
+    lines += [f"  {c.target}: {c.about}" for c in COMPARISONS if c.target in shown]
     return "\n".join(lines)
 
 

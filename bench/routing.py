@@ -51,11 +51,16 @@ def wait_roles(
 ) -> None:
     """Wait until the node's checks have given every server the role and state wanted."""
     deadline = time.monotonic() + timeout_s
-    while (seen := roles(port)) != wanted:
+    seen: dict[int, tuple[str, str]] | str = {}
+    while seen != wanted:
         check_alive()
         if time.monotonic() > deadline:
             raise RuntimeError(f"server roles after {timeout_s:g} s: {seen}, wanted {wanted}")
         time.sleep(0.2)
+        try:
+            seen = roles(port)
+        except (OSError, KeyError) as exc:  # the admin API is not listening yet
+            seen = f"admin API: {exc}"
 
 
 def node_figures(port: int) -> dict[str, int]:

@@ -119,6 +119,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.wanted = tuple(
         t for t in args.wanted if any(runs(t, w) for w in (*args.workloads, sysbench.IDLE_MEMORY))
     )
+    if not args.wanted:
+        parser.error("none of those targets runs any of those workloads (see bench/README.md)")
     return args
 
 

@@ -32,6 +32,7 @@ and, on a replication set of its own (a GTID primary and two read-only replicas,
     primary          sysbench -> the primary
     session-primary  sysbench -> session-mode middle, pool of the primary alone -> primary
     session-split    sysbench -> session-mode middle, ``[pool.replication]`` over all three
+    session-split-noryw  the same with ``read_your_writes = "off"``
 
 Each of those runs only the workloads it is about (``RUNS_ONLY``).
 
@@ -124,9 +125,12 @@ TARGET_LABELS = {
     "primary": "repl. primary direct",
     "session-primary": "session, primary only",
     "session-split": "session, split 1+2",
+    "session-split-noryw": "session, split, RYW off",
 }
 ALL_TARGETS = tuple(TARGET_LABELS)
-REPLICATED_TARGETS = ("primary", "session-primary", "session-split")
+REPLICATED_TARGETS = ("primary", "session-primary", "session-split", "session-split-noryw")
+# The session-mode paths on the replication set: read_your_writes, "" for no split at all.
+SPLITS = {"session-primary": "", "session-split": "gtid", "session-split-noryw": "off"}
 # The default run leaves out what needs the replication set or a workload of its own.
 DEFAULT_TARGETS = tuple(t for t in ALL_TARGETS if t not in (*REPLICATED_TARGETS, "session-cache"))
 # `--routing`: the query routing comparisons, each against `session` or `session-primary`
@@ -150,7 +154,7 @@ RUNS_ONLY = {
     "session-rules50": POINT_SELECTS,
     "session-nodigest": POINT_SELECTS,
     "session-cache": (sysbench.POINT_SELECT_CACHED,),
-    **dict.fromkeys(REPLICATED_TARGETS, READ_WRITES),
+    **dict.fromkeys(REPLICATED_TARGETS, ("oltp_read_only", *READ_WRITES)),
 }
 
 
@@ -286,15 +290,16 @@ def check_toml(table: str, kind: str = "mysql") -> str:
 
 
 def pool_toml(
-    server_ports: Sequence[int], pool_max: int | None = None, replication: bool = False
+    server_ports: Sequence[int], pool_max: int | None = None, replication: str = ""
 ) -> str:
-    """Pool ``main`` on those servers; with ``replication``, split by read_only roles."""
+    """Pool ``main`` on those servers; with ``replication`` (a ``read_your_writes``
+    mode), split by their read_only roles."""
     servers = ", ".join(f'"127.0.0.1:{p}"' for p in server_ports)
     text = f'\n[[pool]]\nname = "main"\nservers = [{servers}]\n' + check_toml("pool.check")
     if pool_max is not None:
         text += f"[pool.connections]\nmax_per_server = {pool_max}\n"
     if replication:
-        text += "[pool.replication]\nenabled = true\n"
+        text += f'[pool.replication]\nenabled = true\nread_your_writes = "{replication}"\n'
     return text
 
 
@@ -323,7 +328,7 @@ def session_config(
     server_ports: Sequence[int],
     pool_max: int = POOL_MAX,
     name: str = "",
-    replication: bool = False,
+    replication: str = "",
     login: Login = APP,
 ) -> str:
     """A middle in session mode on both its listener and its mesh service."""
@@ -585,7 +590,7 @@ class Stack:
         server_ports: Sequence[int],
         pool_max: int = POOL_MAX,
         extra: str = "",
-        replication: bool = False,
+        replication: str = "",
         login: Login = APP,
     ) -> tuple[Child, int, int]:
         port, mesh_port = mariadb.free_port(), mariadb.free_port()
@@ -609,12 +614,12 @@ class Stack:
         primary, replicas = self.replication.primary.port, self.replication.replicas
         if "primary" in wanted:
             self._add("primary", primary, (), servers=REPLICATED, login=WRITER)
-        for name, split in (("session-primary", False), ("session-split", True)):
+        for name, mode in SPLITS.items():
             if name in wanted:
-                ports = [primary, *(r.port for r in replicas)] if split else [primary]
-                self._try(name, functools.partial(self._replicated_session, name, ports, split))
+                ports = [primary, *(r.port for r in replicas)] if mode else [primary]
+                self._try(name, functools.partial(self._replicated_session, name, ports, mode))
 
-    def _replicated_session(self, name: str, server_ports: list[int], split: bool) -> None:
+    def _replicated_session(self, name: str, server_ports: list[int], split: str) -> None:
         admin = mariadb.free_port()
         middle, port, _ = self._start_session(
             f"middle-{name}", server_ports, extra=admin_toml(admin), replication=split, login=WRITER
