@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from meshproxy.dataplane.router import Role
@@ -61,7 +62,15 @@ class Gtid:
 class SessionRouter:
     """The routing state of one client session."""
 
-    __slots__ = ("_rules", "_rules_version", "gtid", "gtid_unknown", "mode", "wrote_at")
+    __slots__ = (
+        "_rules",
+        "_rules_version",
+        "gtid",
+        "gtid_pending",
+        "gtid_unknown",
+        "mode",
+        "wrote_at",
+    )
 
     def __init__(self, mode: SessionMode) -> None:
         self.mode = mode
@@ -70,6 +79,7 @@ class SessionRouter:
         self.gtid: Gtid | None = None  # the session's last write, as the writer numbered it
         self.wrote_at = -1e18  # monotonic time of the session's last write
         self.gtid_unknown = False  # the last write's server has no MariaDB GTIDs
+        self.gtid_pending = False  # a write whose GTID is still to learn (at its commit)
 
     def rules(self, user: str, client: str, entrance: str) -> SessionRules | None:
         mode = self.mode
@@ -88,22 +98,26 @@ class SessionRouter:
         schema: str,
         rules: SessionRules | None,
         free_to_move: bool,
-        state: tuple[object, ...],
+        state: Callable[[], tuple[object, ...]],
     ) -> Plan:
         """Decide a COM_QUERY's or COM_STMT_PREPARE's fate. ``free_to_move``: the session
         holds no backend connection, is in no transaction and autocommits, so a read may
         go to a reader. ``state``: what else an answer depends on (login, schema,
-        session variables), for the query cache's key."""
+        session variables), for a query cache key."""
         mode = self.mode
+        text = payload[1:].decode("utf-8", "replace") if rules is not None else None
         digest_text = ""
         if mode.digests is not None or (rules is not None and rules.needs_digest):
             # As ProxySQL's query_digests_max_query_length: a 20 MiB INSERT is digested by
             # its head, not scanned whole for every statement.
-            head = payload[1 : 1 + DIGEST_MAX_BYTES].decode("utf-8", "replace")
+            if text is None:
+                head = payload[1 : 1 + DIGEST_MAX_BYTES].decode("utf-8", "replace")
+            else:
+                head = text[:DIGEST_MAX_BYTES]
             digest_text = normalize(head)
         plan = Plan(payload, effects, pool, reads=reads, digest_text=digest_text)
-        if rules is not None:
-            decision = rules.decide(payload[1:].decode("utf-8", "replace"), digest_text, schema)
+        if rules is not None and text is not None:
+            decision = rules.decide(text, digest_text, schema)
             if decision.matched:
                 self._apply(plan, decision, state)
                 if plan.refusal is not None:
@@ -111,7 +125,9 @@ class SessionRouter:
         plan.side = self.side_of(plan.pool, plan.reads, plan.decision, free_to_move)
         return plan
 
-    def _apply(self, plan: Plan, decision: Decision, state: tuple[object, ...]) -> None:
+    def _apply(
+        self, plan: Plan, decision: Decision, state: Callable[[], tuple[object, ...]]
+    ) -> None:
         mode = self.mode
         plan.decision = decision
         for name in decision.rules:
@@ -129,7 +145,7 @@ class SessionRouter:
             pins = plan.effects.pins | {"query rule"}
             plan.effects = dataclasses.replace(plan.effects, pins=pins, read=False).settle()
         if decision.cache_ttl_s and plan.payload[0] == Command.QUERY and plan.reads:
-            plan.cache_key = (*state, plan.pool, plan.payload)
+            plan.cache_key = (*state(), plan.pool, plan.payload)
 
     def side_of(self, pool: str, reads: bool, decision: Decision, free_to_move: bool) -> str:
         """The side of a replication pool a statement goes to (any other pool: ANY)."""
@@ -148,6 +164,7 @@ class SessionRouter:
 
     def wrote(self) -> None:
         self.wrote_at = time.monotonic()
+        self.gtid_pending = True
 
     def without_gtid(self) -> None:
         """The write went to a server without MariaDB GTIDs: "gtid" acts as "writer"."""

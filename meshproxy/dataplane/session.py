@@ -447,11 +447,9 @@ class ClientSession(asyncio.Protocol, Sink):
         router = self.router
         rules = router.rules(self.user, self.client, self.entrance)
         free = self._free_to_move()
-        state: tuple[object, ...] = ()
-        if rules is not None:
-            values = tuple(self.values.items()) if self.values else ()
-            state = (self.key, self.schema, values)
-        plan = router.plan(payload, effects, reads, self.pool_name, self.schema, rules, free, state)
+        plan = router.plan(
+            payload, effects, reads, self.pool_name, self.schema, rules, free, self._answer_state
+        )
         if plan.refusal is not None:
             self.mode.counters.inc("query_rule_refusals", user=self.user)
             self._send(1, plan.refusal)
@@ -468,6 +466,11 @@ class ClientSession(asyncio.Protocol, Sink):
         self.target_pool, self.side = plan.pool, plan.side
         self._plan = plan
         return plan
+
+    def _answer_state(self) -> tuple[object, ...]:
+        """What a statement's answer depends on besides its text: the query cache's key."""
+        values = tuple(self.values.items()) if self.values else ()
+        return (self.key, self.schema, values)
 
     def _run_anywhere(self, command: int, payload: bytes, effects: Effects = _NO_EFFECTS) -> None:
         """A command that is no statement: on the session's server, whichever side."""
@@ -864,19 +867,23 @@ class ClientSession(asyncio.Protocol, Sink):
             )
         server = self.server
         replication = mode.replication.get(server.pool) if server is not None else None
+        if replication is None or not ok or flight.command == Command.STMT_PREPARE:
+            return False
+        router, effects = self.router, plan.effects
+        if effects.transaction == "rollback":
+            router.gtid_pending = False
+            return False
+        if not (plan.reads or effects.read_back or effects.transaction):  # SET, USE, BEGIN
+            router.wrote()
         if (
-            replication is None
-            or plan.reads
-            or not ok
-            or flight.command == Command.STMT_PREPARE
-            or plan.effects.read_back  # SET, USE: nothing written
+            not router.gtid_pending
+            or replication.read_your_writes != "gtid"
+            or response.status & Status.IN_TRANS  # not committed yet: no GTID
         ):
             return False
-        self.router.wrote()
-        if replication.read_your_writes != "gtid" or response.status & Status.IN_TRANS:
-            return False  # (uncommitted: no GTID yet)
+        router.gtid_pending = False
         if not flight.conn.flavor.mariadb:  # no @@last_gtid: reads take the writer a while
-            self.router.without_gtid()
+            router.without_gtid()
             return False
         return server is not None and server.role != Role.READER
 

@@ -90,6 +90,9 @@ _LOAD_LOCAL = re.compile(
 )
 _LAST_STATE = re.compile(r"\b(?:FOUND_ROWS|ROW_COUNT)\s*\(", re.I)
 _LAST_INSERT_ID = re.compile(r"\bLAST_INSERT_ID\s*\(\s*\)", re.I)
+_TRANSACTION = re.compile(
+    r"^\s*(?:(BEGIN|START\s+TRANSACTION)|(COMMIT)|(ROLLBACK)(?!\s+TO\b))\b", re.I
+)
 # A read, for read/write split: a statement of these kinds that takes no lock, writes no
 # file or variable and draws no sequence value. Anything else goes to the writer.
 _READ = re.compile(r"^[\s(]*(?:SELECT|SHOW|DESC|DESCRIBE|EXPLAIN|WITH|VALUES|TABLE)\b", re.I)
@@ -115,6 +118,7 @@ class Effects:
     last_insert_id: bool = False  # reads LAST_INSERT_ID()
     kill: tuple[bool, int] | None = None  # (query only, connection id the client saw)
     read: bool = False  # only reads: a replica may answer it (read/write split)
+    transaction: str = ""  # "start", "commit" or "rollback": it writes nothing itself
     inert: bool = True  # none of the above: nothing to do before or after it
 
     def settle(self) -> Effects:
@@ -167,6 +171,8 @@ def classify(sql: str) -> Effects:
     effects.multi = len(parts) > 1
     for part in parts:
         _one(part, effects)
+    if effects.multi:
+        effects.transaction = ""  # "BEGIN; INSERT ...": it writes
     effects.read = (
         len(parts) == 1
         and _READ.match(parts[0]) is not None
@@ -199,6 +205,9 @@ def _one(text: str, effects: Effects) -> None:
         effects.last_state = True
     if _LAST_INSERT_ID.search(text):
         effects.last_insert_id = True
+    control = _TRANSACTION.match(text)
+    if control and control.lastindex:
+        effects.transaction = ("start", "commit", "rollback")[control.lastindex - 1]
     kill = _KILL.match(text)
     if kill:
         effects.kill = ((kill.group(1) or "").upper() == "QUERY", int(kill.group(2)))

@@ -344,7 +344,8 @@ def test_reads_of_previous_statement_state() -> None:
 def test_plain_statements_have_no_effects() -> None:
     """Ordinary reads and writes leave nothing to track."""
     for sql in ("SELECT * FROM t", "INSERT INTO t VALUES (1)", "BEGIN", "", "   "):
-        assert classify(sql) == Effects(read=sql.startswith("SELECT"))
+        expected = Effects(read=sql.startswith("SELECT"), transaction="start" * (sql == "BEGIN"))
+        assert classify(sql) == expected
 
 
 @settings(max_examples=500, deadline=None)
@@ -401,3 +402,22 @@ def test_reads_are_told_apart_from_everything_else(sql: str, read: bool) -> None
     """Only a single statement that reads, locks nothing and writes no file, variable or
     sequence counts as a read (a replica may answer it)."""
     assert classify(sql).read is read
+
+
+@pytest.mark.parametrize(
+    ("sql", "transaction"),
+    [
+        ("BEGIN", "start"),
+        ("begin work", "start"),
+        ("START TRANSACTION READ ONLY", "start"),
+        ("COMMIT", "commit"),
+        ("ROLLBACK", "rollback"),
+        ("ROLLBACK TO SAVEPOINT a", ""),
+        ("BEGIN; INSERT INTO t VALUES (1)", ""),
+        ("INSERT INTO t VALUES (1)", ""),
+    ],
+)
+def test_transaction_control_is_told_apart(sql: str, transaction: str) -> None:
+    """BEGIN, COMMIT and ROLLBACK are named (they write nothing themselves); a multi-
+    statement or a savepoint rollback is not transaction control."""
+    assert classify(sql).transaction == transaction

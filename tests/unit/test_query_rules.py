@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from meshproxy.config import QueryRuleConfig
-from meshproxy.routing.rules import NO_DECISION, Decision, RuleSet
+from meshproxy.routing.rules import NO_DECISION, Decision, RuleSet, SessionRules, required_word
 
 
 def decide(rules: RuleSet, sql: str, digest: str = "", schema: str = "app") -> Decision:
@@ -131,3 +135,66 @@ def test_a_rewrite_that_cannot_apply_refuses_the_statement() -> None:
     rules = RuleSet([QueryRuleConfig(name="bad", match_pattern="(SELECT)", rewrite="\\2")])
     decision = decide(rules, "SELECT 1")
     assert decision.error.startswith("meshproxy: query rule 'bad' cannot rewrite")
+
+
+@pytest.mark.parametrize(
+    ("pattern", "word"),
+    [
+        (r"^SELECT .* FROM no_such_table_3\b", "no_such_table_3"),
+        (r"FROM\s+orders\b", "orders"),
+        (r"WHERE id = \?$", "id"),
+        (r"/\* writer \*/", "writer"),
+        (r"^SELECT", ""),  # "SELECT" may be the start of "SELECTED"
+        (r"xFROM orders", ""),  # nothing bounds "orders" on the right
+        (r"a|b", ""),
+        (r"\bsbtest\d+\b", ""),
+    ],
+)
+def test_required_words(pattern: str, word: str) -> None:
+    """A rule is keyed by the longest word every match must hold as a whole token."""
+    assert required_word(pattern) == word
+
+
+def test_a_rewrite_lets_rules_keyed_on_the_new_text_match() -> None:
+    """Rules after a rewrite are tried on the rewritten text, whatever words it has."""
+    rules = RuleSet(
+        [
+            QueryRuleConfig(match_pattern=r"\bold_t\b", rewrite="new_t", then="continue"),
+            QueryRuleConfig(name="new", match_pattern=r"FROM new_t\b", pool="p"),
+        ]
+    )
+    assert decide(rules, "SELECT * FROM old_t").pool == "p"
+
+
+_PIECES = ["select", "from", "orders", "t1", "id", " ", "  ", ",", "=", "?", "1", "x_y"]
+_REGEX_PIECES = [re.escape(p) for p in _PIECES] + [
+    r"\s+",
+    ".*",
+    r"\b",
+    "^",
+    "$",
+    r"\d+",
+    "(?:a|orders)",
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    patterns=st.lists(st.lists(st.sampled_from(_REGEX_PIECES), min_size=1, max_size=6), max_size=6),
+    statement=st.lists(st.sampled_from(_PIECES), max_size=10),
+)
+def test_the_word_index_decides_as_trying_every_rule(
+    patterns: list[list[str]], statement: list[str]
+) -> None:
+    """Skipping rules whose required word is absent never changes a decision."""
+    configs = [
+        QueryRuleConfig(name=f"r{i}", match_pattern="".join(p), pool="p", then="continue")
+        for i, p in enumerate(patterns)
+    ]
+    rules = RuleSet(configs)
+    session = rules.for_session("u", "10.0.0.1", "l")
+    sql = "".join(statement)
+    if session is None:
+        return
+    every = SessionRules(session.rules, False, {}, {}, tuple(range(len(session.rules))))
+    assert session.decide(sql, sql, "s") == every.decide(sql, sql, "s")
