@@ -27,13 +27,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pymysql
 import pymysql.cursors
 
 from meshproxy.testbed import mariadb
 from meshproxy.testbed.mariadb import MariaDB
+from meshproxy.testbed.polling import poll
 
 REPL_USER = "repl"
 REPL_PASSWORD = "repl"  # noqa: S105 - throwaway local servers only
@@ -47,9 +48,6 @@ WRITER_PRIVILEGES = (
 
 # ER_OPTION_PREVENTS_STATEMENT: "running with the --read-only option"
 ER_READ_ONLY = 1290
-
-_POLL_S = 0.02
-T = TypeVar("T")
 
 
 class ReplicationError(RuntimeError):
@@ -110,17 +108,6 @@ def _connect(
     return pymysql.connect(
         host=server.address.host, port=server.port, user=user, password=password, **common
     )
-
-
-def _poll(predicate: Callable[[], T | None], timeout_s: float, what: Callable[[], str]) -> T:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout_s:g} s waiting for {what()}")
-        time.sleep(_POLL_S)
 
 
 def _threads(status: dict[str, Any] | None) -> str:
@@ -262,7 +249,7 @@ class ReplicationSet:
                 raise ReplicationError(f"{replica.name} stopped replicating: {_threads(status)}")
             return (status["Slave_IO_Running"], status["Slave_SQL_Running"]) == ("Yes", "Yes")
 
-        _poll(running, timeout_s, lambda: f"{replica.name} to replicate: {self._describe(replica)}")
+        poll(running, timeout_s, lambda: f"{replica.name} to replicate: {self._describe(replica)}")
 
     def wait_caught_up(
         self, timeout_s: float = 30.0, replicas: Iterable[MariaDB] | None = None
@@ -315,7 +302,7 @@ class ReplicationSet:
             status = slave_status(replica)
             return status is not None and status["Slave_SQL_Running"] == state
 
-        _poll(reached, timeout_s, lambda: f"Slave_SQL_Running={state} on {replica.name}")
+        poll(reached, timeout_s, lambda: f"Slave_SQL_Running={state} on {replica.name}")
 
     def promote(self, candidate: MariaDB, timeout_s: float = 30.0) -> None:
         """A planned switchover to ``candidate``, one of the replicas.

@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 import pymysql
 
 from meshproxy.testbed import mariadb
+from meshproxy.testbed.polling import poll
 
 T = TypeVar("T")
 Doc = dict[str, Any]
@@ -44,14 +45,7 @@ def wait_until(
 ) -> T:
     """Poll ``predicate`` until it returns something truthy; fail naming ``what`` after the
     deadline."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
-        time.sleep(interval_s)
+    return poll(predicate, timeout_s, lambda: what, interval_s, AssertionError)
 
 
 # --------------------------------------------------------------------------- ports

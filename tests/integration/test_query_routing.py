@@ -117,6 +117,12 @@ def start_node(
     return node
 
 
+def start_on(nodes: NodeFactory, replication: ReplicationSet, **options: Any) -> RoutingNode:
+    """A node over the whole replication set, once it routes on its writer and readers."""
+    primary, replicas = replication.primary, replication.replicas
+    return start_node(nodes, ports([primary, *replicas]), primary.port, ports(replicas), **options)
+
+
 _OPEN: list[Any] = []
 
 
@@ -174,7 +180,7 @@ def test_reads_go_to_replicas_and_writes_and_transactions_to_the_primary(
     over both), writes and every statement of a transaction on the primary, as @@server_id
     shows."""
     primary, replicas = replication.primary, replication.replicas
-    node = start_node(nodes, ports([primary, *replicas]), primary.port, ports(replicas))
+    node = start_on(nodes, replication)
     table(replication, "split")
     conn = client(node)
     assert len({one(conn, "SELECT @@server_id") for _ in range(10)}) == 1  # monotonic reads
@@ -199,8 +205,8 @@ def test_a_lagging_replica_leaves_the_readers_and_returns_when_it_catches_up(
 ) -> None:
     """A replica whose SQL thread stops is SHUNNED (no read reaches it) and takes reads
     again once it runs and has caught up."""
-    primary, replicas = replication.primary, replication.replicas
-    node = start_node(nodes, ports([primary, *replicas]), primary.port, ports(replicas))
+    replicas = replication.replicas
+    node = start_on(nodes, replication)
     stopped, running = replicas
     replication.stop_sql_thread(stopped)
     wait_until(lambda: node.sides()[stopped.port] == ("reader", "SHUNNED"), 10, "lag seen")
@@ -335,7 +341,7 @@ def test_rules_route_refuse_rewrite_and_pin(
     """A rule sends statements to another pool, refuses with its message (ERR 1148),
     rewrites text, forces the writer, and keeps the backend connection; PUT /query_rules
     changes them at runtime."""
-    primary, replicas = replication.primary, replication.replicas
+    primary = replication.primary
     elsewhere = mariadb_factory()
     rules = [
         {"name": "reports", "match_pattern": "^SELECT @@port", "pool": "reports"},
@@ -354,11 +360,9 @@ def test_rules_route_refuse_rewrite_and_pin(
             "route": "writer",
         },
     ]
-    node = start_node(
+    node = start_on(
         nodes,
-        ports([primary, *replicas]),
-        primary.port,
-        ports(replicas),
+        replication,
         rules=rules,
         pools=[{"name": "reports", "servers": [addr(elsewhere.port)]}],
     )
@@ -391,11 +395,8 @@ def test_statement_timeout_kills_the_statement_and_the_session_carries_on(
 ) -> None:
     """A rule's statement timeout interrupts a slow statement on its server; the client
     gets the server's error 1317 and its next statement works."""
-    primary, replicas = replication.primary, replication.replicas
     rules = [{"name": "slow", "match_pattern": "SLEEP", "statement_timeout_ms": 300}]
-    node = start_node(
-        nodes, ports([primary, *replicas]), primary.port, ports(replicas), rules=rules
-    )
+    node = start_on(nodes, replication, rules=rules)
     conn = client(node)
     started = time.monotonic()
     with pytest.raises(pymysql.err.OperationalError) as killed:
@@ -411,16 +412,14 @@ def test_mirror_runs_statements_on_the_mirror_pool_too(
 ) -> None:
     """A mirror rule runs each matching statement on its pool as well; the client sees only
     its own pool's answer."""
-    primary, replicas = replication.primary, replication.replicas
+    primary = replication.primary
     shadow = mariadb_factory()
     admin_sql(shadow, f"CREATE TABLE {mariadb.DATABASE}.mirrored (id INT PRIMARY KEY, v TEXT)")
     table(replication, "mirrored")
     rules = [{"name": "shadow", "match_pattern": "^INSERT INTO mirrored", "mirror": "shadow"}]
-    node = start_node(
+    node = start_on(
         nodes,
-        ports([primary, *replicas]),
-        primary.port,
-        ports(replicas),
+        replication,
         rules=rules,
         pools=[{"name": "shadow", "servers": [addr(shadow.port)]}],
     )
@@ -442,11 +441,9 @@ def test_mirror_runs_statements_on_the_mirror_pool_too(
 def test_query_cache_serves_within_its_ttl(nodes: NodeFactory, replication: ReplicationSet) -> None:
     """A rule's TTL caches a read's answer: repeats within it get the cached answer (even
     after the data changed) and count as hits; after it the server answers again."""
-    primary, replicas = replication.primary, replication.replicas
+    primary = replication.primary
     rules = [{"name": "cached", "match_digest": "FROM cached WHERE", "cache_ttl_ms": 1500}]
-    node = start_node(
-        nodes, ports([primary, *replicas]), primary.port, ports(replicas), rules=rules
-    )
+    node = start_on(nodes, replication, rules=rules)
     table(replication, "cached")
     admin_sql(primary, f"INSERT INTO {mariadb.DATABASE}.cached VALUES (1, 'before')")
     replication.wait_caught_up()
@@ -473,8 +470,7 @@ def test_digests_are_listed_by_the_api_ctl_top_and_prometheus(
 ) -> None:
     """Statements that differ only in literals share one digest, counted with their time,
     rows and errors, and shown by GET /digests, `meshproxy ctl top` and /metrics."""
-    primary, replicas = replication.primary, replication.replicas
-    node = start_node(nodes, ports([primary, *replicas]), primary.port, ports(replicas))
+    node = start_on(nodes, replication)
     table(replication, "dig")
     conn = client(node)
     for i in range(30):
