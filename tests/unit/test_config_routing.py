@@ -2,42 +2,20 @@
 
 from __future__ import annotations
 
-import tomllib
-
 import pytest
 
-from meshproxy import config
 from meshproxy.errors import ConfigError
+from tests.unit.test_config_session import BASE as SESSION_BASE
+from tests.unit.test_config_session import parse
 
-BASE = """
-[node]
-name = "s1"
-role = "edge"
-
-[[listener]]
-name = "mysql"
-bind = "127.0.0.1:3306"
-upstream = "pool:main"
-mode = "session"
-
-[[pool]]
-name = "main"
-servers = ["127.0.0.1:3307", "127.0.0.1:3308"]
-check = { type = "mysql", user = "monitor", password = "monitor" }
-replication.enabled = true
-
-[[pool]]
-name = "other"
-servers = ["127.0.0.1:3309"]
-
-[[user]]
-name = "app"
-password = "app"
-"""
-
-
-def parse(text: str) -> config.Config:
-    return config.parse(tomllib.loads(text), "node.toml")
+# The session-mode node of the session config tests, its pool replicated, and one more.
+BASE = SESSION_BASE.replace(
+    'servers = ["127.0.0.1:3307"]',
+    'servers = ["127.0.0.1:3307", "127.0.0.1:3308"]\n'
+    'check = { type = "mysql", user = "monitor", password = "monitor" }\n'
+    "replication.enabled = true\n\n"
+    '[[pool]]\nname = "other"\nservers = ["127.0.0.1:3309"]',
+)
 
 
 def test_routing_defaults() -> None:
