@@ -20,7 +20,6 @@ from meshproxy import log
 from meshproxy.config import Address, ConnectionsConfig
 from meshproxy.counters import Counters
 from meshproxy.dataplane.backend import BackendConnection, LoginKey
-from meshproxy.dataplane.pump import set_nodelay
 from meshproxy.dataplane.router import Role
 from meshproxy.errors import ConnectFailed, MeshproxyError, ProtocolError, describe
 from meshproxy.mysql.constants import Command
@@ -192,13 +191,12 @@ class ServerPool:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(min(self.connect_s, timeout_s)):
-                transport, conn = await loop.create_connection(
+                _, conn = await loop.create_connection(
                     lambda: BackendConnection(self.address, key),
                     self.address.host,
                     self.address.port,
                     local_addr=(self.source_ip, 0) if self.source_ip else None,
                 )
-            set_nodelay(transport)
             await conn.login(key.user, sha1, max(timeout_s, self.connect_s), self.tls)
         except (OSError, TimeoutError, ConnectFailed, ProtocolError) as exc:
             self.total -= 1

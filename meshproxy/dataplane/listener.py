@@ -16,7 +16,6 @@ from meshproxy import log
 from meshproxy.counters import Counters
 from meshproxy.dataplane.hop import Decoded, HopDecoder, HopHeader, Rejected
 from meshproxy.dataplane.mysql import ER_CON_COUNT_ERROR, error_packet
-from meshproxy.dataplane.pump import set_nodelay
 from meshproxy.security.meshtls import MESH_ROLES, MeshTls, peer_of
 
 # Stop reading from a client whose upstream is not connected yet past this many bytes.
@@ -75,7 +74,6 @@ class Inbound(asyncio.Protocol):
         self._counters.inc("connections_accepted", entrance=entrance.name)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        set_nodelay(transport)
         if self._decoder is None:
             self._start(None)
             return

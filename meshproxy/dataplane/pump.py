@@ -10,7 +10,6 @@ byte counters) is sampled by a sweeper instead of being paid for per packet.
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Callable
 
 from meshproxy.config import Address
@@ -110,13 +109,6 @@ class Session:
                 else:
                     half.transport.close()
         self._on_close(self)
-
-
-def set_nodelay(transport: asyncio.BaseTransport) -> None:
-    """Disable Nagle: MySQL is request/response, and small packets must not wait."""
-    sock = transport.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def link(session: Session, client: asyncio.Transport, pending: bytes, eof: bool) -> None:

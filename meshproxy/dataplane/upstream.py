@@ -21,7 +21,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, sto
 from meshproxy.config import Address, UpstreamKind, UpstreamRef
 from meshproxy.counters import Counters
 from meshproxy.dataplane.hop import HopHeader
-from meshproxy.dataplane.pump import Half, Session, set_nodelay
+from meshproxy.dataplane.pump import Half, Session
 from meshproxy.dataplane.router import Member, choose
 from meshproxy.errors import ConnectFailed, NoUpstream, UpstreamError, describe
 from meshproxy.security.meshtls import MeshTls, peer_of
@@ -148,7 +148,6 @@ class WarmPool:
             )
         if tls is not None:
             check_middle(transport)
-        set_nodelay(transport)
         self.idle.setdefault(address, deque()).append(idle)
 
     def recycle(self, max_idle_s: float, keep: set[Address]) -> None:
@@ -307,7 +306,6 @@ class Connector:
                 dialing.connecting = None
                 if tls is not None:
                     check_middle(transport)
-                set_nodelay(transport)
             if header is not None:
                 transport.write(header.encode())
             if await_greeting:

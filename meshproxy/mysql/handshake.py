@@ -5,7 +5,7 @@ do not form the packet they expect."""
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from meshproxy.mysql.constants import Cap
 from meshproxy.mysql.packets import lenenc, lenenc_bytes, read_lenenc, read_lenenc_bytes, read_nul
@@ -86,7 +86,13 @@ class Login:
     auth_response: bytes
     database: str
     auth_plugin: str
-    attributes: dict[str, str] = field(default_factory=dict)
+    # Connection attributes as sent: nothing on the login path needs them, so they are
+    # read only when asked for (a tenth of a login's parsing otherwise).
+    raw_attributes: bytes = b""
+
+    @property
+    def attributes(self) -> dict[str, str]:
+        return _parse_attributes(self.raw_attributes, 0) if self.raw_attributes else {}
 
 
 def parse_ssl_request(payload: bytes) -> int | None:
@@ -121,7 +127,7 @@ def parse_login(payload: bytes) -> Login | None:
     if database is None:
         return None
     plugin, pos = _read_plugin(payload, pos, caps)
-    attributes = _parse_attributes(payload, pos) if caps & Cap.CONNECT_ATTRS else {}
+    raw_attributes = payload[pos:] if caps & Cap.CONNECT_ATTRS else b""
     try:
         return Login(
             capabilities=caps,
@@ -131,7 +137,7 @@ def parse_login(payload: bytes) -> Login | None:
             auth_response=bytes(auth),
             database=database.decode("utf-8"),
             auth_plugin=plugin.decode("ascii"),
-            attributes=attributes,
+            raw_attributes=raw_attributes,
         )
     except UnicodeDecodeError:
         return None

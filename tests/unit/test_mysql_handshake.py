@@ -137,7 +137,8 @@ def test_login_round_trip() -> None:
     payload = login_payload(
         caps, UTF8MB4_GENERAL_CI, "app", b"t" * 20, "shop", auth.NATIVE, {"_client_name": "x"}
     )
-    assert parse_login(payload) == Login(
+    login = parse_login(payload)
+    assert login == Login(
         capabilities=int(caps | Cap.CONNECT_WITH_DB),
         max_packet=1 << 30,
         collation=UTF8MB4_GENERAL_CI,
@@ -145,8 +146,10 @@ def test_login_round_trip() -> None:
         auth_response=b"t" * 20,
         database="shop",
         auth_plugin=auth.NATIVE,
-        attributes={"_client_name": "x"},
+        raw_attributes=login.raw_attributes if login else b"",
     )
+    assert login is not None
+    assert login.attributes == {"_client_name": "x"}
 
 
 @settings(max_examples=150, deadline=None)
