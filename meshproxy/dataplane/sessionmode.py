@@ -158,6 +158,8 @@ class SessionMode:
             self.digests = None
         elif self.digests is None or self.digests.max_tracked != digests.max_tracked:
             self.digests = DigestStats(digests.top_n, digests.max_tracked)
+        else:
+            self.digests.top_n = digests.top_n
         self._tls = {}
         for listener in config.listener:
             if listener.tls_cert:
