@@ -52,6 +52,8 @@ class Control(Protocol):
 
     def digests(self) -> DigestStats: ...
 
+    def reset_digests(self) -> None: ...
+
     async def apply(self, new: Config) -> list[str]: ...
 
 
@@ -98,6 +100,7 @@ class AdminAPI:
         r.add_patch("/query_rules/{name}", self.patch_item("query_rule"))
         r.add_delete("/query_rules/{name}", self.remove_item("query_rule"))
         r.add_get("/digests", self.digests)
+        r.add_delete("/digests", self.reset_digests)
         for plural, section in (("pools", "pool"), ("tiers", "tier")):
             r.add_get(f"/{plural}", self.list_section(section))
             r.add_post(f"/{plural}", self.add_item(section))
@@ -168,6 +171,10 @@ class AdminAPI:
             raise edits.BadEdit(f"limit must be a positive integer, got {limit_text!r}")
         rows = self.control.digests().top(int(limit_text), by)
         return web.json_response({"by": by, "digests": rows})
+
+    async def reset_digests(self, request: web.Request) -> web.Response:
+        self.control.reset_digests()
+        return web.json_response({"reset": True})
 
     async def get_config(self, request: web.Request) -> web.Response:
         view = request.query.get("view", "running")

@@ -172,7 +172,10 @@ def _dispatch(client: Client, args: argparse.Namespace) -> Any:
         return client.call("DELETE", f"{path}/{address}")
     if action == "top":
         query = urllib.parse.urlencode({"by": args.by, "limit": args.limit})
-        return top_table(client.call("GET", f"/digests?{query}")["digests"])
+        table = top_table(client.call("GET", f"/digests?{query}")["digests"])
+        if args.reset:  # as reading ProxySQL's stats_mysql_query_digest_reset does
+            client.call("DELETE", "/digests")
+        return table
     if action == "rules":
         return client.call("GET", "/query_rules")
     if action == "listener":
@@ -230,6 +233,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--by", default="total_s", choices=("total_s", "count", "max_s", "errors", "rows")
     )
     top.add_argument("--limit", type=int, default=20)
+    top.add_argument("--reset", action="store_true", help="then start the statistics over")
     actions.add_parser("rules", help="the query rules in force, in order")
 
     server = actions.add_parser("server", help="add, change or remove a pool's server")

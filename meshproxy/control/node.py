@@ -82,6 +82,8 @@ class PlaneLink(Protocol):
 
     def close_sessions(self, address: Address) -> None: ...
 
+    def reset_digests(self) -> None: ...
+
     def stats(self) -> dict[str, Any]: ...
 
     def counters(self) -> Counters: ...
@@ -103,6 +105,9 @@ class LocalLink:
         closed = self.host.plane.close_sessions(address)
         if closed:
             log.event("sessions_closed", server=str(address), count=closed)
+
+    def reset_digests(self) -> None:
+        self.host.plane.session_mode.reset_digests()
 
     def stats(self) -> dict[str, Any]:
         return self.host.stats()
@@ -417,6 +422,12 @@ class Node:
     def active_sessions(self) -> int:
         """Sessions open on every data plane (as of their last report)."""
         return sum(int(link.stats()["sessions"]) for link in self.links)
+
+    def reset_digests(self) -> None:
+        """Every data plane starts its digest statistics over (ProxySQL's _reset table)."""
+        for link in self.links:
+            link.reset_digests()
+        log.event("digests_reset")
 
     def digests(self) -> DigestStats:
         """Every data plane's digest statistics, merged (as of their last report)."""

@@ -335,6 +335,10 @@ class SessionMode:
             digest(text), text, session.user, session.schema, elapsed_s, rows, error, time.time()
         )
 
+    def reset_digests(self) -> None:
+        if self.digests is not None:
+            self.digests.reset()
+
     def mirror(self, session: ClientSession, plan: Plan) -> None:
         """Run a statement on its rule's mirror pool too, in the background."""
         pool = plan.decision.mirror

@@ -112,6 +112,12 @@ class RemoteLink:
     def close_sessions(self, address: Address) -> None:
         self.peer.send({"t": "close", "addr": str(address)})
 
+    def reset_digests(self) -> None:
+        self.peer.send({"t": "reset_digests"})
+        session_mode = self._stats.get("session_mode")
+        if session_mode:  # its last report's digests are gone too, not only the next ones
+            self._stats = {**self._stats, "session_mode": {**session_mode, "digests": []}}
+
     def stats(self) -> dict[str, Any]:
         return self._stats
 
@@ -250,6 +256,8 @@ class WorkerChannel:
             closed = host.plane.close_sessions(Address.parse(message["addr"]))
             if closed:
                 log.event("sessions_closed", server=message["addr"], count=closed)
+        elif kind == "reset_digests" and host is not None:
+            host.plane.session_mode.reset_digests()
 
     async def apply(self, new: Config) -> None:
         assert self.host is not None

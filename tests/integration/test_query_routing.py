@@ -469,7 +469,8 @@ def test_digests_are_listed_by_the_api_ctl_top_and_prometheus(
     nodes: NodeFactory, replication: ReplicationSet
 ) -> None:
     """Statements that differ only in literals share one digest, counted with their time,
-    rows and errors, and shown by GET /digests, `meshproxy ctl top` and /metrics."""
+    rows and errors, shown by GET /digests, `meshproxy ctl top` and /metrics, until
+    DELETE /digests starts them over."""
     node = start_on(nodes, replication)
     table(replication, "dig")
     conn = client(node)
@@ -513,3 +514,5 @@ def test_digests_are_listed_by_the_api_ctl_top_and_prometheus(
         metrics = response.read().decode()
     assert "meshproxy_digest_statements_total{" in metrics
     assert 'role="writer"' in metrics
+    assert node.api("DELETE", "/digests") == {"reset": True}
+    assert node.api("GET", "/digests")["digests"] == []
