@@ -90,6 +90,7 @@ class SessionMode:
         self.digests: DigestStats | None = DigestStats()
         self._background: set[asyncio.Task[Any]] = set()
         self._member_changes: dict[str, asyncio.Event] = {}
+        self.digest_epoch = 0
 
     # ----------------------------------------------------------------- config
 
@@ -335,7 +336,9 @@ class SessionMode:
             digest(text), text, session.user, session.schema, elapsed_s, rows, error, time.time()
         )
 
-    def reset_digests(self) -> None:
+    def reset_digests(self, epoch: int = 0) -> None:
+        """Start the digest statistics over (``epoch``: the control plane's reset count)."""
+        self.digest_epoch = epoch
         if self.digests is not None:
             self.digests.reset()
 
@@ -460,6 +463,7 @@ class SessionMode:
             # A data plane's busiest digests (the rest folded into "other", so that sums
             # stay exact): the control plane merges every data plane's.
             "digests": self.digests.top(2 * self.digests.top_n) if self.digests else [],
+            "digest_epoch": self.digest_epoch,
         }
 
 

@@ -102,6 +102,7 @@ class RemoteLink:
         self.index = -1
         self._stats: dict[str, Any] = {"sessions": 0, "entrances": {}, "active": {}}
         self._counters = Counters()
+        self._digest_epoch = 0  # resets asked for: reports from before the last one are stale
 
     async def apply_config(self, new: Config) -> None:
         self.peer.send(channel.config_message(new))
@@ -113,10 +114,9 @@ class RemoteLink:
         self.peer.send({"t": "close", "addr": str(address)})
 
     def reset_digests(self) -> None:
-        self.peer.send({"t": "reset_digests"})
-        session_mode = self._stats.get("session_mode")
-        if session_mode:  # its last report's digests are gone too, not only the next ones
-            self._stats = {**self._stats, "session_mode": {**session_mode, "digests": []}}
+        self._digest_epoch += 1
+        self.peer.send({"t": "reset_digests", "epoch": self._digest_epoch})
+        self._stats = _without_old_digests(self._stats, self._digest_epoch)
 
     def stats(self) -> dict[str, Any]:
         return self._stats
@@ -125,8 +125,17 @@ class RemoteLink:
         return self._counters
 
     def update(self, message: Message) -> None:
-        self._stats = message["stats"]
+        self._stats = _without_old_digests(message["stats"], self._digest_epoch)
         self._counters = channel.counters_from_rows(message["counters"])
+
+
+def _without_old_digests(stats: dict[str, Any], epoch: int) -> dict[str, Any]:
+    """A worker's report, its digests dropped if counted before the last reset (a report
+    may cross the reset on the channel)."""
+    session_mode = stats.get("session_mode")
+    if not session_mode or session_mode.get("digest_epoch", 0) >= epoch:
+        return stats
+    return {**stats, "session_mode": {**session_mode, "digests": []}}
 
 
 async def run_control(cfg: Config, channel_path: str, heartbeat_fd: int | None) -> int:
@@ -257,7 +266,7 @@ class WorkerChannel:
             if closed:
                 log.event("sessions_closed", server=message["addr"], count=closed)
         elif kind == "reset_digests" and host is not None:
-            host.plane.session_mode.reset_digests()
+            host.plane.session_mode.reset_digests(int(message.get("epoch", 0)))
 
     async def apply(self, new: Config) -> None:
         assert self.host is not None

@@ -107,10 +107,19 @@ def routing_doc(
 
 
 def start_node(
-    nodes: NodeFactory, servers: list[int], writer: int, readers: list[int], **options: Any
+    nodes: NodeFactory,
+    servers: list[int],
+    writer: int,
+    readers: list[int],
+    workers: int = 0,
+    **options: Any,
 ) -> RoutingNode:
+    """A node in one process, or with ``workers`` worker processes under its angel."""
     port, admin_port = free_port(), free_port()
-    nodes.start(routing_doc(port, admin_port, servers, **options), ("--no-angel",))
+    doc = routing_doc(port, admin_port, servers, **options)
+    if workers:
+        doc["node"]["workers"] = workers
+    nodes.start(doc, () if workers else ("--no-angel",))
     node = RoutingNode(port, admin_port)
     wanted = {writer: ("writer", "ONLINE"), **{r: ("reader", "ONLINE") for r in readers}}
     wait_until(lambda: node.sides() == wanted, 15, f"roles {wanted}")
@@ -516,3 +525,25 @@ def test_digests_are_listed_by_the_api_ctl_top_and_prometheus(
     assert 'role="writer"' in metrics
     assert node.api("DELETE", "/digests") == {"reset": True}
     assert node.api("GET", "/digests")["digests"] == []
+
+
+def test_digests_of_worker_processes_are_merged_and_reset(
+    nodes: NodeFactory, replication: ReplicationSet
+) -> None:
+    """With two worker processes, GET /digests merges what each counted, and DELETE
+    /digests starts every worker over."""
+    node = start_on(nodes, replication, workers=2)
+    clients = [client(node) for _ in range(8)]  # the kernel spreads them over the workers
+    for conn in clients:
+        for _ in range(5):
+            one(conn, "SELECT 1 + 1")
+
+    def count() -> int:
+        rows = node.api("GET", "/digests?by=count&limit=5")["digests"]
+        return sum(r["count"] for r in rows if r["text"] == "SELECT ? + ?")
+
+    wait_until(lambda: count() == 40, 10, "40 statements counted across the workers")
+    node.api("DELETE", "/digests")
+    assert count() == 0
+    one(clients[0], "SELECT 1 + 1")
+    wait_until(lambda: count() == 1, 10, "a statement counted after the reset")
