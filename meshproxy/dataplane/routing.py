@@ -18,7 +18,7 @@ from meshproxy.dataplane.router import Role
 from meshproxy.mysql.constants import Command
 from meshproxy.mysql.digest import normalize
 from meshproxy.mysql.packets import err_payload
-from meshproxy.mysql.statements import Effects, classify_bytes
+from meshproxy.mysql.statements import Effects, classify_bytes, shape
 from meshproxy.routing.rules import NO_DECISION, Decision, SessionRules
 
 if typing.TYPE_CHECKING:
@@ -110,11 +110,13 @@ class SessionRouter:
         if mode.digests is not None or (rules is not None and rules.needs_digest):
             # As ProxySQL's query_digests_max_query_length: a 20 MiB INSERT is digested by
             # its head, not scanned whole for every statement.
-            if text is None:
-                head = payload[1 : 1 + DIGEST_MAX_BYTES].decode("utf-8", "replace")
-            else:
-                head = text[:DIGEST_MAX_BYTES]
-            digest_text = normalize(head)
+            head_bytes = payload[1 : 1 + DIGEST_MAX_BYTES]
+            if b"`" not in head_bytes and b"/*" not in head_bytes:
+                # By shape: the same digest, and normalize's cache then serves statements
+                # that differ only in numbers (a quoted name or a versioned comment may
+                # hold digits the digest keeps).
+                head_bytes = shape(head_bytes)
+            digest_text = normalize(head_bytes.decode("utf-8", "replace"))
         plan = Plan(payload, effects, pool, reads=reads, digest_text=digest_text)
         if rules is not None and text is not None:
             decision = rules.decide(text, digest_text, schema)

@@ -6,7 +6,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshproxy.mysql.statements import TRACKED, Effects, blank, classify, split
+from meshproxy.mysql.digest import normalize
+from meshproxy.mysql.statements import (
+    TRACKED,
+    Effects,
+    blank,
+    classify,
+    classify_bytes,
+    shape,
+    split,
+)
 
 
 def pins(sql: str) -> set[str]:
@@ -421,3 +430,36 @@ def test_transaction_control_is_told_apart(sql: str, transaction: str) -> None:
     """BEGIN, COMMIT and ROLLBACK are named (they write nothing themselves); a multi-
     statement or a savepoint rollback is not transaction control."""
     assert classify(sql).transaction == transaction
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT c FROM sbtest1 WHERE id = 5023",
+        "SET autocommit = 0",
+        "SELECT LAST_INSERT_ID(7)",
+        "SELECT SQL_CALC_FOUND_ROWS * FROM t2 LIMIT 10",
+        "/*!40101 SET NAMES utf8 */",
+        "SET @x1 = 10",
+        "SELECT * FROM t3 WHERE a = 1 FOR UPDATE",
+    ],
+)
+def test_classifying_by_shape_changes_nothing(sql: str) -> None:
+    """Statements are classified by their shape (numbers as 0): the effects are those of
+    the statement itself."""
+    assert classify_bytes(sql.encode()) == classify(sql)
+
+
+def test_kill_keeps_its_connection_id() -> None:
+    """KILL is not classified by shape: the id it names is the one it kills."""
+    assert classify_bytes(b"KILL QUERY 4242").kill == (True, 4242)
+    assert classify_bytes(b"  kill 17").kill == (False, 17)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="SELCT sbte1_23,.()'`@=?;x-", max_size=60))
+def test_shape_keeps_the_digest_of_plain_statements(sql: str) -> None:
+    """Without quoted names or comments, a statement and its shape share one digest."""
+    data = sql.encode()
+    if b"`" not in data and b"/*" not in data:
+        assert normalize(shape(data).decode()) == normalize(sql)
