@@ -84,21 +84,18 @@ class AdminAPI:
         r.add_patch("/config", self.patch_config)
         r.add_post("/config/save", self.save)
         r.add_post("/config/reload", self.reload)
-        r.add_get("/listeners", self.list_section("listener"))
-        r.add_post("/listeners", self.add_item("listener"))
-        r.add_patch("/listeners/{name}", self.patch_item("listener"))
-        r.add_delete("/listeners/{name}", self.remove_item("listener"))
-        # Session mode's logins; new logins see a change at once, open sessions keep theirs.
-        r.add_get("/users", self.list_section("user"))
-        r.add_post("/users", self.add_item("user"))
-        r.add_patch("/users/{name}", self.patch_item("user"))
-        r.add_delete("/users/{name}", self.remove_item("user"))
-        # Query rules are an ordered list: PUT replaces it whole, POST appends one.
-        r.add_get("/query_rules", self.list_section("query_rule"))
+        # Listeners; session mode's logins (new logins see a change at once, open sessions
+        # keep theirs); query rules, an ordered list: PUT replaces it whole, POST appends.
+        for plural, section in (
+            ("listeners", "listener"),
+            ("users", "user"),
+            ("query_rules", "query_rule"),
+        ):
+            r.add_get(f"/{plural}", self.list_section(section))
+            r.add_post(f"/{plural}", self.add_item(section))
+            r.add_patch(f"/{plural}/{{name}}", self.patch_item(section))
+            r.add_delete(f"/{plural}/{{name}}", self.remove_item(section))
         r.add_put("/query_rules", self.replace_section("query_rule"))
-        r.add_post("/query_rules", self.add_item("query_rule"))
-        r.add_patch("/query_rules/{name}", self.patch_item("query_rule"))
-        r.add_delete("/query_rules/{name}", self.remove_item("query_rule"))
         r.add_get("/digests", self.digests)
         r.add_delete("/digests", self.reset_digests)
         for plural, section in (("pools", "pool"), ("tiers", "tier")):
