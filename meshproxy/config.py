@@ -29,6 +29,8 @@ from meshproxy.errors import ConfigError, MeshproxyError, describe
 if TYPE_CHECKING:
     from meshproxy.gossip.settings import GossipSettings
 
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
 
 @dataclass(frozen=True, order=True)
 class Address:
@@ -104,6 +106,9 @@ class NodeConfig:
     tier: str = ""
     # The mesh address other nodes should dial, when node.mesh_bind is a wildcard address.
     mesh_advertise: Address | None = None
+    # A CIDR: advertise this host's address in it wherever a bind address is a wildcard and
+    # no advertise address is given (containers whose address is known only when they run).
+    advertise_network: str = ""
 
     def worker_count(self) -> int:
         return (os.cpu_count() or 1) if self.workers == "auto" else self.workers
@@ -331,6 +336,9 @@ class MeshTlsConfig:
     cert: str
     key: str
     expiry_warning_days: int = 14
+    # The node name the certificate carries, when it is not this node's own: pods of one
+    # Kubernetes workload or swarm service share their workload's certificate.
+    name: str = ""
 
 
 @dataclass(frozen=True)
@@ -343,7 +351,13 @@ class GossipConfig:
     keys: tuple[str, ...] = ()  # base64 AES keys of 16, 24 or 32 bytes; the first encrypts
     keys_file: str = ""  # the same, one per line, in a file (a mounted secret)
     allow_plaintext: bool = False
-    discovery: Literal["static", "mdns"] = "static"
+    discovery: Literal["static", "mdns", "dns"] = "static"
+    # discovery = "dns": names whose A and AAAA records are seeds, on this node's gossip
+    # port, resolved again every dns_interval_s (a headless Service, swarm's tasks.NAME).
+    dns_names: tuple[str, ...] = ()
+    dns_interval_s: float = 10.0
+    dns_timeout_ms: int = 2000
+    dns_servers: tuple[Address, ...] = ()  # default: the system's resolvers
     probe_interval_ms: int = 200
     probe_timeout_ms: int = 80
     indirect_checks: int = 3
@@ -445,6 +459,8 @@ _MINIMUM: dict[str, int] = {
     "warm_connections": 0,
     "warm_max_idle_s": 1,
     "probe_interval_ms": 10,
+    "dns_interval_s": 1,
+    "dns_timeout_ms": 10,
     "probe_timeout_ms": 1,
     "indirect_checks": 0,
     "suspicion_mult": 1,
@@ -590,6 +606,10 @@ def parse(data: Mapping[str, object], source: str = "<memory>", files: bool = Tr
     loader = _Loader(source)
     config: Config = loader.build(Config, data, "")
     config = _absolute_paths(dataclasses.replace(config, source=source))
+    if config.node.advertise_network:
+        network = _network(config.node.advertise_network, "node.advertise_network", loader)
+        if files:  # on the node itself: its interfaces say what to advertise
+            config = _advertise_in(network, config, loader)
     _check_references(config, loader)
     if files:
         _check_files(config, loader)
@@ -627,6 +647,43 @@ def _absolute_paths(config: Config) -> Config:
         for p in config.pool
     )
     return replace(config, listener=listeners, pool=pools)
+
+
+def _network(text: str, key: str, loader: _Loader) -> IPNetwork:
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError as exc:
+        raise loader.fail(key, f"not a network in CIDR notation: {exc}") from None
+
+
+def _advertise_in(network: IPNetwork, config: Config, loader: _Loader) -> Config:
+    """The config with this host's address in ``network`` advertised wherever a bind
+    address is a wildcard and no advertise address is given."""
+    import ifaddr  # only here: most nodes are told their addresses
+
+    found = sorted(
+        {
+            ip.ip if isinstance(ip.ip, str) else ip.ip[0]
+            for adapter in ifaddr.get_adapters()
+            for ip in adapter.ips
+        }
+    )
+    host = next((ip for ip in found if ipaddress.ip_address(ip) in network), None)
+    if host is None:
+        raise loader.fail(
+            "node.advertise_network",
+            f"no interface of this host has an address in {network} (it has {', '.join(found)})",
+        )
+    node, gossip = config.node, config.gossip
+    if (
+        node.mesh_bind is not None
+        and node.mesh_advertise is None
+        and _wildcard(node.mesh_bind.host)
+    ):
+        node = dataclasses.replace(node, mesh_advertise=Address(host, node.mesh_bind.port))
+    if gossip is not None and gossip.advertise is None and _wildcard(gossip.bind.host):
+        gossip = dataclasses.replace(gossip, advertise=Address(host, gossip.bind.port))
+    return dataclasses.replace(config, node=node, gossip=gossip)
 
 
 def _check_files(config: Config, loader: _Loader) -> None:
@@ -695,6 +752,33 @@ def _check_files(config: Config, loader: _Loader) -> None:
                 raise loader.fail(f"user[{i}].{key}", f"environment variable {name} is not set")
 
 
+_DNS_NAME = re.compile(r"^(?=.{1,253}\.?$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?\.?)+$")
+_ENV_REFERENCE = re.compile(r"\$(\$?)\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def expand_environment(data: Any, source: str, key: str = "") -> Any:
+    """Every ``${NAME}`` in the strings of decoded config data replaced by that environment
+    variable (``$${NAME}`` stays a literal ``${NAME}``): what differs between the pods or
+    tasks that share one config file, such as their name and address. An unset variable
+    is a ConfigError naming the key."""
+    if isinstance(data, str):
+
+        def value(match: re.Match[str]) -> str:
+            escaped, name = match.groups()
+            if escaped:
+                return "${" + name + "}"
+            if name not in os.environ:
+                raise ConfigError(source, key, f"environment variable {name} is not set")
+            return os.environ[name]
+
+        return _ENV_REFERENCE.sub(value, data) if "${" in data else data
+    if isinstance(data, Mapping):
+        return {k: expand_environment(v, source, _join(key, k)) for k, v in data.items()}
+    if isinstance(data, list):
+        return [expand_environment(v, source, f"{key}[{i}]") for i, v in enumerate(data)]
+    return data
+
+
 def read_toml(path: str | Path) -> dict[str, Any]:
     """Decode a TOML file; unreadable, non-UTF-8 or invalid TOML is a ConfigError."""
     source = str(path)
@@ -714,7 +798,7 @@ def load(path: str | Path, files: bool = True) -> Config:
     """Read a TOML file into a Config; every problem is a ConfigError naming the key.
     ``files=False`` skips reading the files it names (for a config meant for elsewhere,
     such as a container's, whose secrets are mounted there)."""
-    return parse(read_toml(path), str(path), files)
+    return parse(expand_environment(read_toml(path), str(path)), str(path), files)
 
 
 def _check_references(config: Config, loader: _Loader) -> None:
@@ -897,11 +981,15 @@ def _check_gossip(config: Config, loader: _Loader) -> None:
             "gossip needs at least one key (base64 of 16, 24 or 32 random bytes) in keys or"
             " keys_file, or allow_plaintext = true to run unauthenticated",
         )
-    if gossip.advertise is None and _wildcard(gossip.bind.host):
+    # With advertise_network, the node finds its address when it loads its own config.
+    later = bool(config.node.advertise_network)
+    if gossip.advertise is None and _wildcard(gossip.bind.host) and not later:
         raise loader.fail(
-            "gossip.advertise", f"required when gossip.bind is a wildcard address ({gossip.bind})"
+            "gossip.advertise",
+            f"required when gossip.bind is a wildcard address ({gossip.bind}),"
+            " unless node.advertise_network is set",
         )
-    if _wildcard(gossip.advertised().host):
+    if _wildcard(gossip.advertised().host) and not later:
         raise loader.fail("gossip.advertise", "must be an address other nodes can reach")
     if gossip.probe_timeout_ms >= gossip.probe_interval_ms:
         raise loader.fail("gossip.probe_timeout_ms", "must be shorter than probe_interval_ms")
@@ -920,11 +1008,17 @@ def _check_gossip(config: Config, loader: _Loader) -> None:
                 "(edges take the members of their [[tier]] of that name from gossip)",
             )
         mesh = node.mesh_advertise or node.mesh_bind
-        if mesh is not None and _wildcard(mesh.host):
+        if mesh is not None and _wildcard(mesh.host) and not later:
             raise loader.fail(
                 "node.mesh_advertise",
-                f"required when node.mesh_bind is a wildcard address ({node.mesh_bind})",
+                f"required when node.mesh_bind is a wildcard address ({node.mesh_bind}),"
+                " unless node.advertise_network is set",
             )
+    if gossip.discovery == "dns" and not gossip.dns_names:
+        raise loader.fail("gossip.dns_names", 'discovery = "dns" needs at least one name')
+    for i, name in enumerate(gossip.dns_names):
+        if not _DNS_NAME.match(name):
+            raise loader.fail(f"gossip.dns_names[{i}]", f"not a DNS name: {name!r}")
 
 
 def _check_keys(keys: Sequence[str], key: str, loader: _Loader, indexed: bool = False) -> None:

@@ -32,7 +32,9 @@ def cert_status(config: Config, now: datetime.datetime | None = None) -> dict[st
         "not_after": info.not_after.isoformat(),
         "expires_in_s": round(left.total_seconds()),
         "expiring": left < datetime.timedelta(days=tls.expiry_warning_days),
-        "role_matches": info.role == config.node.role and info.node == config.node.name,
+        "expected": tls.name or config.node.name,
+        "role_matches": info.role == config.node.role
+        and info.node == (tls.name or config.node.name),
     }
 
 
@@ -57,5 +59,5 @@ def warn_if_needed(config: Config) -> None:
             "mesh_tls_cert_mismatch",
             cert=status["cert"],
             names=f"{status['node']} ({status['role']})",
-            node=f"{config.node.name} ({config.node.role})",
+            node=f"{status['expected']} ({config.node.role})",
         )

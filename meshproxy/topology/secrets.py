@@ -24,38 +24,60 @@ GOSSIP_KEYS = "gossip-keys"
 ADMIN_TOKEN = "admin-token"  # noqa: S105 - the secret's name, not its value
 
 
+# Who holds a mesh certificate: (name, role). Compose gives each proxy its own; on an
+# orchestrator the replicas of a workload share the workload's.
+Identity = tuple[str, str]
+
+
+def cert_of(name: str) -> str:
+    return f"{name}-cert"
+
+
+def key_of(name: str) -> str:
+    return f"{name}-key"
+
+
 def cert(node: Node) -> str:
-    return f"{node.name}-cert"
+    return cert_of(node.name)
 
 
 def key(node: Node) -> str:
-    return f"{node.name}-key"
+    return key_of(node.name)
 
 
-def files(spec: Spec) -> dict[str, str]:
+def proxies(spec: Spec) -> list[Identity]:
+    return [(node.name, node.role) for node in spec.proxies()]
+
+
+def files(spec: Spec, identities: list[Identity] | None = None) -> dict[str, str]:
     """Every secret's name and its file in the folder."""
     table = {CA: pki.CA_CERT, GOSSIP_KEYS: "gossip.keys", ADMIN_TOKEN: "admin.token"}
-    for node in spec.proxies():
-        table[cert(node)] = f"{node.name}.pem"
-        table[key(node)] = f"{node.name}.key"
+    for name, _ in proxies(spec) if identities is None else identities:
+        table[cert_of(name)] = f"{name}.pem"
+        table[key_of(name)] = f"{name}.key"
     return table
 
 
+def of_identity(name: str) -> list[str]:
+    """The secrets a proxy mounts (the CA key stays on the rendering host)."""
+    return [CA, cert_of(name), key_of(name), GOSSIP_KEYS, ADMIN_TOKEN]
+
+
 def of_node(node: Node) -> list[str]:
-    """The secrets a proxy's container mounts (the CA key stays on the rendering host)."""
-    return [CA, cert(node), key(node), GOSSIP_KEYS, ADMIN_TOKEN]
+    return of_identity(node.name)
 
 
-def ensure(spec: Spec, directory: Path) -> Path:
-    """Make whatever of the spec's secrets ``directory`` does not hold yet; returns it."""
+def ensure(spec: Spec, directory: Path, identities: list[Identity] | None = None) -> Path:
+    """Make whatever of the spec's secrets ``directory`` does not hold yet (certificates
+    for ``identities``, by default every proxy); returns it."""
     directory.mkdir(parents=True, exist_ok=True)
     ignore = directory / ".gitignore"
     if not ignore.exists():
         ignore.write_text("# secrets of this topology: made by `meshproxy topology render`\n*\n")
     pki.init_ca(directory, f"meshproxy {spec.name} mesh CA")
-    for node in spec.proxies():
-        if not (directory / f"{node.name}.pem").exists():
-            pki.issue(directory, node.name, node.role)
+    for name, role in proxies(spec) if identities is None else identities:
+        if not (directory / f"{name}.pem").exists():
+            pki.issue(directory, name, role)
     _private(directory / "gossip.keys", base64.b64encode(os.urandom(32)).decode() + "\n")
     _private(directory / "admin.token", token_source.token_urlsafe(24) + "\n")
     return directory

@@ -394,3 +394,30 @@ def test_unreadable_file_is_a_config_error(tmp_path: Path, name: str) -> None:
         config.load(path)
     assert info.value.source == str(path)
     assert str(info.value).startswith(f"{path}: cannot read file: ")
+
+
+def test_environment_references_are_expanded_in_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``${NAME}`` in a config file's strings becomes that environment variable, in
+    tables and arrays alike, and ``$${NAME}`` stays literal."""
+    monkeypatch.setenv("POD_NAME", "edge-7f9c")
+    monkeypatch.setenv("MIDDLE_PORT", "7002")
+    text = edit(EDGE, 'name = "p1"', 'name = "${POD_NAME}"')
+    text = edit(text, '"127.0.0.1:7002"', '"127.0.0.1:${MIDDLE_PORT}"')
+    text = edit(text, 'name = "mysql"', 'name = "my$${SQL}"')
+    cfg = load_text(tmp_path, text)
+    assert cfg.node.name == "edge-7f9c"
+    assert cfg.tier[0].members[1].address == addr("127.0.0.1:7002")
+    assert cfg.listener[0].name == "my${SQL}"
+
+
+def test_an_unset_environment_reference_names_its_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reference to an unset variable is a ConfigError naming the key that holds it."""
+    monkeypatch.delenv("MESHPROXY_UNSET_FOR_TEST", raising=False)
+    text = edit(EDGE, '"127.0.0.1:7002"', '"${MESHPROXY_UNSET_FOR_TEST}:7002"')
+    error = load_error(tmp_path, text)
+    assert error.key == "tier[0].members[1]"
+    assert error.reason == "environment variable MESHPROXY_UNSET_FOR_TEST is not set"

@@ -122,7 +122,26 @@ ERRORS = [
         "gossip.bind",
         "already bound by node.mesh_bind",
     ),
-    ("bad-discovery", EDGE + GOSSIP + 'discovery = "dns"\n', "gossip.discovery", "'mdns'"),
+    ("bad-discovery", EDGE + GOSSIP + 'discovery = "dht"\n', "gossip.discovery", "'dns'"),
+    ("dns-without-names", EDGE + GOSSIP + 'discovery = "dns"\n', "gossip.dns_names", "one name"),
+    (
+        "bad-dns-name",
+        EDGE + GOSSIP + 'discovery = "dns"\ndns_names = ["tasks..middle"]\n',
+        "gossip.dns_names[0]",
+        "not a DNS name",
+    ),
+    (
+        "bad-dns-interval",
+        EDGE + GOSSIP + "dns_interval_s = 0\n",
+        "gossip.dns_interval_s",
+        "at least 1",
+    ),
+    (
+        "bad-advertise-network",
+        EDGE.replace('role = "edge"', 'role = "edge"\nadvertise_network = "10.1.2"') + GOSSIP,
+        "node.advertise_network",
+        "CIDR",
+    ),
     (
         "negative-fanout",
         EDGE + GOSSIP + "gossip_fanout = 0\n",
@@ -149,3 +168,53 @@ def test_plaintext_only_when_asked_for() -> None:
     assert cfg.gossip is not None
     assert cfg.gossip.key_bytes() == ()
     assert load(EDGE + GOSSIP.replace(KEY, KEY_16)).gossip is not None
+
+
+def test_dns_discovery_keys_load() -> None:
+    """discovery = "dns" takes names, an interval, a timeout and optional resolvers."""
+    cfg = load(
+        EDGE
+        + GOSSIP
+        + 'discovery = "dns"\ndns_names = ["tasks.middle", "meshproxy-gossip.db.svc."]\n'
+        + 'dns_servers = ["127.0.0.1:5353"]\n'
+    )
+    gossip = cfg.gossip
+    assert gossip is not None
+    assert gossip.dns_names == ("tasks.middle", "meshproxy-gossip.db.svc.")
+    assert (gossip.dns_interval_s, gossip.dns_timeout_ms) == (10.0, 2000)
+    assert gossip.dns_servers == (Address("127.0.0.1", 5353),)
+
+
+WILDCARD_MIDDLE = MIDDLE.replace('mesh_bind = "127.0.0.1:7001"', 'mesh_bind = "0.0.0.0:7001"')
+WILDCARD_GOSSIP = GOSSIP.replace("127.0.0.1:7946", "0.0.0.0:7946")
+
+
+def test_advertise_network_finds_this_hosts_address_for_wildcard_binds() -> None:
+    """With node.advertise_network, wildcard mesh and gossip binds advertise this host's
+    address in that network (loopback here), and explicit advertise addresses win."""
+    text = WILDCARD_MIDDLE.replace(
+        'tier = "middle"', 'tier = "middle"\nadvertise_network = "127.0.0.0/8"'
+    )
+    cfg = load(text + WILDCARD_GOSSIP)
+    assert cfg.node.mesh_advertise == Address("127.0.0.1", 7001)
+    assert cfg.gossip is not None
+    assert cfg.gossip.advertised() == Address("127.0.0.1", 7946)
+    told = load(text + WILDCARD_GOSSIP + 'advertise = "127.0.0.9:7946"\n')
+    assert told.gossip is not None
+    assert told.gossip.advertised() == Address("127.0.0.9", 7946)
+
+
+def test_advertise_network_without_an_address_here_is_refused_only_on_the_node() -> None:
+    """A network this host has no address in is refused where the node loads its config,
+    and accepted when the config is checked for elsewhere (files=False)."""
+    import tomllib
+
+    text = WILDCARD_MIDDLE.replace(
+        'tier = "middle"', 'tier = "middle"\nadvertise_network = "203.0.113.0/24"'
+    )
+    with pytest.raises(ConfigError) as info:
+        load(text + WILDCARD_GOSSIP)
+    assert info.value.key == "node.advertise_network"
+    assert "no interface of this host has an address in 203.0.113.0/24" in info.value.reason
+    cfg = config.parse(tomllib.loads(text + WILDCARD_GOSSIP), "node.toml", files=False)
+    assert cfg.node.mesh_advertise is None

@@ -145,3 +145,16 @@ def test_certificate_status_warns_ahead_of_expiry_and_on_a_wrong_name(
     status = certwatch.cert_status(cfg)
     assert status is not None
     assert not status["role_matches"]
+
+
+def test_a_workload_certificate_matches_nodes_that_name_it(tmp_path: Path, ca: Path) -> None:
+    """A certificate issued to a workload (shared by its pods) matches a node whose
+    mesh_tls.name names the workload, and still has to carry the node's role."""
+    workload = mesh_tls(ca, "edges", "edge") + 'name = "edges"\n'
+    status = certwatch.cert_status(config.load(write(tmp_path, EDGE + workload)))
+    assert status is not None
+    assert status["role_matches"]
+    wrong_role = mesh_tls(ca, "edges", "middle") + 'name = "edges"\n'
+    status = certwatch.cert_status(config.load(write(tmp_path, EDGE + wrong_role)))
+    assert status is not None
+    assert not status["role_matches"]
