@@ -33,6 +33,9 @@ from meshproxy.routing.digests import DigestRow, DigestStats
 
 MAX_BODY = 1 << 20
 SOURCE = "admin API"
+# Probes answer without the token: a kubelet or a load balancer cannot hold a secret, and
+# they tell nothing beyond serving or not.
+PROBES = frozenset({"/ready", "/live"})
 
 
 class Control(Protocol):
@@ -53,6 +56,10 @@ class Control(Protocol):
     def digests(self) -> DigestStats: ...
 
     def reset_digests(self) -> None: ...
+
+    def readiness(self) -> dict[str, bool]: ...
+
+    def set_draining(self) -> None: ...
 
     async def apply(self, new: Config) -> list[str]: ...
 
@@ -76,6 +83,9 @@ class AdminAPI:
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._guard], client_max_size=MAX_BODY)
         r = app.router
+        r.add_get("/ready", self.ready)
+        r.add_get("/live", self.live)
+        r.add_post("/drain", self.drain)
         r.add_get("/status", self.status)
         r.add_get("/metrics", self.metrics)
         r.add_get("/members", self.members)
@@ -115,6 +125,8 @@ class AdminAPI:
 
     @web.middleware
     async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path in PROBES and request.method == "GET":
+            return await handler(request)
         given = request.headers.get("Authorization", "")
         scheme, _, token = given.partition(" ")
         # compare_digest takes the same time wherever the first difference is.
@@ -143,6 +155,21 @@ class AdminAPI:
         self.control.counters.inc("admin_requests_rejected", reason=reason)
 
     # ------------------------------------------------------------ views
+
+    async def ready(self, request: web.Request) -> web.Response:
+        checks = self.control.readiness()
+        return web.json_response(checks, status=200 if checks["ready"] else 503)
+
+    async def live(self, request: web.Request) -> web.Response:
+        # Answered by the control process's event loop: that it answers is the check. The
+        # angel watches the workers' loops itself (heartbeats).
+        return web.json_response({"live": True})
+
+    async def drain(self, request: web.Request) -> web.Response:
+        """Tell the mesh this node drains (edges send it no new sessions) and stop reporting
+        ready; open sessions carry on until they end or the node is stopped."""
+        self.control.set_draining()
+        return web.json_response({"draining": True, "sessions": self.control.status()["sessions"]})
 
     async def status(self, request: web.Request) -> web.Response:
         return web.json_response(self.control.status())

@@ -7,6 +7,7 @@ import json
 import os
 import ssl
 import sys
+import time
 import tomllib
 import urllib.error
 import urllib.parse
@@ -178,6 +179,8 @@ def _dispatch(client: Client, args: argparse.Namespace) -> Any:
         return table
     if action == "rules":
         return client.call("GET", "/query_rules")
+    if action == "drain":
+        return drain(client, args.wait_s)
     if action == "listener":
         if args.listener_action == "add":
             item = {"name": args.name, "bind": args.bind, "upstream": args.upstream}
@@ -186,6 +189,18 @@ def _dispatch(client: Client, args: argparse.Namespace) -> Any:
             return client.call("PATCH", f"/listeners/{args.name}", _assignments(args.pairs))
         return client.call("DELETE", f"/listeners/{args.name}")
     raise AssertionError(action)  # pragma: no cover - argparse only offers the above
+
+
+def drain(client: Client, wait_s: float, poll_s: float = 0.5) -> dict[str, Any]:
+    """Start a drain, then wait up to ``wait_s`` for the node's sessions to end (a
+    Kubernetes preStop hook runs this before the pod is sent SIGTERM)."""
+    answer = client.call("POST", "/drain")
+    deadline = time.monotonic() + wait_s
+    sessions = int(answer["sessions"])
+    while sessions and time.monotonic() < deadline:
+        time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
+        sessions = int(client.call("GET", "/status")["sessions"])
+    return {"draining": True, "sessions_left": sessions}
 
 
 def top_table(rows: list[dict[str, Any]]) -> str:
@@ -235,6 +250,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     top.add_argument("--limit", type=int, default=20)
     top.add_argument("--reset", action="store_true", help="then start the statistics over")
     actions.add_parser("rules", help="the query rules in force, in order")
+    drain_cmd = actions.add_parser(
+        "drain", help="stop taking new sessions from the mesh and report not ready"
+    )
+    drain_cmd.add_argument(
+        "--wait-s", type=float, default=0.0, help="then wait this long for sessions to end (0)"
+    )
 
     server = actions.add_parser("server", help="add, change or remove a pool's server")
     server_actions = server.add_subparsers(dest="server_action", required=True)

@@ -100,6 +100,26 @@ class MeshGossip:
                 self.node.config.node.name, _addr(self.config.advertised()), self.agent.join
             )
             await self.discovery.start()
+        elif self.config.discovery == "dns":
+            from meshproxy.gossip.dnsdiscovery import DnsDiscovery  # pulls in dnspython
+
+            config = self.config
+            self.discovery = DnsDiscovery(
+                config.dns_names,
+                _addr(config.advertised()),
+                self.agent.join,
+                alone=self._alone,
+                counters=self.node.counters,
+                interval_s=config.dns_interval_s,
+                timeout_s=config.dns_timeout_ms / 1000,
+                servers=[_addr(server) for server in config.dns_servers],
+            )
+            await self.discovery.start()
+
+    def _alone(self) -> bool:
+        """Whether this node knows no live peer (discovery then joins every seed it has)."""
+        me = self.node.config.node.name
+        return not any(m.state is State.ALIVE and m.name != me for m in self.agent.members())
 
     async def stop(self) -> None:
         if self.discovery is not None:
@@ -110,6 +130,14 @@ class MeshGossip:
         await self.tasks.stop()
         await self.agent.stop()
         log.event("gossip_stopped")
+
+    def joined(self) -> bool:
+        """Whether this node is in a mesh: it sees a live peer, or it has nobody to join
+        (no seeds, and its discovery has found nobody)."""
+        me = self.node.config.node.name
+        if any(m.name != me and m.state is State.ALIVE for m in self.agent.members()):
+            return True
+        return not self.config.seeds and (self.discovery is None or not self.discovery.found)
 
     def set_draining(self) -> None:
         if not self.draining:

@@ -76,6 +76,10 @@ def _group_settings(config: Config) -> dict[UpstreamRef, tuple[Any, ...]]:
 class PlaneLink(Protocol):
     """How the control plane reaches one data plane, in this process or in a worker."""
 
+    @property
+    def bound(self) -> bool:
+        """Whether its listeners are bound, so it serves."""
+
     async def apply_config(self, new: Config) -> None: ...
 
     def members(self, ref: UpstreamRef, members: tuple[Member, ...]) -> None: ...
@@ -94,6 +98,7 @@ class LocalLink:
 
     def __init__(self, host: PlaneHost) -> None:
         self.host = host
+        self.bound = True  # attached once the host has started
 
     async def apply_config(self, new: Config) -> None:
         await self.host.apply_config(new)
@@ -128,6 +133,7 @@ class Node:
         self.tasks = Supervisor()
         self.started = time.monotonic()
         self.gossip: MeshGossip | None = None
+        self.draining = False
         # Health checks that gossip asked to run now (another middle saw the server down),
         # and how many quick re-checks each still gets.
         self._recheck: dict[tuple[UpstreamRef, Address], asyncio.Event] = {}
@@ -164,9 +170,22 @@ class Node:
         self.gossip = gossip
 
     def set_draining(self) -> None:
-        """Shutdown began: tell the mesh, so that edges stop sending new connections here."""
+        """Shutdown began (or an operator asked for a drain): tell the mesh, so that edges
+        stop sending new connections here, and stop reporting ready."""
+        self.draining = True
         if self.gossip is not None:
             self.gossip.set_draining()
+
+    def readiness(self) -> dict[str, bool]:
+        """What an orchestrator's readiness probe asks: every data plane has bound its
+        listeners, gossip has joined the mesh, and the node is not draining."""
+        checks = {
+            "listening": bool(self.links) and all(link.bound for link in self.links),
+            "gossip_joined": self.gossip is None or self.gossip.joined(),
+            "draining": self.draining,
+        }
+        checks["ready"] = checks["listening"] and checks["gossip_joined"] and not self.draining
+        return checks
 
     async def stop(self) -> None:
         if self.gossip is not None:

@@ -34,6 +34,7 @@ class MdnsDiscovery:
         self._browser: Any = None
         self._info: Any = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self.found = 0  # peers announced so far
 
     async def start(self) -> None:
         from zeroconf import IPVersion, ServiceInfo
@@ -94,5 +95,6 @@ class MdnsDiscovery:
             family = socket.AF_INET6 if len(raw) == 16 else socket.AF_INET
             seeds.append((socket.inet_ntop(family, raw), int(info.port)))
         if seeds:
+            self.found += 1
             log.event("mdns_found", service=name, addresses=",".join(f"{h}:{p}" for h, p in seeds))
             self.join(seeds)

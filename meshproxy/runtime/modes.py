@@ -103,6 +103,8 @@ class RemoteLink:
         self._stats: dict[str, Any] = {"sessions": 0, "entrances": {}, "active": {}}
         self._counters = Counters()
         self._digest_epoch = 0  # resets asked for: reports from before the last one are stale
+        # A worker reports only once its listeners are bound (it starts reporting then).
+        self.bound = False
 
     async def apply_config(self, new: Config) -> None:
         self.peer.send(channel.config_message(new))
@@ -125,6 +127,7 @@ class RemoteLink:
         return self._counters
 
     def update(self, message: Message) -> None:
+        self.bound = True
         self._stats = _without_old_digests(message["stats"], self._digest_epoch)
         self._counters = channel.counters_from_rows(message["counters"])
 
@@ -276,11 +279,12 @@ class WorkerChannel:
             log.warning("bind_failed", error=describe(exc))
 
     async def send_stats(self) -> None:
+        # The first report goes out at once: it tells the control process we are bound.
         while True:
-            await asyncio.sleep(STATS_S)
             if self.peer is not None and self.host is not None:
                 counters = channel.counters_rows(self.host.counters)
                 self.peer.send({"t": "stats", "stats": self.host.stats(), "counters": counters})
+            await asyncio.sleep(STATS_S)
 
 
 async def run_worker(cfg: Config, channel_path: str, index: int, heartbeat_fd: int | None) -> int:
