@@ -33,9 +33,7 @@ pytestmark = pytest.mark.integration
 def probe(admin_port: int, path: str) -> tuple[int, dict[str, Any]]:
     """A probe as a kubelet sends it: no token."""
     try:
-        with urllib.request.urlopen(
-            f"http://{HOST}:{admin_port}{path}", timeout=5
-        ) as response:
+        with urllib.request.urlopen(f"http://{HOST}:{admin_port}{path}", timeout=5) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())
