@@ -7,6 +7,7 @@ be committed and compared with a fresh render.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -231,14 +232,20 @@ def render(spec: Spec) -> dict[str, str]:
     return files
 
 
-def write(spec: Spec, out: str | Path) -> list[Path]:
-    """Render a spec into ``out`` (created if missing), and make the secrets it does not
-    have yet in ``out/secrets/``; returns the rendered files written."""
+def write_files(files: Mapping[str, str], out: str | Path) -> list[Path]:
+    """Put rendered files (text by relative path) under ``out``; returns their paths."""
     written = []
-    for relative, text in render(spec).items():
+    for relative, text in files.items():
         path = Path(out) / relative
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")
         written.append(path)
+    return written
+
+
+def write(spec: Spec, out: str | Path) -> list[Path]:
+    """Render a spec into ``out`` (created if missing), and make the secrets it does not
+    have yet in ``out/secrets/``; returns the rendered files written."""
+    written = write_files(render(spec), out)
     secrets.ensure(spec, Path(out) / secrets.DIR)
     return written
