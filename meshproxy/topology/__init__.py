@@ -1,13 +1,15 @@
-"""Topologies: declarative specs (``topology/*.toml``) rendered to node configs and compose,
-or run as local processes (:mod:`meshproxy.topology.local`)."""
+"""Topologies: declarative specs (``topology/*.toml``) rendered to node configs and compose
+files or Kubernetes manifests, or run as local processes (:mod:`meshproxy.topology.local`)."""
 
 from __future__ import annotations
 
 import argparse
 import importlib.resources
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
+from meshproxy.topology import kubernetes
 from meshproxy.topology.render import render, write
 from meshproxy.topology.spec import Spec, load, parse
 
@@ -31,9 +33,16 @@ def load_spec(arg: str) -> Spec:
     return load(arg)
 
 
+# ``topology render --target NAME``: how each target writes a spec's files into a folder.
+TARGETS: dict[str, Callable[[Spec, str | Path], list[Path]]] = {
+    "compose": write,
+    "kubernetes": kubernetes.write,
+}
+
+
 def cmd_render(args: argparse.Namespace) -> int:
     spec = load(args.spec)
-    for path in write(spec, args.output):
+    for path in TARGETS[args.target](spec, args.output):
         print(path)
     return 0
 
@@ -58,10 +67,20 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     actions = topology.add_subparsers(dest="topology_command", required=True)
     render_cmd = actions.add_parser(
-        "render", help="write docker-compose.yml and configs/<node>.toml for a spec"
+        "render",
+        help="write a spec's configs with docker-compose.yml, or Kubernetes manifests",
     )
     render_cmd.add_argument("spec", help="topology spec (TOML), e.g. topology/chain.toml")
-    render_cmd.add_argument("-o", "--output", required=True, help="directory, e.g. compose/chain/")
+    render_cmd.add_argument(
+        "-o", "--output", required=True, help="directory, e.g. compose/chain/ or k8s/chain/"
+    )
+    render_cmd.add_argument(
+        "--target",
+        choices=sorted(TARGETS),
+        default="compose",
+        help="compose: docker-compose.yml and configs/<node>.toml (default); kubernetes:"
+        " manifests and a kustomization.yaml for kubectl apply -k",
+    )
     render_cmd.set_defaults(func=cmd_render)
     up = actions.add_parser(
         "up", help="run a spec's backends, middles and edges until SIGINT or SIGTERM"
