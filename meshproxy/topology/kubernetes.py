@@ -57,7 +57,7 @@ MONITOR_ENV = "MESHPROXY_MONITOR_PASSWORD"  # the pods' variable (from a Secret)
 MONITOR_FILE = "monitor.env"  # in secrets/: the kustomize env file of the monitor Secret
 MONITOR_KEY = "password"
 USER_ID = 10001  # any non-root uid: the image needs no user of its own
-DRAIN_MARGIN_S = 15  # the grace period beyond the drain: gossip leave, process exit
+DRAIN_MARGIN_S = 15  # the grace period beyond the drains: gossip leave, process exit
 TOPOLOGY_LABEL = "meshproxy.io/topology"  # every object; on pods: runs a meshproxy node
 WORKLOAD_LABEL = "meshproxy.io/workload"
 EXAMPLE_NETWORK = "192.0.2"  # TEST-NET-1 (RFC 5737): example backend addresses, to replace
@@ -147,8 +147,12 @@ def drain_timeout_s(data: Mapping[str, Any]) -> float:
 
 
 def grace_period_s(data: Mapping[str, Any]) -> int:
-    """The pods' terminationGracePeriodSeconds: the drain, then the rest of the shutdown."""
-    return math.ceil(drain_timeout_s(data)) + DRAIN_MARGIN_S
+    """The pods' terminationGracePeriodSeconds: the preStop hook waits up to
+    ``drain_timeout_s`` for sessions to end, then SIGTERM starts the node's own drain, which
+    gives the sessions still open up to ``drain_timeout_s`` more before it ends them, leaves
+    gossip and exits. The kubelet's SIGKILL must never come first: it would cut the sessions
+    without the node's goodbye, and gossip would see the node dead instead of left."""
+    return math.ceil(2 * drain_timeout_s(data)) + DRAIN_MARGIN_S
 
 
 def _secret_items(spec: Spec, workload: cluster.Workload) -> dict[str, tuple[str, str]]:
@@ -313,7 +317,7 @@ _POD_NOTES = {
     "readOnlyRootFilesystem: true": "meshproxy writes nothing but under /tmp (an emptyDir)",
     "preStop:": (
         "Tell the mesh this node drains (no new session comes to it from then on) and wait\n"
-        "for its sessions, up to node.drain_timeout_s; then SIGTERM stops it."
+        "for its sessions, up to node.drain_timeout_s; then SIGTERM starts its own drain."
     ),
 }
 
@@ -358,8 +362,8 @@ def _tier_documents(spec: Spec, w: _Workload) -> list[tuple[dict[str, Any], dict
             "runs below its replicas during a rollout"
         ),
         f"terminationGracePeriodSeconds: {grace_period_s(w.data)}": (
-            f"node.drain_timeout_s ({drain:g} s) for the preStop drain, then"
-            f" {DRAIN_MARGIN_S} s for the rest of the shutdown"
+            f"node.drain_timeout_s ({drain:g} s) for the preStop wait, as much for the drain\n"
+            f"SIGTERM starts (it ends the sessions left), {DRAIN_MARGIN_S} s to leave and exit"
         ),
         "nodeTaintsPolicy: Honor": (
             "nodes this pod cannot run on (cordoned, tainted) do not count: draining a node\n"

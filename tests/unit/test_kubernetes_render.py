@@ -242,8 +242,9 @@ def test_every_secret_a_config_names_is_mounted_and_generated(
 
 def test_middles_drain_one_at_a_time_and_spread_over_nodes(spec: Spec) -> None:
     """Each tier is a Deployment of its middles that probes /ready and /live on the admin
-    port, drains in preStop within a grace period longer than node.drain_timeout_s, surges
-    during rollouts, spreads over nodes, and has a budget of one unavailable middle."""
+    port, drains in preStop within a grace period longer than node.drain_timeout_s (long
+    enough for the preStop wait and the node's own drain after it), surges during rollouts,
+    spreads over nodes, and has a budget of one unavailable middle."""
     files = kubernetes.render(spec)
     documents = _documents(files)
     replicas = {r["name"]: r["count"] for r in _kustomization(files)["replicas"]}
@@ -282,7 +283,8 @@ def test_middles_drain_one_at_a_time_and_spread_over_nodes(spec: Spec) -> None:
             f"{drain:g}",
         ]
         assert container["command"] == ["meshproxy", "run", "-c", "/etc/meshproxy/meshproxy.toml"]
-        assert pod["terminationGracePeriodSeconds"] > drain + 5
+        # The preStop wait, then the node's own drain after SIGTERM, then its goodbye.
+        assert pod["terminationGracePeriodSeconds"] >= 2 * drain + 10 > drain
         assert {p["containerPort"] for p in container["ports"]} >= {7001, 7946, 6032}
         assert {(p["containerPort"], p["protocol"]) for p in container["ports"]} >= {
             (7946, "UDP"),
