@@ -182,7 +182,6 @@ class DnsDiscovery:
         self.servers = tuple(servers)
         self.answers: dict[str, tuple[str, ...]] = {}
         self.seeds: tuple[Addr, ...] = ()
-        self.rounds = 0
         self._status: dict[str, str] = {}
         self.tasks = Supervisor()
 
@@ -198,7 +197,7 @@ class DnsDiscovery:
             names=",".join(self.names),
             port=self.advertise[1],
             interval_s=self.interval_s,
-            servers=",".join(f"{h}:{p}" for h, p in self.servers) or "system",
+            servers=_text(self.servers) or "system",
         )
 
     async def stop(self) -> None:
@@ -228,7 +227,6 @@ class DnsDiscovery:
                 seeds=len(plan.seeds),
             )
         self.seeds = plan.seeds
-        self.rounds += 1
         if plan.join:
             self.join(plan.join)
         return plan

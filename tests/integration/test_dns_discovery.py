@@ -231,17 +231,19 @@ def test_three_nodes_without_seeds_find_each_other_through_one_name(
 ) -> None:
     """Three nodes on 127.0.0.2-4 with no static seeds become one cluster through the A
     records of one short name (as a headless Service's), each joining the other two and
-    never itself."""
+    never itself; a reload that changes the DNS settings is refused without harm."""
     hosts = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
     port = shared_port(hosts)
     dnsmasq.start({"chain-gossip": hosts})
     server = f"{HOST}:{dnsmasq.port}"
     admins: list[int] = []
     started: list[NodeProcess] = []
+    docs: list[Doc] = []
     for i, host in enumerate(hosts, 1):
         doc, admin = dns_node(f"d{i}", host, port, ["chain-gossip"], [server])
         started.append(nodes.start(doc))
         admins.append(admin)
+        docs.append(doc)
 
     wait_until(
         lambda: one_cluster(admins, {"d1", "d2", "d3"}),
@@ -253,6 +255,13 @@ def test_three_nodes_without_seeds_find_each_other_through_one_name(
         seeds = node.wait_for_event("dns_seeds").fields["added"].split(",")
         assert sorted(seeds) == sorted(f"{h}:{port}" for h in hosts if h != host)
         assert not node.events("dns_failed")
+
+    # [gossip] does not change at runtime: a reload that tries is refused, nothing stops.
+    docs[0]["gossip"]["dns_names"] = ["other-name"]
+    started[0].reload(docs[0])
+    refused = started[0].wait_for_event("reload_failed")
+    assert "[gossip] section cannot change at runtime" in refused.fields["error"]
+    assert one_cluster(admins, {"d1", "d2", "d3"})
 
 
 def test_a_record_added_later_is_found_and_a_removed_one_is_logged(
