@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from meshproxy.topology import kubernetes
+from meshproxy.topology import kubernetes, swarm
 from meshproxy.topology.render import render, write
 from meshproxy.topology.spec import Spec, load, parse
 
@@ -37,6 +37,7 @@ def load_spec(arg: str) -> Spec:
 TARGETS: dict[str, Callable[[Spec, str | Path], list[Path]]] = {
     "compose": write,
     "kubernetes": kubernetes.write,
+    "swarm": swarm.write,
 }
 
 
@@ -68,7 +69,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     actions = topology.add_subparsers(dest="topology_command", required=True)
     render_cmd = actions.add_parser(
         "render",
-        help="write a spec's configs with docker-compose.yml, or Kubernetes manifests",
+        help="write a spec's configs with docker-compose.yml, Kubernetes manifests or a"
+        " swarm stack",
     )
     render_cmd.add_argument("spec", help="topology spec (TOML), e.g. topology/chain.toml")
     render_cmd.add_argument(
@@ -79,7 +81,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         choices=sorted(TARGETS),
         default="compose",
         help="compose: docker-compose.yml and configs/<node>.toml (default); kubernetes:"
-        " manifests and a kustomization.yaml for kubectl apply -k",
+        " manifests and a kustomization.yaml for kubectl apply -k; swarm: stack.yml and"
+        " configs/<workload>.toml for docker stack deploy",
     )
     render_cmd.set_defaults(func=cmd_render)
     up = actions.add_parser(

@@ -114,12 +114,13 @@ def test_drain_moves_new_sessions_away_and_waits_for_the_open_ones(
     def sessions(admin_port: int) -> int:
         return int(api(admin_port, "/status")["sessions"])
 
-    held = []
-    wait_until(
-        lambda: held.append(connect(edge_port)) is None and sessions(first_admin) > 0,
-        15,
-        "a session through the middle about to drain",
-    )
+    held: list[Any] = []
+
+    def one_more_lands_on_it() -> bool:
+        held.append(connect(edge_port))
+        return sessions(first_admin) > 0
+
+    wait_until(one_more_lands_on_it, 15, "a session through the middle about to drain")
     for conn in held[:-1]:
         close_quietly(conn)
     kept = held[-1]
