@@ -157,6 +157,9 @@ def failure_of(exc: BaseException) -> Failed:
 # ---- the shell ------------------------------------------------------------------------
 
 
+ALONE_RETRY_S = 1.0
+
+
 class DnsDiscovery:
     """Resolve names every interval and join the gossip seeds they list."""
 
@@ -208,7 +211,10 @@ class DnsDiscovery:
         while True:
             started = loop.time()
             await self.round()
-            await asyncio.sleep(max(0.0, self.interval_s - (loop.time() - started)))
+            # A node still alone asks again soon, as it retries static seeds: its peers'
+            # records appear as they are scheduled, moments after it starts.
+            interval = min(self.interval_s, ALONE_RETRY_S) if self.alone() else self.interval_s
+            await asyncio.sleep(max(0.0, interval - (loop.time() - started)))
 
     async def round(self) -> Plan:
         """Resolve every name once, log and count what changed, join what is new."""

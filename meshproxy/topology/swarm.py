@@ -33,6 +33,10 @@ STACK_FILE = "stack.yml"
 CONFIG_PATH = "/etc/meshproxy/meshproxy.toml"
 # Time to drain (node.drain_timeout_s) and to stop, before swarm kills a task.
 STOP_GRACE_S = int(NodeConfig.drain_timeout_s) + 15
+# Service names resolve to their tasks' addresses, not to a virtual IP: MySQL sessions
+# are long-lived, and swarm's VIP balancer (IPVS) adds a hop, drops connections idle for
+# 15 minutes, and is missing on kernels built without IPVS. Edges pick middles themselves.
+ENDPOINT_MODE = "dnsrr"
 LIVE_PROBE = (
     "import urllib.request; "
     f"urllib.request.urlopen('http://127.0.0.1:{ADMIN_PORT}/live', timeout=2)"
@@ -92,6 +96,7 @@ def stack(spec: Spec) -> dict[str, Any]:
             "stop_grace_period": f"{STOP_GRACE_S}s",
             "deploy": {
                 **({"mode": "global"} if edge else {"replicas": workload.replicas}),
+                "endpoint_mode": ENDPOINT_MODE,
                 "update_config": {
                     "parallelism": 1,
                     "delay": "10s",
@@ -116,7 +121,11 @@ def stack(spec: Spec) -> dict[str, Any]:
                 "MYSQL_PASSWORD": spec.monitor_password,
             },
             "networks": list(node.networks),
-            "deploy": {"replicas": 1, "restart_policy": {"condition": "any", "delay": "1s"}},
+            "deploy": {
+                "replicas": 1,
+                "endpoint_mode": ENDPOINT_MODE,
+                "restart_policy": {"condition": "any", "delay": "1s"},
+            },
         }
     for backend in spec.backends:
         services[backend.name] = {
@@ -129,7 +138,11 @@ def stack(spec: Spec) -> dict[str, Any]:
             },
             "networks": list(backend.networks),
             # One server per service: a MariaDB server is no replica set.
-            "deploy": {"replicas": 1, "restart_policy": {"condition": "any", "delay": "1s"}},
+            "deploy": {
+                "replicas": 1,
+                "endpoint_mode": ENDPOINT_MODE,
+                "restart_policy": {"condition": "any", "delay": "1s"},
+            },
         }
     identities = cluster.identities(spec)
     return {

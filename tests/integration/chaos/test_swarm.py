@@ -32,6 +32,7 @@ SPEC = REPO / "topology" / "chain.toml"
 DEPLOY_TIMEOUT_S = 180.0  # images are local; MariaDB's first start takes the most
 REPLACE_TIMEOUT_S = 60.0
 LOAD_S = 40.0
+ARTIFACTS = REPO / "artifacts" / "swarm"  # the figures of the last run
 
 
 def run(*argv: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> str:
@@ -187,6 +188,7 @@ def test_swarm_replaces_a_killed_middle_and_no_new_connection_fails(chain: Deplo
         lambda: f"the edge to rule out {victim_mesh}: {chain.tier()}",
         0.2,
     )
+    ruled_out_s = time.time() - killed_at
     poll(
         lambda: (
             len(chain.containers("middle")) == 3
@@ -202,6 +204,7 @@ def test_swarm_replaces_a_killed_middle_and_no_new_connection_fails(chain: Deplo
         lambda: f"the edge to take the new middle in: {chain.tier()}\n{chain.logs()}",
         0.5,
     )
+    back_s = time.time() - killed_at
     reader.join(LOAD_S + 30)
     assert not reader.is_alive(), "the load did not finish"
 
@@ -210,4 +213,14 @@ def test_swarm_replaces_a_killed_middle_and_no_new_connection_fails(chain: Deplo
     after = [e for e in events if "b" in e and e["b"] >= killed_at + 1.0]
     assert sum(e["c"] for e in after) > 0, "no session was served after the kill"
     broken = [e for e in events if e.get("ev") == "session_error"]
+    figures = {
+        "connects": sum(e.get("c", 0) for e in events),
+        "connect_errors": len(connect_errors),
+        "sessions_broken": len(broken),
+        "ruled_out_s": round(ruled_out_s, 2),
+        "replaced_and_routed_s": round(back_s, 2),
+    }
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / "kill-middle.json").write_text(json.dumps(figures, indent=2) + "\n")
+    print(f"swarm kill-middle: {figures}")
     assert len(broken) <= 6, f"more sessions broke than the load had open: {broken}"
