@@ -16,7 +16,6 @@ import pytest
 import yaml
 
 from meshproxy import config, topology
-from meshproxy.cli import main as cli
 from meshproxy.errors import ConfigError
 from meshproxy.topology import cluster, kubernetes, secrets
 from meshproxy.topology.spec import Spec
@@ -434,31 +433,6 @@ def test_kustomize_builds_the_render_with_every_generated_name_in_place(
         for c in [*_pod(o).get("initContainers", []), *_pod(o)["containers"]]
     }
     assert images == {"meshproxy:local"}
-
-
-@pytest.mark.parametrize("spec_path", SPECS, ids=lambda p: p.stem)
-def test_committed_kubernetes_output_matches_its_spec(spec_path: Path, tmp_path: Path) -> None:
-    """Rendering a spec for Kubernetes yields exactly the files committed under
-    k8s/<name>/ (no drift), and makes its secrets beside them."""
-    out = tmp_path / spec_path.stem
-    argv = ["topology", "render", str(spec_path), "--target", "kubernetes", "-o", str(out)]
-    assert cli.main(argv) == 0
-    committed_dir = ROOT / "k8s" / spec_path.stem
-
-    def tracked(root: Path) -> set[Path]:  # secrets/ is made per render and never committed
-        files = {p.relative_to(root) for p in root.rglob("*") if p.is_file()}
-        return {p for p in files if p.parts[0] != secrets.DIR}
-
-    rendered, committed = tracked(out), tracked(committed_dir)
-    assert (out / secrets.DIR / kubernetes.MONITOR_FILE).exists(), "render makes the secrets"
-    assert (out / secrets.DIR / ".gitignore").read_text().splitlines()[-1] == "*"
-    assert committed == rendered, f"re-render: meshproxy topology render {spec_path.name}"
-    for relative in sorted(rendered):
-        assert (out / relative).read_bytes() == (committed_dir / relative).read_bytes(), (
-            f"k8s/{spec_path.stem}/{relative} drifted from topology/{spec_path.name}; run:"
-            f" meshproxy topology render topology/{spec_path.name} --target kubernetes"
-            f" -o k8s/{spec_path.stem}/"
-        )
 
 
 def test_rendering_again_keeps_the_secrets(tmp_path: Path) -> None:

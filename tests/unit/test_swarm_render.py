@@ -11,9 +11,8 @@ import pytest
 import yaml
 
 from meshproxy import config
-from meshproxy.cli import main as cli
 from meshproxy.topology import cluster, spec, swarm
-from tests.unit.test_topology import ROOT, SPECS
+from tests.unit.test_topology import SPECS
 
 
 def stack_of(spec_path: Path) -> dict[str, Any]:
@@ -83,24 +82,3 @@ def test_services_run_each_workload_with_its_config_and_secrets(spec_path: Path)
     backends = [b.name for b in topology.backends]
     assert set(services) == {w.name for w in cluster.workloads(topology)} | {*apps, *backends}
     assert {n["driver"] for n in document["networks"].values()} == {"overlay"}
-
-
-@pytest.mark.parametrize("spec_path", SPECS, ids=lambda p: p.stem)
-def test_committed_swarm_output_matches_its_spec(spec_path: Path, tmp_path: Path) -> None:
-    """Rendering a spec for swarm yields exactly the files committed under swarm/<name>/."""
-    out = tmp_path / spec_path.stem
-    argv = ["topology", "render", str(spec_path), "--target", "swarm", "-o", str(out)]
-    assert cli.main(argv) == 0
-    committed_dir = ROOT / "swarm" / spec_path.stem
-
-    def tracked(root: Path) -> set[Path]:
-        files = {p.relative_to(root) for p in root.rglob("*") if p.is_file()}
-        return {p for p in files if p.parts[0] != "secrets"}
-
-    assert (out / "secrets" / "ca.pem").exists(), "render makes the stack's secrets"
-    assert tracked(committed_dir) == tracked(out), "re-render with --target swarm"
-    for relative in sorted(tracked(out)):
-        assert (out / relative).read_bytes() == (committed_dir / relative).read_bytes(), (
-            f"swarm/{spec_path.stem}/{relative} drifted; run: meshproxy topology render "
-            f"topology/{spec_path.name} --target swarm -o swarm/{spec_path.stem}/"
-        )

@@ -136,22 +136,30 @@ def test_compose_file_runs_every_node(spec_path: Path) -> None:
         assert services[backend.name]["image"] == "${BACKEND_IMAGE:-mariadb:11}"
 
 
+# Where each render target's output of the shipped specs is committed.
+RENDERED = {"compose": "compose", "kubernetes": "k8s", "swarm": "swarm"}
+
+
+@pytest.mark.parametrize("target", sorted(RENDERED))
 @pytest.mark.parametrize("spec_path", SPECS, ids=lambda p: p.stem)
-def test_committed_compose_output_matches_its_spec(spec_path: Path, tmp_path: Path) -> None:
-    """Rendering a spec yields exactly the files committed under compose/<name>/ (no drift)."""
+def test_committed_renders_match_their_specs(target: str, spec_path: Path, tmp_path: Path) -> None:
+    """Rendering a spec for each target yields exactly the files committed under
+    <target folder>/<name>/ (no drift), and makes the secrets (git-ignored) beside them."""
     out = tmp_path / spec_path.stem
-    assert cli.main(["topology", "render", str(spec_path), "-o", str(out)]) == 0
-    committed_dir = ROOT / "compose" / spec_path.stem
+    argv = ["topology", "render", str(spec_path), "--target", target, "-o", str(out)]
+    assert cli.main(argv) == 0
+    folder = f"{RENDERED[target]}/{spec_path.stem}"
 
     def tracked(root: Path) -> set[Path]:  # secrets/ is made per render and never committed
         files = {p.relative_to(root) for p in root.rglob("*") if p.is_file()}
         return {p for p in files if p.parts[0] != "secrets"}
 
-    rendered, committed = tracked(out), tracked(committed_dir)
+    rendered, committed = tracked(out), tracked(ROOT / folder)
     assert (out / "secrets" / "ca.pem").exists(), "render makes the topology's secrets"
-    assert committed == rendered, f"re-render: meshproxy topology render {spec_path.name}"
+    assert (out / "secrets" / ".gitignore").read_text().splitlines()[-1] == "*"
+    rerender = f"meshproxy topology render topology/{spec_path.name} --target {target} -o {folder}/"
+    assert committed == rendered, f"re-render: {rerender}"
     for relative in sorted(rendered):
-        assert (out / relative).read_bytes() == (committed_dir / relative).read_bytes(), (
-            f"compose/{spec_path.stem}/{relative} drifted from topology/{spec_path.name}; "
-            f"run: meshproxy topology render topology/{spec_path.name} -o compose/{spec_path.stem}/"
+        assert (out / relative).read_bytes() == (ROOT / folder / relative).read_bytes(), (
+            f"{folder}/{relative} drifted from topology/{spec_path.name}; run: {rerender}"
         )
