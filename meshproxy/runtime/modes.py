@@ -24,7 +24,7 @@ from meshproxy.counters import Counters
 from meshproxy.dataplane.host import PlaneHost
 from meshproxy.dataplane.router import Member
 from meshproxy.errors import ConfigError, describe
-from meshproxy.runtime import channel
+from meshproxy.runtime import allocator, channel
 from meshproxy.runtime.channel import Message, Peer
 from meshproxy.supervise import Supervisor
 
@@ -67,6 +67,7 @@ async def run_single(cfg: Config) -> int:
     node.add_link(LocalLink(host))
     admin = AdminServer(node)
     await node.start()
+    node.tasks.spawn("allocator trim", allocator.trim_loop)
     try:
         await host.start()
         await admin.start()
@@ -147,6 +148,7 @@ async def run_control(cfg: Config, channel_path: str, heartbeat_fd: int | None) 
     node = Node(cfg)
     admin = AdminServer(node)
     await node.start()
+    node.tasks.spawn("allocator trim", allocator.trim_loop)
 
     async def serve_worker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         link = RemoteLink(Peer(writer))
@@ -318,6 +320,7 @@ async def run_worker(cfg: Config, channel_path: str, index: int, heartbeat_fd: i
     if link.pending_config is not None and link.pending_config is not cfg:
         await link.apply(link.pending_config)
     tasks.spawn("stats", link.send_stats)
+    tasks.spawn("allocator trim", allocator.trim_loop)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
