@@ -164,14 +164,19 @@ def test_swarm_replaces_a_killed_middle_and_no_new_connection_fails(chain: Deplo
         "python", "-m", "meshproxy.chaos.load", "--host", "p1", "--port", "6033",
         "--workers", "6", "--duration-s", str(LOAD_S),
     ]  # fmt: skip
-    _, stream = chain.app().exec_run(load_argv, stream=True)
+    # The docker CLI, not the SDK's streamed exec, whose socket outlives the stream.
+    load = subprocess.Popen(
+        ["docker", "exec", chain.app().id, *load_argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
 
     def follow() -> None:
-        pending = b""
-        for chunk in stream:
-            pending += chunk
-            *lines, pending = pending.split(b"\n")
-            events.extend(json.loads(line) for line in lines if line.startswith(b"{"))
+        assert load.stdout is not None
+        with load.stdout:
+            for line in load.stdout:
+                if line.startswith(b"{"):
+                    events.append(json.loads(line))
 
     reader = threading.Thread(target=follow, daemon=True)
     reader.start()
@@ -207,6 +212,7 @@ def test_swarm_replaces_a_killed_middle_and_no_new_connection_fails(chain: Deplo
     back_s = time.time() - killed_at
     reader.join(LOAD_S + 30)
     assert not reader.is_alive(), "the load did not finish"
+    assert load.wait(10) == 0
 
     connect_errors = [e for e in events if e.get("ev") == "connect_error"]
     assert connect_errors == [], f"new connections failed: {connect_errors[:5]}"
