@@ -23,6 +23,7 @@ def cert_status(config: Config, now: datetime.datetime | None = None) -> dict[st
     except (OSError, ValueError) as exc:
         return {"cert": tls.cert, "error": str(exc)}
     left = info.not_after - (now or datetime.datetime.now(datetime.UTC))
+    expected = tls.name or config.node.name  # a workload's shared certificate names it
     return {
         "cert": tls.cert,
         "subject": info.subject,
@@ -32,9 +33,8 @@ def cert_status(config: Config, now: datetime.datetime | None = None) -> dict[st
         "not_after": info.not_after.isoformat(),
         "expires_in_s": round(left.total_seconds()),
         "expiring": left < datetime.timedelta(days=tls.expiry_warning_days),
-        "expected": tls.name or config.node.name,
-        "role_matches": info.role == config.node.role
-        and info.node == (tls.name or config.node.name),
+        "expected": expected,
+        "role_matches": info.role == config.node.role and info.node == expected,
     }
 
 

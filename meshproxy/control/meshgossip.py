@@ -134,8 +134,7 @@ class MeshGossip:
     def joined(self) -> bool:
         """Whether this node is in a mesh: it sees a live peer, or it has nobody to join
         (no seeds, and its discovery has found nobody)."""
-        me = self.node.config.node.name
-        if any(m.name != me and m.state is State.ALIVE for m in self.agent.members()):
+        if not self._alone():
             return True
         return not self.config.seeds and (self.discovery is None or not self.discovery.found)
 
