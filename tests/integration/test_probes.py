@@ -96,35 +96,29 @@ def test_drain_moves_new_sessions_away_and_waits_for_the_open_ones(
     first, first_mesh, seed, first_admin = middle("p2", shared_mariadb.port, [])
     first["gossip"]["seeds"] = [addr(seed)]
     nodes.start(first)
-    second, second_mesh, _, second_admin = middle("p3", shared_mariadb.port, [seed])
-    nodes.start(second)
     edge_port = free_port()
     edge_doc, edge_admin = with_gossip(edge_config("p1", edge_port, []), free_port(), [seed])
     nodes.start(edge_doc)
-    both = {addr(first_mesh), addr(second_mesh)}
-    wait_until(
-        lambda: (
-            set(tier_states(edge_admin)) == both
-            and set(tier_states(edge_admin).values()) == {"ONLINE"}
-        ),
-        15,
-        "the edge to route to both middles",
-    )
+
+    def routes_to(middles: set[str]) -> bool:
+        states = tier_states(edge_admin)
+        return set(states) == middles and set(states.values()) == {"ONLINE"}
 
     def sessions(admin_port: int) -> int:
         return int(api(admin_port, "/status")["sessions"])
 
-    held: list[Any] = []
-
-    def one_more_lands_on_it() -> bool:
-        held.append(connect(edge_port))
-        return sessions(first_admin) > 0
-
-    wait_until(one_more_lands_on_it, 15, "a session through the middle about to drain")
-    for conn in held[:-1]:
-        close_quietly(conn)
-    kept = held[-1]
-    wait_until(lambda: sessions(first_admin) == 1, 10, "one session left on it")
+    # While p2 is the only middle, the session to keep open can only land on it.
+    wait_until(lambda: routes_to({addr(first_mesh)}), 15, "the edge to route to p2")
+    kept = connect(edge_port)
+    try:
+        wait_until(lambda: sessions(first_admin) == 1, 10, "the session on p2")
+        second, second_mesh, _, second_admin = middle("p3", shared_mariadb.port, [seed])
+        nodes.start(second)
+        both = {addr(first_mesh), addr(second_mesh)}
+        wait_until(lambda: routes_to(both), 15, "the edge to route to both middles")
+    except BaseException:
+        close_quietly(kept)  # else the edge's drain would wait for it at the test's end
+        raise
 
     result: dict[str, Any] = {}
     waiting = threading.Thread(
