@@ -8,7 +8,7 @@ sysbench and the server:
     haproxy-mt  sysbench -> HAProxy (TCP mode, nbthread 2) -> MariaDB
     relay       sysbench -> bench/relay.py (a bare uvloop TCP relay) -> MariaDB
     single      sysbench -> meshproxy middle (listener, pool:main) -> MariaDB
-    single-w2   the same with ``workers = 2`` (two data-plane processes on SO_REUSEPORT)
+    single-w2   the same with ``workers = 2`` (two data-plane processes, one accept queue)
     chain       sysbench -> meshproxy edge -> (mesh hop) -> the same middle -> MariaDB
     chain-tls   the same chain with mutual TLS on the mesh hop ([mesh_tls]: its own pair)
     session     sysbench -> meshproxy middle, listener in session mode -> MariaDB

@@ -61,6 +61,8 @@ class Control(Protocol):
 
     def set_draining(self) -> None: ...
 
+    def upgrade(self) -> int: ...
+
     async def apply(self, new: Config) -> list[str]: ...
 
 
@@ -86,6 +88,7 @@ class AdminAPI:
         r.add_get("/ready", self.ready)
         r.add_get("/live", self.live)
         r.add_post("/drain", self.drain)
+        r.add_post("/upgrade", self.upgrade)
         r.add_get("/status", self.status)
         r.add_get("/metrics", self.metrics)
         r.add_get("/members", self.members)
@@ -170,6 +173,15 @@ class AdminAPI:
         ready; open sessions carry on until they end or the node is stopped."""
         self.control.set_draining()
         return web.json_response({"draining": True, "sessions": self.control.status()["sessions"]})
+
+    async def upgrade(self, request: web.Request) -> web.Response:
+        """Start a hitless upgrade: a new angel takes the node over. Answered before it
+        happens; ``angel_pid`` in GET /status changes when it is done."""
+        try:
+            angel = self.control.upgrade()
+        except ApplyError as exc:
+            return _error(409, str(exc))
+        return web.json_response({"upgrading": True, "angel_pid": angel}, status=202)
 
     async def status(self, request: web.Request) -> web.Response:
         return web.json_response(self.control.status())

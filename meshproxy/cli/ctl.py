@@ -181,6 +181,8 @@ def _dispatch(client: Client, args: argparse.Namespace) -> Any:
         return client.call("GET", "/query_rules")
     if action == "drain":
         return drain(client, args.wait_s)
+    if action == "upgrade":
+        return upgrade(client, args.wait_s)
     if action == "listener":
         if args.listener_action == "add":
             item = {"name": args.name, "bind": args.bind, "upstream": args.upstream}
@@ -201,6 +203,24 @@ def drain(client: Client, wait_s: float, poll_s: float = 0.5) -> dict[str, Any]:
         time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
         sessions = int(client.call("GET", "/status")["sessions"])
     return {"draining": True, "sessions_left": sessions}
+
+
+def upgrade(client: Client, wait_s: float, poll_s: float = 0.5) -> dict[str, Any]:
+    """Start a hitless upgrade, then wait up to ``wait_s`` for a new angel to answer (the
+    admin API is down for a moment while the control processes change hands)."""
+    old = int(client.call("POST", "/upgrade")["angel_pid"])
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
+        try:
+            angel = client.call("GET", "/status")["angel_pid"]
+        except ApiError:
+            continue
+        if angel != old:
+            return {"upgraded": True, "angel_pid": angel}
+    if wait_s:
+        raise ApiError(0, f"no new angel answered within {wait_s:g}s (see the node's log)")
+    return {"upgrading": True, "angel_pid": old}
 
 
 def top_table(rows: list[dict[str, Any]]) -> str:
@@ -255,6 +275,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     drain_cmd.add_argument(
         "--wait-s", type=float, default=0.0, help="then wait this long for sessions to end (0)"
+    )
+
+    upgrade_cmd = actions.add_parser(
+        "upgrade", help="hitless upgrade: a new angel running the installed code takes over"
+    )
+    upgrade_cmd.add_argument(
+        "--wait-s", type=float, default=0.0, help="then wait this long for it to answer (0)"
     )
 
     server = actions.add_parser("server", help="add, change or remove a pool's server")

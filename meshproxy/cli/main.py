@@ -23,9 +23,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         cfg = start(args.config, "")
         return asyncio.run(run_single(cfg))
     from meshproxy.runtime.angel import Angel
+    from meshproxy.runtime.upgrade import Predecessor
 
     cfg = start(args.config, "angel")
-    return Angel(args.config, cfg).run()
+    if args.takeover_fd is None:
+        return Angel(args.config, cfg).run()
+    predecessor = Predecessor(args.takeover_fd)
+    try:
+        sockets = predecessor.take_sockets()
+    except OSError as exc:
+        print(f"meshproxy: cannot take over: {exc}", file=sys.stderr)
+        return 1
+    return Angel(args.config, cfg, sockets, predecessor).run()
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -67,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--no-angel", action="store_true", help="one process: no supervisor, no workers"
     )
+    # An upgrade: the old angel's end of the pair it sends its sockets over.
+    run.add_argument("--takeover-fd", type=int, help=argparse.SUPPRESS)
     run.set_defaults(func=cmd_run)
 
     check = sub.add_parser("check-config", help="validate a config file and exit")

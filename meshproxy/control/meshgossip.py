@@ -121,12 +121,13 @@ class MeshGossip:
         me = self.node.config.node.name
         return not any(m.state is State.ALIVE and m.name != me for m in self.agent.members())
 
-    async def stop(self) -> None:
+    async def stop(self, leave: bool = True) -> None:
         if self.discovery is not None:
             await self.discovery.stop()
-        self.draining = True
-        self._publish_meta()
-        await self.agent.leave()
+        if leave:
+            self.draining = True
+            self._publish_meta()
+            await self.agent.leave()
         await self.tasks.stop()
         await self.agent.stop()
         log.event("gossip_stopped")

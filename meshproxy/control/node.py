@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
+import signal
 import socket
 import time
 from collections import Counter
@@ -134,6 +136,7 @@ class Node:
         self.started = time.monotonic()
         self.gossip: MeshGossip | None = None
         self.draining = False
+        self.angel_pid: int | None = None  # the supervising angel, when there is one
         # Health checks that gossip asked to run now (another middle saw the server down),
         # and how many quick re-checks each still gets.
         self._recheck: dict[tuple[UpstreamRef, Address], asyncio.Event] = {}
@@ -176,6 +179,15 @@ class Node:
         if self.gossip is not None:
             self.gossip.set_draining()
 
+    def upgrade(self) -> int:
+        """Ask the angel for a hitless upgrade (SIGUSR2); returns its pid. Raises
+        ApplyError when there is no angel to ask."""
+        if self.angel_pid is None:
+            raise ApplyError("this node runs without an angel (--no-angel): restart it instead")
+        os.kill(self.angel_pid, signal.SIGUSR2)
+        log.event("upgrade_requested", angel_pid=self.angel_pid)
+        return self.angel_pid
+
     def readiness(self) -> dict[str, bool]:
         """What an orchestrator's readiness probe asks: every data plane has bound its
         listeners, gossip has joined the mesh, and the node is not draining."""
@@ -187,9 +199,11 @@ class Node:
         checks["ready"] = checks["listening"] and checks["gossip_joined"] and not self.draining
         return checks
 
-    async def stop(self) -> None:
+    async def stop(self, leave: bool = True) -> None:
+        """Stop; with ``leave``, leave the mesh gracefully first (others see "left", not
+        "dead"). Without, the node goes quiet: a successor rejoins under its name."""
         if self.gossip is not None:
-            await self.gossip.stop()  # a graceful leave first: others see "left", not "dead"
+            await self.gossip.stop(leave)
             self.gossip = None
         await self.tasks.stop()
 
@@ -410,6 +424,7 @@ class Node:
             "node": self.config.node.name,
             "role": self.config.node.role,
             "uptime_s": round(time.monotonic() - self.started, 3),
+            "angel_pid": self.angel_pid,
             "data_planes": len(self.links),
             "sessions": sum(stat["sessions"] for stat in stats),
             "entrances": entrances,

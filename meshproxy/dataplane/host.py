@@ -19,6 +19,7 @@ from meshproxy import log
 from meshproxy.config import Address, Config, ListenerConfig, UpstreamKind, UpstreamRef
 from meshproxy.counters import Counters
 from meshproxy.dataplane.listener import Entrance
+from meshproxy.dataplane.listensockets import ListenSource, OwnSockets
 from meshproxy.dataplane.plane import DataPlane, Route
 from meshproxy.dataplane.router import Member
 from meshproxy.dataplane.sessionmode import maintain_forever
@@ -41,10 +42,14 @@ class GroupView:
 
 class PlaneHost:
     def __init__(
-        self, config: Config, counters: Counters, report: ConnectReport, reuse_port: bool = False
+        self,
+        config: Config,
+        counters: Counters,
+        report: ConnectReport,
+        sockets: ListenSource | None = None,
     ) -> None:
         self.config = config
-        self.reuse_port = reuse_port
+        self.sockets = sockets or OwnSockets()
         self.counters = counters
         self.groups: dict[UpstreamRef, GroupView] = {}
         self.warm: dict[str, WarmPool] = {}
@@ -62,6 +67,7 @@ class PlaneHost:
         self.tasks = Supervisor()
         self.draining = False
         self.tls: MeshTls | None = None
+        self.addresses: dict[str, Address] = {}  # where each entrance listens
         self._sync_groups(config)  # member snapshots may arrive before start()
 
     # ----------------------------------------------------------------- config
@@ -82,6 +88,7 @@ class PlaneHost:
         if wanted and not self.plane.entrances:
             await self.plane.close()
             raise failure or OSError("nothing could be bound")
+        self._keep_bound()
         self.take(self.config)
         self.tasks.spawn("idle sweeper", self._sweep_loop)
         self.tasks.spawn("session pools", maintain_forever, self.plane.session_mode)
@@ -105,7 +112,19 @@ class PlaneHost:
         )
         configure_entrance(entrance, new, listener)
         entrance.tls = self.tls if entrance.mesh else None  # before its first client
-        await self.plane.bind(entrance, address, backlog, self.reuse_port)
+        sockets = await self.sockets.listening(address, backlog)
+        try:
+            await self.plane.bind(entrance, address, sockets, backlog)
+        except OSError:
+            for sock in sockets:
+                sock.close()
+            raise
+        self.addresses[name] = address
+
+    def _keep_bound(self) -> None:
+        """Tell the socket source which addresses are served now (it may close the rest)."""
+        self.addresses = {n: a for n, a in self.addresses.items() if n in self.plane.entrances}
+        self.sockets.keep(self.addresses.values())
 
     async def bind(self, keep: set[str], new: Config) -> list[str]:
         """Bind entrances that are new or moved; on OSError undo what this call bound.
@@ -131,10 +150,12 @@ class PlaneHost:
         except OSError:
             for name in bound:
                 self.plane.unbind(name)
+            self._keep_bound()
             raise
         for name in set(self.plane.entrances) - set(wanted):
             self.plane.unbind(name)
             changes.append(f"listener {name} removed")
+        self._keep_bound()
         return changes
 
     def take(self, new: Config) -> None:

@@ -33,7 +33,8 @@ class Entrance:
     speaks_mysql: bool = False  # may answer a client with a MySQL ERR packet
     tls: MeshTls | None = None  # the mesh port with [mesh_tls]: mutual TLS before the header
     active: int = 0
-    server: asyncio.Server | None = field(default=None, repr=False)
+    # One per address the bind resolves to (``localhost``: IPv4 and IPv6).
+    servers: list[asyncio.Server] = field(default_factory=list, repr=False)
 
 
 Serve = Callable[["Inbound", HopHeader | None], Coroutine[Any, Any, None]]

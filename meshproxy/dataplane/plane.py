@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -72,36 +73,39 @@ class DataPlane:
     # ----------------------------------------------------------------- entrances
 
     async def bind(
-        self, entrance: Entrance, address: Address, backlog: int, reuse_port: bool
+        self, entrance: Entrance, address: Address, sockets: list[socket.socket], backlog: int
     ) -> None:
-        """Start accepting on ``address`` for ``entrance`` (raises OSError).
-
-        With ``reuse_port`` every worker binds the same address and the kernel spreads
-        new connections over them.
-        """
+        """Start accepting for ``entrance`` on ``sockets``, listening at ``address``."""
         loop = asyncio.get_running_loop()
         tls = entrance.tls
-        server = await loop.create_server(
-            functools.partial(Inbound, entrance, self.serve, self.counters),
-            address.host,
-            address.port,
-            backlog=backlog,
-            reuse_address=True,
-            reuse_port=reuse_port,
-            ssl=tls.server if tls is not None else None,
-            ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S if tls is not None else None,
-        )
-        previous, entrance.server = entrance.server, server
+        servers = []
+        try:
+            for sock in sockets:
+                servers.append(
+                    await loop.create_server(
+                        functools.partial(Inbound, entrance, self.serve, self.counters),
+                        sock=sock,
+                        backlog=backlog,
+                        ssl=tls.server if tls is not None else None,
+                        ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S if tls is not None else None,
+                    )
+                )
+        except OSError:
+            for server in servers:
+                server.close()
+            raise
+        previous, entrance.servers = entrance.servers, servers
         self.entrances[entrance.name] = entrance
-        if previous is not None:
-            previous.close()  # stop accepting there; sessions it accepted carry on
+        for server in previous:
+            server.close()  # stop accepting there; sessions it accepted carry on
         log.event("listening", listener=entrance.name, bind=str(address))
 
     def unbind(self, name: str) -> None:
         """Stop accepting for ``name``; its established sessions carry on."""
         entrance = self.entrances.pop(name, None)
-        if entrance is not None and entrance.server is not None:
-            entrance.server.close()
+        if entrance is not None and entrance.servers:
+            for server in entrance.servers:
+                server.close()
             log.event("listener_closed", listener=name)
 
     # ----------------------------------------------------------------- sessions
@@ -239,7 +243,7 @@ class DataPlane:
 
     async def close(self) -> None:
         """Stop accepting everywhere and close every session."""
-        servers = [e.server for e in self.entrances.values() if e.server is not None]
+        servers = [server for e in self.entrances.values() for server in e.servers]
         for server in servers:
             server.close()
         for address in list(self.sessions):

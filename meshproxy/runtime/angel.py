@@ -14,6 +14,10 @@ its standby, which only has to read the config and bind, in tens of milliseconds
 of the half second (more on a busy host) a fresh interpreter needs; a new standby is then
 started once the new worker heartbeats, so the two do not compete for the CPU.
 
+The angel also holds the node's listening sockets (:mod:`meshproxy.runtime.handoff`):
+it binds each once and hands every worker a duplicate, so all workers accept from one
+queue and a worker's death or restart refuses no connection.
+
 It is deliberately synchronous and tiny: no event loop of its own to get stuck.
 """
 
@@ -23,13 +27,17 @@ import contextlib
 import os
 import selectors
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from meshproxy import log
+from meshproxy import config, log
 from meshproxy.config import Config
+from meshproxy.errors import ConfigError
+from meshproxy.runtime import handoff, upgrade
 from meshproxy.runtime.channel import new_name as new_channel_name
 from meshproxy.runtime.children import stop, stop_with_parent
 
@@ -46,11 +54,19 @@ MAX_BACKOFF_S = 5.0
 
 
 @dataclass
+class Started:
+    """A child process just started, and the angel's ends of its pipes."""
+
+    process: subprocess.Popen[bytes]
+    beats: int  # read end of its heartbeat pipe
+    sockets: socket.socket | None  # where a worker asks for its listening sockets
+
+
+@dataclass
 class Standby:
     """A started, waiting replacement for one worker."""
 
-    process: subprocess.Popen[bytes]
-    beats: int  # read end of its heartbeat pipe, watched once it takes over
+    started: Started  # its pipes are watched once it takes over
     go: int  # write end of its start pipe: a byte starts it, closing it stops it
 
 
@@ -60,6 +76,7 @@ class Child:
     argv: list[str]
     process: subprocess.Popen[bytes] | None = None
     beats: int = -1  # read end of the heartbeat pipe
+    sockets: socket.socket | None = None
     last_beat: float = 0.0
     beat_seen: bool = False
     started: float = 0.0
@@ -72,8 +89,18 @@ class Child:
 
 
 class Angel:
-    def __init__(self, config_path: str, cfg: Config) -> None:
+    def __init__(
+        self,
+        config_path: str,
+        cfg: Config,
+        adopted: Iterable[socket.socket] = (),
+        predecessor: upgrade.Predecessor | None = None,
+    ) -> None:
         self.cfg = cfg
+        self.config_path = config_path
+        self.keeper = handoff.SocketKeeper(adopted)
+        self.predecessor = predecessor  # the angel this one takes over from
+        self.successor: upgrade.Successor | None = None  # the one taking over from us
         channel = new_channel_name()
         base = [sys.executable, "-m", "meshproxy.runtime.child"]
         self.children = [
@@ -99,12 +126,17 @@ class Angel:
     # ----------------------------------------------------------------- children
 
     @staticmethod
-    def _start(argv: list[str], go: int | None = None) -> tuple[subprocess.Popen[bytes], int]:
-        """Start a child; returns it and the read end of its heartbeat pipe."""
+    def _start(child: Child, go: int | None = None) -> Started:
+        """Start a child, with a heartbeat pipe and, for a worker, a socket channel."""
         read_end, write_end = os.pipe()
         os.set_blocking(read_end, False)
-        argv = [*argv, "--heartbeat-fd", str(write_end)]
+        argv = [*child.argv, "--heartbeat-fd", str(write_end)]
         fds = [write_end]
+        ours = theirs = None
+        if child.name != CONTROL:
+            ours, theirs = handoff.pair()
+            argv += ["--sockets-fd", str(theirs.fileno())]
+            fds.append(theirs.fileno())
         if go is not None:
             argv += ["--standby-fd", str(go)]
             fds.append(go)
@@ -114,23 +146,26 @@ class Angel:
             argv, pass_fds=fds, preexec_fn=stop_with_parent, start_new_session=True
         )
         os.close(write_end)
-        return process, read_end
+        if theirs is not None:
+            theirs.close()
+        return Started(process, read_end, ours)
 
     def spawn(self, child: Child) -> None:
         standby, child.standby = child.standby, None
-        if standby is not None and standby.process.poll() is None:
+        if standby is not None and standby.started.process.poll() is None:
             os.write(standby.go, b"!")
             os.close(standby.go)
-            child.process, read_end = standby.process, standby.beats
+            started = standby.started
         else:
             if standby is not None:
                 self._discard(standby)
-            child.process, read_end = self._start(child.argv)
-        if child.beats >= 0:
-            self.selector.unregister(child.beats)
-            os.close(child.beats)
-        child.beats = read_end
-        self.selector.register(read_end, selectors.EVENT_READ, child)
+            started = self._start(child)
+        self._unwatch(child)
+        child.process, child.beats, child.sockets = started.process, started.beats, started.sockets
+        self._watch_fd(child.beats, lambda: self._read_beat(child))
+        if child.sockets is not None:
+            conn = child.sockets
+            self._watch_fd(conn.fileno(), lambda: self._answer(child, conn))
         child.started = child.last_beat = time.monotonic()
         child.beat_seen = False
         child.restart_at = None
@@ -138,8 +173,22 @@ class Angel:
             "angel_started_child",
             child=child.name,
             pid=child.process.pid,
-            standby="yes" if standby is not None and child.process is standby.process else "no",
+            standby="yes" if standby is not None and started is standby.started else "no",
         )
+
+    def _watch_fd(self, fd: int, handler: Callable[[], None]) -> None:
+        self.selector.register(fd, selectors.EVENT_READ, handler)
+
+    def _unwatch(self, child: Child) -> None:
+        """Stop watching a child's pipes, and close them."""
+        if child.beats >= 0:
+            self.selector.unregister(child.beats)
+            os.close(child.beats)
+            child.beats = -1
+        if child.sockets is not None:
+            self.selector.unregister(child.sockets.fileno())
+            child.sockets.close()
+            child.sockets = None
 
     def _keep_standby(self, child: Child, now: float) -> None:
         """Have a standby ready for a worker, when enabled and the node has settled."""
@@ -147,9 +196,9 @@ class Angel:
             return
         standby = child.standby
         if standby is not None:
-            if standby.process.poll() is None:
+            if standby.started.process.poll() is None:
                 return
-            code = standby.process.returncode
+            code = standby.started.process.returncode
             log.warning("angel_standby_died", child=child.name, status=code)
             self._discard(standby)
             child.standby = None
@@ -163,10 +212,10 @@ class Angel:
         ):
             return  # a standby that dies at once would otherwise be restarted every round
         go_read, go_write = os.pipe()
-        process, beats = self._start(child.argv, go=go_read)
+        started = self._start(child, go=go_read)
         os.close(go_read)
-        child.standby = Standby(process, beats, go_write)
-        log.event("angel_standby_started", child=child.name, pid=process.pid)
+        child.standby = Standby(started, go_write)
+        log.event("angel_standby_started", child=child.name, pid=started.process.pid)
 
     def _settled(self, now: float) -> bool:
         """Whether every child runs, heartbeats and has for STANDBY_AFTER_S: a standby
@@ -181,8 +230,10 @@ class Angel:
         """Stop a standby that will not be used (closing its start pipe ends it)."""
         with contextlib.suppress(OSError):
             os.close(standby.go)
-        stop(standby.process, 5.0)
-        os.close(standby.beats)
+        stop(standby.started.process, 5.0)
+        os.close(standby.started.beats)
+        if standby.started.sockets is not None:
+            standby.started.sockets.close()
 
     def _exited(self, child: Child, how: str, code: int | None) -> None:
         now = time.monotonic()
@@ -272,42 +323,137 @@ class Angel:
             if other is not child
         )
 
-    def _read_beats(self, timeout: float) -> None:
+    def _serve_fds(self, timeout: float) -> None:
         for key, _ in self.selector.select(timeout):
-            child: Child = key.data
-            with contextlib.suppress(BlockingIOError):
-                if os.read(key.fd, 4096):
-                    child.last_beat = time.monotonic()
-                    child.beat_seen = True
-                else:
-                    # End of file: the child died (its pipe end closed with it). That woke
-                    # us at once; _watch reaps it now. Unwatched, so a restart backoff
-                    # does not spin on a pipe that stays readable.
-                    self.selector.unregister(key.fd)
-                    os.close(key.fd)
-                    child.beats = -1
+            key.data()
+
+    def _read_beat(self, child: Child) -> None:
+        with contextlib.suppress(BlockingIOError):
+            if os.read(child.beats, 4096):
+                child.last_beat = time.monotonic()
+                child.beat_seen = True
+            else:
+                # End of file: the child died (its pipe end closed with it). That woke us
+                # at once; _watch reaps it now. Unwatched, so a restart backoff does not
+                # spin on a pipe that stays readable.
+                self._unwatch(child)
+
+    def _answer(self, child: Child, conn: socket.socket) -> None:
+        if not self.keeper.answer(child.name, conn) and child.sockets is conn:
+            self.selector.unregister(conn.fileno())
+            conn.close()
+            child.sockets = None
 
     # ----------------------------------------------------------------- lifecycle
 
     def run(self) -> int:
-        for handled in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for handled in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):
             signal.signal(handled, lambda s, _f: self.signals.append(s))
         try:
             for child in self.children:
-                self.spawn(child)
+                # Taking over, the control process waits until the old one's has stopped.
+                if child.name != CONTROL or self.predecessor is None:
+                    self.spawn(child)
             while self.exit_code is None:
-                self._read_beats(TICK_S)
+                self._serve_fds(TICK_S)
                 while self.signals:
                     signum = self.signals.pop(0)
                     if signum == signal.SIGHUP:
                         self._signal_control(signal.SIGHUP)
+                    elif signum == signal.SIGUSR2:
+                        self._begin_upgrade()
                     else:
                         log.event("angel_stopping", signal=signal.Signals(signum).name)
                         self.exit_code = 0
-                self._watch(time.monotonic())
+                now = time.monotonic()
+                self._watch(now)
+                self._follow_upgrade(now)
         finally:
             self.stop()
         return self.exit_code
+
+    # ----------------------------------------------------------------- upgrade
+
+    def _serving(self) -> bool:
+        """Whether every worker runs and has taken its listening sockets."""
+        return all(
+            c.process is not None and c.beat_seen and self.keeper.wants.get(c.name)
+            for c in self.children[1:]
+        )
+
+    def _begin_upgrade(self) -> None:
+        if self.successor is not None or self.predecessor is not None:
+            log.warning("angel_upgrade_refused", reason="an upgrade is already under way")
+            return
+        if os.getpid() == 1:
+            # Our exit would end the container: roll it instead.
+            log.warning("angel_upgrade_refused", reason="the angel is PID 1 (a container)")
+            return
+        try:
+            config.load(self.config_path)
+            successor = upgrade.Successor(self.config_path, self.keeper.all_sockets())
+        except (ConfigError, OSError) as exc:
+            log.warning("angel_upgrade_refused", reason=str(exc))
+            return
+        self.successor = successor
+        self._watch_fd(successor.link.fileno(), self._successor_said)
+        log.event("angel_upgrading", new_pid=successor.process.pid)
+
+    def _successor_said(self) -> None:
+        successor = self.successor
+        assert successor is not None
+        said = successor.said()
+        if said == upgrade.READY:
+            successor.ready = True
+            self.selector.unregister(successor.link.fileno())
+            # Its workers accept now. Our control process leaves without a gossip leave
+            # (the node stays in the mesh), freeing the admin and gossip ports for the new
+            # one; then our workers drain and we exit.
+            control = [c for c in self.children[:1] if c.process is not None]
+            self._terminate(control, upgrade.RELEASE_S, signal.SIGUSR2)
+            successor.release()
+            log.event("angel_handed_over", new_pid=successor.process.pid)
+            self.exit_code = 0
+        elif not said:
+            self._upgrade_failed(f"the new angel exited (status {successor.process.wait()})")
+
+    def _upgrade_failed(self, reason: str) -> None:
+        successor = self.successor
+        assert successor is not None
+        self.successor = None
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(successor.link.fileno())
+        successor.abandon()
+        log.warning("angel_upgrade_failed", reason=reason)
+
+    def _follow_upgrade(self, now: float) -> None:
+        successor = self.successor
+        if successor is not None and not successor.ready:
+            if successor.process.poll() is not None:
+                self._upgrade_failed(f"the new angel exited (status {successor.process.poll()})")
+            elif now > successor.deadline:
+                self._upgrade_failed(f"the new angel was not ready within {upgrade.READY_S:g}s")
+        predecessor = self.predecessor
+        if predecessor is None:
+            return
+        if not predecessor.said_ready:
+            if self._serving():
+                predecessor.say_ready(self.selector, self._predecessor_said)
+        elif now > predecessor.released_by:
+            log.warning("angel_takeover_unreleased", after_s=f"{upgrade.RELEASE_S:g}")
+            self._take_over()
+
+    def _predecessor_said(self) -> None:
+        assert self.predecessor is not None
+        if self.predecessor.released():
+            self._take_over()
+
+    def _take_over(self) -> None:
+        assert self.predecessor is not None
+        self.predecessor.close(self.selector)
+        self.predecessor = None
+        self.spawn(self.children[0])
+        log.event("angel_took_over")
 
     def _signal_control(self, signum: int) -> None:
         control = self.children[0].process
@@ -315,7 +461,16 @@ class Angel:
             control.send_signal(signum)
 
     def stop(self) -> None:
-        """Workers drain first, then the control process stops; nothing is left behind."""
+        """Workers drain first, then the control process stops; nothing is left behind
+        (but an angel we handed over to)."""
+        if self.successor is not None and not self.successor.ready:
+            self._upgrade_failed("this angel stops")
+        if self.predecessor is not None:
+            self.predecessor.close(self.selector)
+        # Once the workers have stopped accepting, the ports close and what still waits in
+        # their queues is refused, not left to time out. (After a handover the new angel's
+        # copies keep them open.)
+        self.keeper.close()
         workers = [c for c in self.children[1:] if c.process is not None]
         self._terminate(workers, self.cfg.node.drain_timeout_s + 5.0)
         control = [c for c in self.children[:1] if c.process is not None]
@@ -324,19 +479,16 @@ class Angel:
             if child.standby is not None:
                 self._discard(child.standby)
                 child.standby = None
-            if child.beats >= 0:
-                self.selector.unregister(child.beats)
-                os.close(child.beats)
-                child.beats = -1
+            self._unwatch(child)
         log.event("angel_stopped")
 
     @staticmethod
-    def _terminate(children: list[Child], timeout_s: float) -> None:
+    def _terminate(children: list[Child], timeout_s: float, signum: int = signal.SIGTERM) -> None:
         for child in children:
             child.stopping = True
             assert child.process is not None
             with contextlib.suppress(ProcessLookupError):
-                child.process.send_signal(signal.SIGTERM)
+                child.process.send_signal(signum)
         deadline = time.monotonic() + timeout_s
         for child in children:
             assert child.process is not None

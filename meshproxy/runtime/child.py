@@ -56,6 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--heartbeat-fd", type=int)
     parser.add_argument("--index", type=int, default=0)
     parser.add_argument("--standby-fd", type=int, help="wait for a byte here before starting")
+    parser.add_argument("--sockets-fd", type=int, help="where to ask the angel for sockets")
     args = parser.parse_args(argv)
     # The angel checked the config before starting us; a change on disk since then is
     # reported like any config error (exit 2) and the angel's backoff applies.
@@ -70,7 +71,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.standby_fd is not None and not wait_for_turn(args.standby_fd):
             return 0
         cfg = start(args.config, f"worker-{args.index}")
-        return asyncio.run(run_worker(cfg, args.channel, args.index, args.heartbeat_fd))
+        return asyncio.run(
+            run_worker(cfg, args.channel, args.index, args.heartbeat_fd, args.sockets_fd)
+        )
     except ConfigError as exc:
         print(f"meshproxy: {exc}", file=sys.stderr)
         return 2

@@ -4,7 +4,8 @@ workers under the angel.
 - single: control plane and data plane in one process.
 - control: health checks, admin API, runtime changes; pushes configs and member snapshots
   to the workers over the control channel and sums their counters.
-- worker: a data plane; accepts on the node's ports through SO_REUSEPORT and pumps bytes.
+- worker: a data plane; accepts on the node's ports, from sockets the angel binds and hands
+  to every worker (one accept queue for all), and pumps bytes.
 
 Each of them heartbeats to the angel from its event loop, so a stuck loop is noticed.
 """
@@ -24,7 +25,7 @@ from meshproxy.counters import Counters
 from meshproxy.dataplane.host import PlaneHost
 from meshproxy.dataplane.router import Member
 from meshproxy.errors import ConfigError, describe
-from meshproxy.runtime import allocator, channel
+from meshproxy.runtime import allocator, channel, handoff
 from meshproxy.runtime.channel import Message, Peer
 from meshproxy.supervise import Supervisor
 
@@ -146,11 +147,18 @@ async def run_control(cfg: Config, channel_path: str, heartbeat_fd: int | None) 
     from meshproxy.admin.server import AdminServer
 
     node = Node(cfg)
+    node.angel_pid = os.getppid()
     admin = AdminServer(node)
     await node.start()
     node.tasks.spawn("allocator trim", allocator.trim_loop)
 
+    handlers: set[asyncio.Task[Any]] = set()
+
     async def serve_worker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        handlers.add(task)
+        task.add_done_callback(handlers.discard)
         link = RemoteLink(Peer(writer))
         link.peer.send(channel.config_message(node.config))
         node.add_link(link)
@@ -185,14 +193,28 @@ async def run_control(cfg: Config, channel_path: str, heartbeat_fd: int | None) 
         await node.stop()
         return 1
     start_heartbeat(heartbeat_fd)
-    stop = asyncio.Event()
+    stop, handover = asyncio.Event(), asyncio.Event()
     _signals(stop, admin.reload)
+    loop = asyncio.get_running_loop()
+
+    def hand_over() -> None:
+        """SIGUSR2: a new angel takes over, and its control process rejoins as us."""
+        handover.set()
+        stop.set()
+
+    loop.add_signal_handler(signal.SIGUSR2, hand_over)
     log.event("node_started", role=cfg.node.role, mode="control")
     await stop.wait()
     server.close()
+    # Workers still connected (they outlive us in a handover) are let go of cleanly.
+    for link in list(node.links):
+        if isinstance(link, RemoteLink):
+            link.peer.close()
+    if handlers:
+        await asyncio.wait(handlers, timeout=2.0)
     await admin.stop()
-    await node.stop()
-    log.event("node_stopped")
+    await node.stop(leave=not handover.is_set())
+    log.event("node_stopped", handover="yes" if handover.is_set() else "no")
     return 0
 
 
@@ -289,7 +311,9 @@ class WorkerChannel:
             await asyncio.sleep(STATS_S)
 
 
-async def run_worker(cfg: Config, channel_path: str, index: int, heartbeat_fd: int | None) -> int:
+async def run_worker(
+    cfg: Config, channel_path: str, index: int, heartbeat_fd: int | None, sockets_fd: int | None
+) -> int:
     start_heartbeat(heartbeat_fd)
     link = WorkerChannel(channel_path, index)
     tasks = Supervisor()
@@ -304,7 +328,8 @@ async def run_worker(cfg: Config, channel_path: str, index: int, heartbeat_fd: i
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(1.0):
                 cfg = await link.first_config
-    host = PlaneHost(cfg, Counters(), link.report, reuse_port=True)
+    sockets = handoff.AngelSockets(sockets_fd) if sockets_fd is not None else None
+    host = PlaneHost(cfg, Counters(), link.report, sockets)
     for ref, members in link.members.items():
         host.apply_members(ref, members)
     try:

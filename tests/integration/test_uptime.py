@@ -2,7 +2,8 @@
 signals, and what the API refuses.
 
 Every node here runs as ``meshproxy run`` does in production: an angel, a ``_control``
-child (health checks, admin API) and ``_worker`` children that accept on SO_REUSEPORT.
+child (health checks, admin API) and ``_worker`` children that accept from the listening
+sockets the angel holds.
 Clients connect to a listener of a middle whose pool holds real MariaDB servers.
 """
 
@@ -858,9 +859,9 @@ def test_ctl_end_to_end(nodes: NodeFactory, backends: Backends) -> None:
 
 
 def test_angel_gives_up_after_fast_crashes(tmp_path: Path, backends: Backends) -> None:
-    """A worker that cannot bind its port (held without SO_REUSEPORT) exits 1 at each start;
-    with ``angel.max_fast_crashes = 2`` the angel logs ``angel_giving_up`` after the third
-    crash and exits 1, leaving no process behind."""
+    """A worker whose ports the angel cannot bind (another process holds them) exits 1 at
+    each start; with ``angel.max_fast_crashes = 2`` the angel logs ``angel_giving_up``
+    after the third crash and exits 1, leaving no process behind."""
     max_fast_crashes = 2
     busy, busy_mesh = socket.socket(), socket.socket()
     for held in (busy, busy_mesh):

@@ -1,0 +1,173 @@
+"""Listening sockets held by the angel and handed to its workers.
+
+The angel binds each client-facing address once and keeps the socket for as long as some
+worker's config wants it. A worker asks for it over a socket pair and receives a duplicate
+through SCM_RIGHTS, so every worker accepts from the same kernel queue: a worker that is
+stopped, dying or restarting strands no queued connection, because the others, or its
+replacement, accept them. (With SO_REUSEPORT each worker had a queue of its own, and what
+waited in a dead worker's queue was refused.)
+
+The exchange is one datagram each way on a SOCK_SEQPACKET pair: ``get`` asks for the
+sockets of one address and is answered with them, or with the error of the bind; ``keep``
+says which addresses the worker serves now and is not answered. A socket no worker keeps
+is closed, which is how a listener removed at run time stops accepting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import socket
+from collections.abc import Iterable
+
+import msgpack
+
+from meshproxy import log
+from meshproxy.config import Address
+from meshproxy.dataplane.listensockets import SockAddr, bind_listening, key_of
+
+MAX_MESSAGE = 64 * 1024
+MAX_FDS = 16  # sockets of one address: one per family it resolves to, in practice two
+ANSWER_S = 5.0  # the angel answers at once unless it is stopped itself
+
+
+def pair() -> tuple[socket.socket, socket.socket]:
+    """The angel's end and the child's end (inheritable) of a new socket pair."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.setblocking(False)
+    theirs.set_inheritable(True)
+    return ours, theirs
+
+
+class SocketKeeper:
+    """The angel's side: the sockets it holds, and who wants them."""
+
+    def __init__(self, adopted: Iterable[socket.socket] = ()) -> None:
+        # Sockets passed in by systemd or by the angel this one took over from, each
+        # waiting for the first worker that asks for its address.
+        self.adopted: dict[SockAddr, socket.socket] = {key_of(s.getsockname()): s for s in adopted}
+        self.held: dict[Address, list[socket.socket]] = {}
+        self.wants: dict[str, set[Address]] = {}  # per child, kept across its restarts
+
+    def answer(self, child: str, conn: socket.socket) -> bool:
+        """Serve one message from ``child`` on ``conn``; False once the child's end closed."""
+        try:
+            data = conn.recv(MAX_MESSAGE)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        if not data:
+            return False
+        try:
+            message = msgpack.unpackb(data)
+            if "get" in message:
+                host, port, backlog = message["get"]
+                self._get(child, conn, Address(str(host), int(port)), int(backlog))
+            elif "keep" in message:
+                self.wants[child] = {Address(str(h), int(p)) for h, p in message["keep"]}
+                self._release_unwanted()
+            else:
+                log.warning("angel_bad_socket_request", child=child, error="unknown request")
+        except (ValueError, TypeError, KeyError, msgpack.UnpackException) as exc:
+            log.warning("angel_bad_socket_request", child=child, error=str(exc))
+        return True
+
+    def _get(self, child: str, conn: socket.socket, address: Address, backlog: int) -> None:
+        sockets = self.held.get(address)
+        try:
+            if sockets is None:
+                sockets = self.held[address] = bind_listening(address, backlog, self.adopted)
+                log.event("angel_listening", bind=str(address), sockets=len(sockets))
+            else:
+                for sock in sockets:
+                    sock.listen(backlog)  # a config may change the backlog
+        except OSError as exc:
+            reply = {"err": exc.strerror or str(exc), "errno": exc.errno or errno.EINVAL}
+            self._send(conn, reply, [])
+            return
+        self.wants.setdefault(child, set()).add(address)
+        self._send(conn, {"n": len(sockets)}, [s.fileno() for s in sockets])
+
+    @staticmethod
+    def _send(conn: socket.socket, reply: dict[str, object], fds: list[int]) -> None:
+        with contextlib.suppress(OSError):  # a child that died meanwhile asks again later
+            socket.send_fds(conn, [msgpack.packb(reply)], fds)
+
+    def _release_unwanted(self) -> None:
+        wanted = set().union(*self.wants.values())
+        for address in set(self.held) - wanted:
+            for sock in self.held.pop(address):
+                sock.close()
+            log.event("angel_listener_closed", bind=str(address))
+
+    def all_sockets(self) -> list[socket.socket]:
+        """Every socket held or adopted and unclaimed: what a new angel takes over."""
+        return [s for group in self.held.values() for s in group] + list(self.adopted.values())
+
+    def close(self) -> None:
+        for sock in self.all_sockets():
+            sock.close()
+        self.held.clear()
+        self.adopted.clear()
+
+
+class AngelSockets:
+    """A worker's side: listening sockets come from its angel."""
+
+    def __init__(self, fd: int) -> None:
+        self._conn = socket.socket(fileno=fd)
+        self._conn.setblocking(False)
+        self._lock = asyncio.Lock()  # one question at a time, so answers stay in order
+
+    async def listening(self, address: Address, backlog: int) -> list[socket.socket]:
+        async with self._lock:
+            self._conn.send(msgpack.packb({"get": [address.host, address.port, backlog]}))
+            try:
+                async with asyncio.timeout(ANSWER_S):
+                    data, fds = await self._receive()
+            except TimeoutError:
+                raise OSError(errno.ETIMEDOUT, "the angel did not hand over the socket") from None
+        sockets = [socket.socket(fileno=fd) for fd in fds]
+        reply = msgpack.unpackb(data)
+        if "err" in reply:
+            for sock in sockets:
+                sock.close()
+            raise OSError(int(reply["errno"]), str(reply["err"]))
+        for sock in sockets:
+            sock.setblocking(False)
+        return sockets
+
+    async def _receive(self) -> tuple[bytes, list[int]]:
+        while True:
+            try:
+                data, fds, _, _ = socket.recv_fds(self._conn, MAX_MESSAGE, MAX_FDS)
+            except BlockingIOError:
+                await _readable(self._conn)
+                continue
+            if not data:
+                raise OSError(errno.EPIPE, "the angel closed the socket channel")
+            return data, fds
+
+    def keep(self, addresses: Iterable[Address]) -> None:
+        with contextlib.suppress(BlockingIOError):  # a full pair: the next keep says it all
+            self._conn.send(msgpack.packb({"keep": [[a.host, a.port] for a in addresses]}))
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+async def _readable(sock: socket.socket) -> None:
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():  # the loop may call a reader again before we remove it
+            ready.set_result(None)
+
+    loop.add_reader(sock.fileno(), wake)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(sock.fileno())
