@@ -22,12 +22,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         cfg = start(args.config, "")
         return asyncio.run(run_single(cfg))
+    from meshproxy.runtime import systemd
     from meshproxy.runtime.angel import Angel
     from meshproxy.runtime.upgrade import Predecessor
 
     cfg = start(args.config, "angel")
     if args.takeover_fd is None:
-        return Angel(args.config, cfg).run()
+        return Angel(args.config, cfg, systemd.inherited_listeners()).run()
     predecessor = Predecessor(args.takeover_fd)
     try:
         sockets = predecessor.take_sockets()

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from meshproxy import config, log
 from meshproxy.config import Config
 from meshproxy.errors import ConfigError
-from meshproxy.runtime import handoff, upgrade
+from meshproxy.runtime import handoff, systemd, upgrade
 from meshproxy.runtime.channel import new_name as new_channel_name
 from meshproxy.runtime.children import stop, stop_with_parent
 
@@ -101,6 +101,10 @@ class Angel:
         self.keeper = handoff.SocketKeeper(adopted)
         self.predecessor = predecessor  # the angel this one takes over from
         self.successor: upgrade.Successor | None = None  # the one taking over from us
+        self.notifier = systemd.Notifier()
+        self.said_ready = False  # to systemd, if it listens
+        self.watchdog_s = systemd.watchdog_interval_s()
+        self.next_ping = 0.0
         channel = new_channel_name()
         base = [sys.executable, "-m", "meshproxy.runtime.child"]
         self.children = [
@@ -359,7 +363,11 @@ class Angel:
                 while self.signals:
                     signum = self.signals.pop(0)
                     if signum == signal.SIGHUP:
+                        # The control process reloads on its own time: systemd hears of it
+                        # as begun and done at once.
+                        self.notifier.reloading()
                         self._signal_control(signal.SIGHUP)
+                        self.notifier.ready("config reloaded")
                     elif signum == signal.SIGUSR2:
                         self._begin_upgrade()
                     else:
@@ -368,9 +376,27 @@ class Angel:
                 now = time.monotonic()
                 self._watch(now)
                 self._follow_upgrade(now)
+                self._tell_systemd(now)
         finally:
             self.stop()
         return self.exit_code
+
+    def _tell_systemd(self, now: float) -> None:
+        """READY=1 once the node serves, and the watchdog's ping from this loop (so that a
+        hung angel is restarted by systemd, as the angel restarts a hung child)."""
+        if not self.said_ready and self.predecessor is None and self._serving():
+            self.said_ready = True
+            workers = len(self.children) - 1
+            self.notifier.ready(f"serving: {workers} worker{'s' if workers > 1 else ''}")
+            for sock in self.keeper.adopted.values():
+                log.warning(
+                    "angel_socket_unclaimed",
+                    bind=str(sock.getsockname()),
+                    reason="passed in, but no listener binds there",
+                )
+        if self.watchdog_s is not None and now >= self.next_ping:
+            self.notifier.watchdog()
+            self.next_ping = now + self.watchdog_s
 
     # ----------------------------------------------------------------- upgrade
 
@@ -453,6 +479,9 @@ class Angel:
         self.predecessor.close(self.selector)
         self.predecessor = None
         self.spawn(self.children[0])
+        # systemd (NotifyAccess=all) now follows this process; READY=1 comes next round.
+        self.notifier.main_pid(os.getpid())
+        self.watchdog_s = systemd.watchdog_interval_s()
         log.event("angel_took_over")
 
     def _signal_control(self, signum: int) -> None:
@@ -465,6 +494,8 @@ class Angel:
         (but an angel we handed over to)."""
         if self.successor is not None and not self.successor.ready:
             self._upgrade_failed("this angel stops")
+        if self.successor is None:  # after a handover, systemd follows the new angel
+            self.notifier.stopping("draining")
         if self.predecessor is not None:
             self.predecessor.close(self.selector)
         # Once the workers have stopped accepting, the ports close and what still waits in

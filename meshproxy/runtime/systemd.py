@@ -27,7 +27,7 @@ from meshproxy.errors import ConfigError, describe
 
 try:
     from systemd import daemon
-except ImportError:  # a Linux-only dependency: elsewhere no systemd passes or listens
+except ImportError:  # the "systemd" extra: containers and other systems do without it
     daemon = None
 
 SOURCE = "systemd socket activation"
@@ -43,7 +43,9 @@ def inherited_listeners() -> list[socket.socket]:
     """
     if daemon is None:
         if "LISTEN_FDS" in os.environ:
-            raise ConfigError(SOURCE, "LISTEN_FDS", "sockets were passed: install systemd-python")
+            raise ConfigError(
+                SOURCE, "LISTEN_FDS", "sockets were passed: install meshproxy[systemd]"
+            )
         return []
     # unset_environment: the angel's children must not believe the sockets are theirs.
     passed = daemon.listen_fds_with_names(unset_environment=True)
@@ -176,7 +178,7 @@ class Notifier:
 
 def _notify(message: str) -> bool:
     if daemon is None:
-        raise OSError(0, "systemd-python is not installed")
+        raise OSError(0, "meshproxy[systemd] (systemd-python) is not installed")
     return bool(daemon.notify(message))
 
 
