@@ -41,6 +41,16 @@ def connect_errors(timeline: Timeline, after: float) -> int:
     return sum(1 for e in timeline.client_events if e.kind == "connect_error" and e.t >= after)
 
 
+def later_connect_errors(timeline: Timeline, after: float) -> int:
+    """New connections begun after ``after`` that failed (those already in a process's
+    hands when it was killed are lost with it, whatever holds the listening socket)."""
+    return sum(
+        1
+        for e in timeline.client_events
+        if e.kind == "connect_error" and e.started is not None and e.started >= after
+    )
+
+
 def session_errors(timeline: Timeline, after: float, on: str | None = None) -> int:
     """Open sessions that broke after ``after``: those through ``on``, or all of them."""
     return sum(

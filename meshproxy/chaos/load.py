@@ -80,6 +80,7 @@ def worker(index: int, settings: Settings, totals: Totals, out: Output, stop: fl
     time.sleep(random.uniform(0, settings.queries_per_session * settings.pause_s))
     while time.time() < stop:
         middle = ""
+        started = time.time()
         conn = pymysql.connections.Connection(
             host=settings.host,
             port=settings.port,
@@ -140,7 +141,10 @@ def worker(index: int, settings: Settings, totals: Totals, out: Output, stop: fl
             failed_at = time.time()
             with totals.lock:
                 totals.errors += 1
-            out.emit({"ev": phase, "t": failed_at, "w": index, "m": middle, "d": str(exc)[:200]})
+            event = {"ev": phase, "t": failed_at, "w": index, "m": middle, "d": str(exc)[:200]}
+            if phase == "connect_error":
+                event["s"] = started  # whether it began before or after a fault matters
+            out.emit(event)
             if phase == "connect_error":
                 time.sleep(CONNECT_RETRY_S)  # a refusing edge would otherwise be spun on
 

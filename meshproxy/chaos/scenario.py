@@ -174,6 +174,7 @@ class Scenario:
                     e["ev"],
                     e.get("m", ""),
                     e.get("d", ""),
+                    round(e["s"] - self.t0, 3) if "s" in e else None,
                 )
                 for i, load in enumerate(self._loads)
                 for e in load.events

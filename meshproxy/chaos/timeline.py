@@ -44,6 +44,7 @@ class ClientEvent:
     kind: str  # "connect_error", "session_error", "reconnected" or "stalled"
     middle: str  # the middle that carried the session ("" when unknown)
     detail: str = ""  # the error; for "stalled", the seconds the query waited
+    started: float | None = None  # a connect error's: when that connect began
 
 
 @dataclass(frozen=True)

@@ -294,6 +294,9 @@ def conclude_served_again(scenario: Scenario, prober: Prober, fault: float) -> N
         [
             Check("edge greets new connections again", served, ANGEL_BOUND_S),
             Check("a load client's next session", clients, ANGEL_BOUND_S + TCP_SYN_RETRY_S),
+            # The angel holds the listening sockets: what connects meanwhile waits in the
+            # queue for the replacement workers.
+            Check("new connections failed", analysis.later_connect_errors(t, fault), 0, ""),
         ],
         served,
         clients,
