@@ -18,17 +18,10 @@ import pymysql
 import pytest
 
 from meshproxy.testbed import mariadb
-from tests.integration.harness import MariaDBFarm, NodeFactory, free_port, query, wait_until
+from tests.integration.harness import NodeFactory, free_port, query, wait_until
 from tests.integration.test_uptime import alive, start_node, uptime_config, worker_pids
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def backend(mariadb_farm: MariaDBFarm) -> Iterator[mariadb.MariaDB]:
-    server = mariadb_farm.start()
-    yield server
-    mariadb_farm.stop(server)
 
 
 @contextlib.contextmanager
@@ -45,13 +38,13 @@ def stopped(pids: set[int]) -> Iterator[None]:
 
 
 def test_stopped_worker_leaves_its_share_to_the_others(
-    nodes: NodeFactory, backend: mariadb.MariaDB
+    nodes: NodeFactory, shared_mariadb: mariadb.MariaDB
 ) -> None:
     """With one of two workers SIGSTOPped (and the angel's watchdog too slow to notice),
     every one of 40 new sessions is served at once by the other worker: none waits in a
     queue of the stopped one."""
     port, admin_port = free_port(), free_port()
-    doc = uptime_config("aq", [backend.port], port, admin_port, angel={"watchdog_s": 120})
+    doc = uptime_config("aq", [shared_mariadb.port], port, admin_port, angel={"watchdog_s": 120})
     node = start_node(nodes, doc)
     victim = min(worker_pids(node))
     with stopped({victim}):
@@ -62,7 +55,7 @@ def test_stopped_worker_leaves_its_share_to_the_others(
 
 
 def test_connections_queued_while_every_worker_restarts_are_served(
-    nodes: NodeFactory, backend: mariadb.MariaDB
+    nodes: NodeFactory, shared_mariadb: mariadb.MariaDB
 ) -> None:
     """Sessions that connect while no worker runs (both stopped, then killed) wait in the
     angel's queue and are all served by the workers that replace them: a restart of the
@@ -70,7 +63,7 @@ def test_connections_queued_while_every_worker_restarts_are_served(
     port, admin_port = free_port(), free_port()
     doc = uptime_config(
         "ar",
-        [backend.port],
+        [shared_mariadb.port],
         port,
         admin_port,
         angel={"watchdog_s": 120, "standby_workers": False},

@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,6 @@ import pytest
 from meshproxy.testbed import mariadb
 from tests.integration.harness import (
     LogEvent,
-    MariaDBFarm,
     close_quietly,
     connect,
     free_port,
@@ -80,14 +78,9 @@ class NotifyListener:
         self.sock.close()
 
 
-@pytest.fixture(scope="module")
-def backend(mariadb_farm: MariaDBFarm) -> Iterator[mariadb.MariaDB]:
-    server = mariadb_farm.start()
-    yield server
-    mariadb_farm.stop(server)
-
-
-def test_socket_activated_node_notifies_systemd(tmp_path: Path, backend: mariadb.MariaDB) -> None:
+def test_socket_activated_node_notifies_systemd(
+    tmp_path: Path, shared_mariadb: mariadb.MariaDB
+) -> None:
     """Under systemd-socket-activate the first client waits for the node instead of being
     refused and is served on the passed socket; the angel says READY=1 once its workers
     serve, pings the watchdog, says RELOADING=1 then READY=1 on SIGHUP; after an upgrade
@@ -95,7 +88,7 @@ def test_socket_activated_node_notifies_systemd(tmp_path: Path, backend: mariadb
     in charge says STOPPING=1 and exits 0, leaving nothing behind."""
     port, admin_port = free_port(), free_port()
     config_path = tmp_path / "sd.toml"
-    config_path.write_text(to_toml(uptime_config("sd", [backend.port], port, admin_port)))
+    config_path.write_text(to_toml(uptime_config("sd", [shared_mariadb.port], port, admin_port)))
     listener = NotifyListener(tmp_path / "notify")
     log_path = tmp_path / "sd.log"
     argv = ["systemd-socket-activate", "-l", f"127.0.0.1:{port}"]
@@ -110,7 +103,7 @@ def test_socket_activated_node_notifies_systemd(tmp_path: Path, backend: mariadb
         try:
             with first.cursor() as cursor:
                 cursor.execute("SELECT @@port")
-                assert cursor.fetchall() == ((backend.port,),)
+                assert cursor.fetchall() == ((shared_mariadb.port,),)
         finally:
             close_quietly(first)
         (ready,) = listener.wait_for("READY=1")

@@ -20,7 +20,6 @@ import pytest
 from meshproxy.testbed import mariadb
 from tests.integration.harness import (
     Load,
-    MariaDBFarm,
     NodeFactory,
     NodeProcess,
     close_quietly,
@@ -39,13 +38,6 @@ from tests.integration.test_uptime import (
 )
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def backend(mariadb_farm: MariaDBFarm) -> Iterator[mariadb.MariaDB]:
-    server = mariadb_farm.start()
-    yield server
-    mariadb_farm.stop(server)
 
 
 def ctl(admin_port: int, *args: str) -> subprocess.CompletedProcess[str]:
@@ -74,12 +66,14 @@ def successor_stopped(node: NodeProcess) -> Iterator[None]:
         wait_until(lambda: not processes_with(str(node.config_path)), 30, "the new angel to stop")
 
 
-def test_upgrade_under_load_refuses_nothing(nodes: NodeFactory, backend: mariadb.MariaDB) -> None:
+def test_upgrade_under_load_refuses_nothing(
+    nodes: NodeFactory, shared_mariadb: mariadb.MariaDB
+) -> None:
     """During an upgrade under load no connect or query fails, a session open before it
     keeps working until its client closes it, the old angel exits 0 once that session has
     ended, and the new angel serves with a control process of its own."""
     port, admin_port = free_port(), free_port()
-    doc = uptime_config("up", [backend.port], port, admin_port, node={"drain_timeout_s": 30})
+    doc = uptime_config("up", [shared_mariadb.port], port, admin_port, node={"drain_timeout_s": 30})
     node = start_node(nodes, doc)
     old_angel = node.pid
     held = connect(port)
@@ -113,12 +107,12 @@ def test_upgrade_under_load_refuses_nothing(nodes: NodeFactory, backend: mariadb
 
 
 def test_upgrade_with_a_broken_config_file_is_refused(
-    nodes: NodeFactory, backend: mariadb.MariaDB
+    nodes: NodeFactory, shared_mariadb: mariadb.MariaDB
 ) -> None:
     """An upgrade asked for while the config file on disk does not load is refused with
     the file's error; the running node carries on unchanged."""
     port, admin_port = free_port(), free_port()
-    node = start_node(nodes, uptime_config("ub", [backend.port], port, admin_port))
+    node = start_node(nodes, uptime_config("ub", [shared_mariadb.port], port, admin_port))
     node.config_path.write_text(node.config_path.read_text() + "\n[nonsense]\n")
     done = ctl(admin_port, "upgrade")
     assert done.returncode == 0, done.stderr
