@@ -122,6 +122,15 @@ class AngelConfig:
     standby_workers: bool = True
 
 
+# The kernel fast path for linked passthrough sessions (meshproxy/dataplane/sockmap.py).
+Accel = Literal["none", "sockmap"]
+
+
+@dataclass(frozen=True)
+class DataplaneConfig:
+    accel: Accel = "none"
+
+
 @dataclass(frozen=True)
 class TimeoutsConfig:
     connect_ms: int = 1000
@@ -414,6 +423,7 @@ class Config:
     node: NodeConfig
     admin: AdminConfig | None = None
     angel: AngelConfig = field(default_factory=AngelConfig)
+    dataplane: DataplaneConfig = field(default_factory=DataplaneConfig)
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
     listener: tuple[ListenerConfig, ...] = ()
     service: tuple[ServiceConfig, ...] = ()

@@ -220,6 +220,8 @@ class Node:
             raise ApplyError("admin.bind cannot change at runtime: restart the node")
         if old.gossip != new.gossip:
             raise ApplyError("the [gossip] section cannot change at runtime: restart the node")
+        if old.dataplane != new.dataplane:
+            raise ApplyError("dataplane.accel cannot change at runtime: restart the node")
         if (old.mesh_tls is None) != (new.mesh_tls is None):
             raise ApplyError(
                 "[mesh_tls] cannot be added or removed at runtime: restart the node"

@@ -23,6 +23,7 @@ from meshproxy.dataplane.listensockets import ListenSource, OwnSockets
 from meshproxy.dataplane.plane import DataPlane, Route
 from meshproxy.dataplane.router import Member
 from meshproxy.dataplane.sessionmode import maintain_forever
+from meshproxy.dataplane.sockmap import Sockmap, Unavailable
 from meshproxy.dataplane.upstream import ConnectReport, WarmPool
 from meshproxy.errors import ConnectFailed, describe
 from meshproxy.health.state import ServerState
@@ -81,6 +82,7 @@ class PlaneHost:
         self.plane.routes = routes(self.config)
         self._sync_groups(self.config)
         self._take_tls(self.config)
+        await self._load_accel()
         wanted = binds(self.config)
         failure: OSError | None = None
         for name, (address, backlog) in wanted.items():
@@ -209,6 +211,19 @@ class PlaneHost:
                 self.counters.inc("mesh_tls_reload_failures")
                 log.warning("mesh_tls_reload_failed", error=describe(exc))
         self.plane.connector.tls = self.tls
+
+    async def _load_accel(self) -> None:
+        """The kernel fast path, when the config asks for it and this host can run it.
+        (Compiling the program takes a few hundred ms: in a thread, off the loop.)"""
+        if self.config.dataplane.accel != "sockmap":
+            return
+        try:
+            self.plane.connector.sockmap = await asyncio.to_thread(Sockmap)
+        except Unavailable as exc:
+            self.counters.inc("accel_unavailable")
+            log.warning("accel_unavailable", accel="sockmap", reason=str(exc), using="python pump")
+            return
+        log.event("accel_ready", accel="sockmap")
 
     def _tls_refused(self, reason: str, detail: str) -> None:
         self.counters.inc("mesh_tls_refused", entrance=MESH, reason=reason)

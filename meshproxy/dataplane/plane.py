@@ -155,6 +155,8 @@ class DataPlane:
         assert upstream is not None
         if inbound.lost:  # the client went away while we were connecting
             session.closed = True
+            if session.spliced is not None:
+                session.spliced.forget()
             if upstream.transport is not None:
                 upstream.transport.close()
             return None
@@ -209,6 +211,8 @@ class DataPlane:
             if not self.open_sessions:
                 self.no_sessions.set()
         self.count_bytes(session)
+        if session.spliced is not None:
+            session.spliced.forget()
         self.counters.inc("connections_closed", entrance=entrance.name)
 
     def count_bytes(self, session: Session) -> int:

@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from meshproxy.config import Address
+
+if TYPE_CHECKING:
+    from meshproxy.dataplane.sockmap import Spliced
 
 
 class Half(asyncio.Protocol):
@@ -60,9 +64,11 @@ class Session:
         "_on_close",
         "client",
         "closed",
+        "closing",
         "idle_since",
         "last_nbytes",
         "member",
+        "spliced",
         "swept_nbytes",
         "upstream",
     )
@@ -73,14 +79,19 @@ class Session:
         self.upstream: Half | None = None
         self.member: Address | None = None
         self.closed = False
+        self.closing = False  # a spliced session waits for the kernel to pass bytes on
         self.last_nbytes = -1  # total at the last idle sweep
         self.idle_since = 0.0
         self.swept_nbytes = (0, 0)  # bytes already added to the counters, per direction
+        self.spliced: Spliced | None = None  # its bytes go through the kernel fast path
 
     def nbytes(self) -> tuple[int, int]:
         """Bytes received from the client and from the upstream so far."""
         c = self.client.nbytes if self.client else 0
         u = self.upstream.nbytes if self.upstream else 0
+        if self.spliced is not None:
+            kernel_c, kernel_u = self.spliced.nbytes()
+            return c + kernel_c, u + kernel_u
         return c, u
 
     def half_closed(self) -> bool:
@@ -92,13 +103,40 @@ class Session:
             self.close()
             return False
         for reader in (client, upstream):
-            if reader.eof and reader.peer is not None and not reader.peer.is_closing():
-                if not reader.peer.can_write_eof():
+            peer = reader.peer
+            if reader.eof and peer is not None and not peer.is_closing():
+                if not peer.can_write_eof():
                     return False
-                reader.peer.write_eof()
+                if self.spliced is None:
+                    peer.write_eof()
+                elif reader is client:
+                    self.spliced.write_eof(True, self._from_client)
+                else:
+                    self.spliced.write_eof(False, self._from_upstream)
         return True
 
     def close(self, abort: bool = False) -> None:
+        if self.closed or (self.closing and not abort):
+            return
+        spliced = self.spliced
+        if spliced is not None and not abort:
+            # What the kernel still carries reaches each side before the close.
+            self.closing = True
+            spliced.after_flush(
+                True,
+                self._from_client,
+                lambda: spliced.after_flush(False, self._from_upstream, self._close_now),
+            )
+            return
+        self._close_now(abort)
+
+    def _from_client(self) -> int:
+        return self.client.nbytes if self.client else 0
+
+    def _from_upstream(self) -> int:
+        return self.upstream.nbytes if self.upstream else 0
+
+    def _close_now(self, abort: bool = False) -> None:
         if self.closed:
             return
         self.closed = True

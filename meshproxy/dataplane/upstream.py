@@ -23,6 +23,7 @@ from meshproxy.counters import Counters
 from meshproxy.dataplane.hop import HopHeader
 from meshproxy.dataplane.pump import Half, Session
 from meshproxy.dataplane.router import Member, choose
+from meshproxy.dataplane.sockmap import Sockmap
 from meshproxy.errors import ConnectFailed, NoUpstream, UpstreamError, describe
 from meshproxy.security.meshtls import MeshTls, peer_of
 
@@ -208,6 +209,7 @@ class Connector:
         # Attempts still waiting for a connect or a greeting, by member.
         self._dialing: dict[Address, set[Dialing]] = {}
         self.tls: MeshTls | None = None  # mutual TLS to tier members, with [mesh_tls]
+        self.sockmap: Sockmap | None = None  # the kernel fast path, with dataplane.accel
 
     def abandon(self, address: Address, reason: str) -> int:
         """Fail the attempts to ``address`` that have not seen a greeting yet, so that they
@@ -333,8 +335,22 @@ class Connector:
         session.upstream = upstream
         session.member = address
         transport.set_protocol(upstream)
+        if await_greeting and self.sockmap is not None:
+            # The quiet point: the greeting is here and not passed on, so neither side
+            # sends until the client has it.
+            self._splice(session, client, transport)
         if dialing.first:
             upstream.nbytes += len(dialing.first)
             client.write(dialing.first)
         transport.resume_reading()
         self._report(ref, address, None)
+
+    def _splice(
+        self, session: Session, client: asyncio.Transport, upstream: asyncio.Transport
+    ) -> None:
+        """Hand a linked session's bytes to the kernel, unless TLS keeps them in user space."""
+        assert self.sockmap is not None
+        if client.get_extra_info("sslcontext") or upstream.get_extra_info("sslcontext"):
+            return
+        session.spliced = self.sockmap.splice(client, upstream)
+        self.counters.inc("accel_sessions" if session.spliced else "accel_fallbacks")

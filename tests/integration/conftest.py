@@ -96,17 +96,27 @@ def nodes(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[NodeFactor
         pytest.fail("\n".join(problems))
 
 
-def _start_chain(factory: NodeFactory, backend: mariadb.MariaDB) -> Chain:
+def start_chain(factory: NodeFactory, backend: mariadb.MariaDB, accel: str = "none") -> Chain:
+    """An edge and a middle in front of ``backend``; with ``accel = "sockmap"`` both splice
+    linked sessions in the kernel (and must have loaded the fast path)."""
     mesh_port, edge_port = free_port(), free_port()
-    middle = factory.start(middle_config("middle1", mesh_port, servers=[backend.port]))
-    edge = factory.start(edge_config("edge1", edge_port, [mesh_port]))
+    nodes = []
+    for doc in (
+        middle_config("middle1", mesh_port, servers=[backend.port]),
+        edge_config("edge1", edge_port, [mesh_port]),
+    ):
+        doc["dataplane"] = {"accel": accel}
+        nodes.append(factory.start(doc))
+        if accel != "none":
+            nodes[-1].wait_for_event("accel_ready", timeout_s=30)
+    middle, edge = nodes
     return Chain(edge, middle, edge_port, backend)
 
 
 @pytest.fixture
 def chain(nodes: NodeFactory, shared_mariadb: mariadb.MariaDB) -> Chain:
     """client -> edge -> middle -> the shared MariaDB server, for this test alone."""
-    return _start_chain(nodes, shared_mariadb)
+    return start_chain(nodes, shared_mariadb)
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +125,7 @@ def _module_chain(
 ) -> Iterator[tuple[NodeFactory, Chain]]:
     factory = NodeFactory(tmp_path_factory.mktemp("chain"))
     try:
-        yield factory, _start_chain(factory, shared_mariadb)
+        yield factory, start_chain(factory, shared_mariadb)
     finally:
         problems = factory.stop_all()
         if problems:

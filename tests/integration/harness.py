@@ -294,6 +294,7 @@ class NodeProcess:
     log_path: Path
     ports: list[int]
     run_args: tuple[str, ...] = ()  # extra arguments to ``meshproxy run``
+    wrapper: tuple[str, ...] = ()  # a command it runs under (e.g. setpriv, to drop capabilities)
     process: subprocess.Popen[bytes] | None = None
     returncode: int | None = None
     hang_report: str = ""  # the sockets it held, if it did not stop on SIGTERM
@@ -305,7 +306,16 @@ class NodeProcess:
         binds accepts connections."""
         self._log_file = self.log_path.open("wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "meshproxy", "run", *self.run_args, "-c", str(self.config_path)],
+            [
+                *self.wrapper,
+                sys.executable,
+                "-m",
+                "meshproxy",
+                "run",
+                *self.run_args,
+                "-c",
+                str(self.config_path),
+            ],
             stdin=subprocess.DEVNULL,
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
@@ -469,12 +479,16 @@ class NodeFactory:
         self.workdir = workdir
         self.nodes: list[NodeProcess] = []
 
-    def start(self, doc: Doc, run_args: Sequence[str] = ()) -> NodeProcess:
+    def start(
+        self, doc: Doc, run_args: Sequence[str] = (), wrapper: Sequence[str] = ()
+    ) -> NodeProcess:
         name = doc["node"]["name"]
         config_path = self.workdir / f"{name}.toml"
         config_path.write_text(to_toml(doc))
         log_path = self.workdir / f"{name}.log"
-        node = NodeProcess(name, config_path, log_path, bound_ports(doc), tuple(run_args))
+        node = NodeProcess(
+            name, config_path, log_path, bound_ports(doc), tuple(run_args), tuple(wrapper)
+        )
         self.nodes.append(node)
         node.start()
         return node

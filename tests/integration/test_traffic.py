@@ -1,4 +1,8 @@
-"""MySQL traffic through client -> edge -> middle -> MariaDB with real clients."""
+"""MySQL traffic through client -> edge -> middle -> MariaDB with real clients.
+
+Every test runs twice: with the Python pump, and with the kernel fast path
+(``dataplane.accel = "sockmap"``), where linked sessions' bytes never enter Python.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +15,14 @@ import subprocess
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 
 import pymysql
 import pymysql.cursors
 import pytest
 
 from meshproxy.testbed import mariadb
+from tests.integration.conftest import start_chain
 from tests.integration.harness import (
     HOST,
     Chain,
@@ -38,6 +44,30 @@ from tests.integration.harness import (
 pytestmark = pytest.mark.integration
 
 MiB = 1024 * 1024
+
+
+@pytest.fixture(scope="module", params=["none", "sockmap"])
+def accel(request: pytest.FixtureRequest) -> str:
+    """The data plane the module's chains run: the Python pump, or the BPF sockmap."""
+    return str(request.param)
+
+
+@pytest.fixture(scope="module")
+def _module_chain(
+    tmp_path_factory: pytest.TempPathFactory, shared_mariadb: mariadb.MariaDB, accel: str
+) -> Iterator[tuple[NodeFactory, Chain]]:
+    factory = NodeFactory(tmp_path_factory.mktemp(f"chain-{accel}"))
+    try:
+        yield factory, start_chain(factory, shared_mariadb, accel)
+    finally:
+        problems = factory.stop_all()
+        if problems:
+            pytest.fail("\n".join(problems))
+
+
+@pytest.fixture
+def chain(nodes: NodeFactory, shared_mariadb: mariadb.MariaDB, accel: str) -> Chain:
+    return start_chain(nodes, shared_mariadb, accel)
 
 
 def test_large_result_set_arrives_complete(shared_chain: Chain) -> None:
@@ -259,12 +289,18 @@ def test_sysbench_point_selects_without_errors(shared_chain: Chain) -> None:
     assert figure("queries") > 1000
 
 
-def test_idle_session_is_closed(nodes: NodeFactory, shared_mariadb: mariadb.MariaDB) -> None:
+def test_idle_session_is_closed(
+    nodes: NodeFactory, shared_mariadb: mariadb.MariaDB, accel: str
+) -> None:
     """With timeouts.idle_s = 1, a session silent for a second is closed by the edge while
-    a session that keeps talking stays open."""
+    a session that keeps talking stays open (spliced, its bytes are counted by the kernel)."""
     mesh_port, edge_port = free_port(), free_port()
-    nodes.start(middle_config("middle1", mesh_port, servers=[shared_mariadb.port]))
-    edge = nodes.start(edge_config("edge1", edge_port, [mesh_port], timeouts={"idle_s": 1}))
+    middle = middle_config("middle1", mesh_port, servers=[shared_mariadb.port])
+    edge_doc = edge_config("edge1", edge_port, [mesh_port], timeouts={"idle_s": 1})
+    for doc in (middle, edge_doc):
+        doc["dataplane"] = {"accel": accel}
+    nodes.start(middle)
+    edge = nodes.start(edge_doc)
     idle, busy = connect(edge_port), connect(edge_port)
     stop = threading.Event()
     busy_errors: list[BaseException] = []
