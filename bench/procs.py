@@ -195,3 +195,14 @@ def socket_inodes(pids: Sequence[int]) -> set[int]:
                 if target.startswith("socket:["):
                     found.add(int(target[8:-1]))
     return found
+
+
+def host_cpu_seconds() -> float:
+    """CPU time the whole machine has spent busy (user, system, interrupts) since boot.
+
+    The kernel fast path moves bytes in softirq context and kernel worker threads, which
+    no proxy process is charged for; this is where that work shows.
+    """
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")

@@ -35,6 +35,10 @@ class Run:
     threads: int | None = None  # sysbench's client threads
     backend: Backend | None = None  # what MariaDB saw of the run (bench/serverstats.py)
     routing: dict[str, int] | None = None  # the node's and servers' counts (bench/routing.py)
+    # CPU the whole machine used per query: sysbench and MariaDB too, the same on every
+    # path, and the kernel's share of moving the bytes, which no proxy process is charged
+    # for (the sockmap fast path's work is there).
+    host_us: float | None = None
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,7 @@ class Summary:
     backend_max: int | None = None
     app_max: int | None = None
     threads_max: int | None = None
+    host_us: float | None = None  # median machine CPU per query or connection
 
 
 @dataclass(frozen=True)
@@ -126,6 +131,7 @@ def _summary(workload: str, target: str, runs: list[Run]) -> Summary:
         backend_max=_max([b.path_max for b in backends]),
         app_max=_max([b.app_threads_max for b in backends]),
         threads_max=_max([b.threads_max for b in backends]),
+        host_us=_median([r.host_us for r in runs if r.host_us is not None]),
     )
 
 
@@ -397,7 +403,8 @@ def table(summaries: list[Summary], heading: str, unit: str, backend: bool = Fal
     extra = f" {'new bknd':>8} {'bknd max':>8} {'thr max':>7}" if backend else ""
     head = (
         f"{'path':<26} {unit:>8} {'x direct':>8} {'x HAProxy':>9} {'p95 ms':>7} "
-        f"{'p95 x HA':>8} {'CPU us':>7} {'user us':>7} {'CPU x HA':>8}{extra} {'errors':>6} "
+        f"{'p95 x HA':>8} {'CPU us':>7} {'user us':>7} {'CPU x HA':>8} {'host us':>7}{extra} "
+        f"{'errors':>6} "
         f"{'failed':>6}  per round"
     )
     lines = [heading, head, "-" * len(head)]
@@ -413,7 +420,8 @@ def table(summaries: list[Summary], heading: str, unit: str, backend: bool = Fal
             f"{LABELS[s.target]:<26} {_fmt(s.rate, '.0f'):>8} {_fmt_ratio(s.x_direct):>8} "
             f"{_fmt_ratio(s.x_haproxy):>9} {_fmt(s.p95_ms, '.2f'):>7} "
             f"{_fmt_ratio(s.p95_x_haproxy):>8} {_fmt(s.cpu_us, '.1f'):>7} "
-            f"{_fmt(s.user_us, '.1f'):>7} {_fmt_ratio(s.cpu_x_haproxy):>8}{more} {s.errors:>6} "
+            f"{_fmt(s.user_us, '.1f'):>7} {_fmt_ratio(s.cpu_x_haproxy):>8} "
+            f"{_fmt(s.host_us, '.1f'):>7}{more} {s.errors:>6} "
             f"{s.failed:>6}  {rounds}"
         )
     return "\n".join(lines)

@@ -30,7 +30,7 @@ from typing import Any
 import pymysql
 
 from bench import idle, report, routing, sysbench
-from bench.procs import cpu_seconds
+from bench.procs import cpu_seconds, host_cpu_seconds
 from bench.serverstats import Watch
 from bench.stack import (
     ALL_TARGETS,
@@ -188,6 +188,7 @@ def measure_one(
             sysbench.run(workload, target.port, threads, warm_up_s, target.login)
     before = routing.reading(target.admin_port, replication)
     user0, sys0 = cpu_seconds(target.pids)
+    host0 = host_cpu_seconds()
     # the path's own connections to the server are counted where they are the point
     pooled = workload in (sysbench.STORM, sysbench.MANY_CLIENTS)
     with watch.recording(target.pids if pooled else ()) as recorder:
@@ -197,6 +198,7 @@ def measure_one(
             sample, error = None, str(exc)[:2000]
     load = os.getloadavg()[0]
     user1, sys1 = cpu_seconds(target.pids)
+    host1 = host_cpu_seconds()
     backend = recorder.result
     figures = routing.delta(before, routing.reading(target.admin_port, replication)) or None
     if sample is None:
@@ -212,10 +214,12 @@ def measure_one(
             routing=figures,
         )
     units = report.units_of(workload, sample)
-    cpu_us = user_us = None
+    cpu_us = user_us = host_us = None
     if target.pids and units:
         cpu_us = (user1 - user0 + sys1 - sys0) * 1e6 / units
         user_us = (user1 - user0) * 1e6 / units
+    if units:
+        host_us = (host1 - host0) * 1e6 / units
     return report.Run(
         number,
         workload,
@@ -228,6 +232,7 @@ def measure_one(
         threads,
         backend,
         figures,
+        host_us,
     )
 
 

@@ -10,6 +10,8 @@ sysbench and the server:
     single      sysbench -> meshproxy middle (listener, pool:main) -> MariaDB
     single-w2   the same with ``workers = 2`` (two data-plane processes, one accept queue)
     chain       sysbench -> meshproxy edge -> (mesh hop) -> the same middle -> MariaDB
+    single-accel, chain-accel  the same with the kernel fast path on every hop
+                (``dataplane.accel = "sockmap"``: linked sessions spliced by a BPF sockmap)
     chain-tls   the same chain with mutual TLS on the mesh hop ([mesh_tls]: its own pair)
     session     sysbench -> meshproxy middle, listener in session mode -> MariaDB
     chain-session  sysbench -> meshproxy edge -> (mesh hop) -> a middle whose mesh
@@ -115,6 +117,8 @@ TARGET_LABELS = {
     "single": "meshproxy single hop",
     "single-w2": "meshproxy single, 2 workers",
     "chain": "meshproxy chain",
+    "single-accel": "single hop, sockmap",
+    "chain-accel": "chain, sockmap",
     "chain-tls": "meshproxy chain, mesh TLS",
     "session": "meshproxy session mode",
     "chain-session": "meshproxy chain, session",
@@ -313,6 +317,9 @@ def admin_toml(port: int) -> str:
     return f'\n[admin]\nbind = "127.0.0.1:{port}"\ntoken = "{routing.ADMIN_TOKEN}"\n'
 
 
+ACCEL_TOML = '\n[dataplane]\naccel = "sockmap"\n'
+
+
 def middle_config(single_port: int, mesh_port: int, server_port: int, workers: int = 1) -> str:
     return (
         node_toml("bench-middle", "middle", mesh_port, workers)
@@ -478,6 +485,8 @@ class Stack:
             self._try("chain-tls", lambda: self._chain_tls(db_port))
         if "single-w2" in want:
             self._try("single-w2", lambda: self._single_w2(db_port))
+        if want & {"single-accel", "chain-accel"}:
+            self._try("single-accel", lambda: self._accel(db_port, want))
         if want & {"session", "chain-session"}:
             self._try("session", lambda: self._session_and_chain(db_port, want))
         if "session-32" in want:
@@ -564,6 +573,21 @@ class Stack:
         )
         edge, edge_port = self._start_edge(mesh_port, mesh_tls(pki_dir, "bench-edge", "edge"))
         self._add("chain-tls", edge_port, (edge.process.pid, middle.process.pid))
+
+    def _accel(self, db_port: int, want: set[str]) -> None:
+        """A middle and an edge with the kernel fast path, which each must have loaded."""
+        middle, single_port, mesh_port = self._start_middle(db_port, accel=True)
+        nodes = [middle]
+        if "chain-accel" in want:
+            edge, edge_port = self._start_edge(mesh_port, name="edge-accel", accel=True)
+            nodes.append(edge)
+        for node in nodes:
+            refusal = [w for w in node.warnings() if "accel_unavailable" in w]
+            if refusal:
+                raise RuntimeError(f"{node.name}: the fast path did not load: {refusal[0]}")
+        self._add("single-accel", single_port, (middle.process.pid,))
+        if "chain-accel" in want:
+            self._add("chain-accel", edge_port, (edge.process.pid, middle.process.pid))
 
     def _single_w2(self, db_port: int) -> None:
         middle, single_port, _ = self._start_middle(db_port, workers=2)
@@ -661,16 +685,20 @@ class Stack:
         return child
 
     def _start_middle(
-        self, db_port: int, workers: int = 1, tls: str = ""
+        self, db_port: int, workers: int = 1, tls: str = "", accel: bool = False
     ) -> tuple[Child, int, int]:
         single_port, mesh_port = mariadb.free_port(), mariadb.free_port()
         text = middle_config(single_port, mesh_port, db_port, workers) + tls
         name = ("middle" if workers == 1 else f"middle-w{workers}") + ("-tls" if tls else "")
+        if accel:
+            text, name = text + ACCEL_TOML, name + "-accel"
         return self._start_meshproxy(name, text, single_port), single_port, mesh_port
 
-    def _start_edge(self, mesh_port: int, tls: str = "", name: str = "") -> tuple[Child, int]:
+    def _start_edge(
+        self, mesh_port: int, tls: str = "", name: str = "", accel: bool = False
+    ) -> tuple[Child, int]:
         port = mariadb.free_port()
-        text = edge_config(port, mesh_port) + tls
+        text = edge_config(port, mesh_port) + tls + (ACCEL_TOML if accel else "")
         name = name or ("edge-tls" if tls else "edge")
         return self._start_meshproxy(name, text, port), port
 

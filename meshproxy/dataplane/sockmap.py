@@ -45,23 +45,28 @@ MAX_SOCKETS = 65536  # per process: 32768 spliced sessions, then the pump takes 
 SYSTEM_PACKAGES = "/usr/lib/python3/dist-packages"
 
 PROGRAM = f"""
+struct link {{
+    u64 peer;   /* the other socket's cookie */
+    u64 bytes;  /* redirected from this socket so far */
+}};
 BPF_SOCKHASH(sockets, u64, {MAX_SOCKETS});
-BPF_HASH(peers, u64, u64, {MAX_SOCKETS});
-BPF_HASH(counts, u64, u64, {MAX_SOCKETS});
+BPF_HASH(links, u64, struct link, {MAX_SOCKETS});
 
 int splice(struct __sk_buff *skb) {{
     if (skb->len == 0)
         return SK_PASS;  /* a bare FIN: redirected, it would end the other side early */
     u64 cookie = bpf_get_socket_cookie(skb);
-    u64 *peer = peers.lookup(&cookie);
-    if (!peer)
+    struct link *link = links.lookup(&cookie);
+    if (!link)
         return SK_PASS;  /* not (or no longer) spliced: user space reads it */
-    u64 *count = counts.lookup(&cookie);
-    if (count)
-        __sync_fetch_and_add(count, skb->len);
-    return sockets.sk_redirect_hash(skb, peer, 0);
+    __sync_fetch_and_add(&link->bytes, skb->len);
+    return sockets.sk_redirect_hash(skb, &link->peer, 0);
 }}
 """
+
+
+class Link(ctypes.Structure):
+    _fields_ = [("peer", ctypes.c_uint64), ("bytes", ctypes.c_uint64)]
 
 
 class Unavailable(Exception):
@@ -181,8 +186,7 @@ class Sockmap:
                 f"the BPF program does not load: {str(exc).splitlines()[0]}"
             ) from None
         self._lib = lib
-        self._peers = lib.bpf_table_fd(self._bpf.module, b"peers")
-        self._counts = lib.bpf_table_fd(self._bpf.module, b"counts")
+        self._links = lib.bpf_table_fd(self._bpf.module, b"links")
 
     def splice(self, client: Any, upstream: Any) -> Spliced | None:
         """Put a linked session's two sockets into the map; None (and nothing changed)
@@ -195,34 +199,32 @@ class Sockmap:
             (written(client), written(upstream)),
         )
         ends = ((pair.client, pair.upstream, client), (pair.upstream, pair.client, upstream))
-        # Counts and peers first: a socket whose bytes the program redirects must find both.
+        # Links first: a socket whose bytes the program redirects must find its peer.
         for own, other, _ in ends:
-            if not (
-                self._put(self._counts, own, ctypes.c_uint64(0))
-                and self._put(self._peers, own, ctypes.c_uint64(other))
-            ):
+            if not self._put(self._links, own, Link(other, 0)):
                 pair.forget()
                 return None
         for own, _, transport in ends:
             fileno = transport.get_extra_info("socket").fileno()
             if not self._put(self._sockets, own, ctypes.c_int(fileno)):
-                pair.forget()  # with its peer entries gone, both sockets pass again
+                pair.forget()  # with its links gone, both sockets pass again
                 return None
         return pair
 
     def forget(self, *cookies: int) -> None:
+        """Drop links (a closed socket leaves the socket map by itself; one still open is
+        taken out, so that it passes again)."""
         for cookie in cookies:
             key = ctypes.c_uint64(cookie)
-            for fd in (self._peers, self._counts, self._sockets):
-                self._lib.bpf_delete_elem(fd, ctypes.byref(key))
+            self._lib.bpf_delete_elem(self._links, ctypes.byref(key))
 
-    def _put(self, fd: int, cookie: int, value: ctypes.c_uint64 | ctypes.c_int) -> bool:
+    def _put(self, fd: int, cookie: int, value: Link | ctypes.c_int) -> bool:
         key = ctypes.c_uint64(cookie)
         return bool(self._lib.bpf_update_elem(fd, ctypes.byref(key), ctypes.byref(value), 0) == 0)
 
     def count(self, cookie: int) -> int:
         """Bytes the program redirected from a socket."""
-        key, value = ctypes.c_uint64(cookie), ctypes.c_uint64(0)
-        if self._lib.bpf_lookup_elem(self._counts, ctypes.byref(key), ctypes.byref(value)) != 0:
+        key, value = ctypes.c_uint64(cookie), Link()
+        if self._lib.bpf_lookup_elem(self._links, ctypes.byref(key), ctypes.byref(value)) != 0:
             return 0
-        return int(value.value)
+        return int(value.bytes)
