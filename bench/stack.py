@@ -317,7 +317,21 @@ def admin_toml(port: int) -> str:
     return f'\n[admin]\nbind = "127.0.0.1:{port}"\ntoken = "{routing.ADMIN_TOKEN}"\n'
 
 
+def accel_state(node: Child) -> str:
+    """'ready', the reason the fast path is unavailable, or '' while it is loading."""
+    for line in node.warnings():
+        if "accel_unavailable" in line:
+            return line
+    return "ready" if "accel_ready" in node.log_tail(1_000_000) else ""
+
+
 ACCEL_TOML = '\n[dataplane]\naccel = "sockmap"\n'
+
+
+def with_accel(text: str) -> str:
+    """A node config with the fast path, logging at info: its ``accel_ready`` says it loaded."""
+    level = f'log_level = "{MESHPROXY_LOG_LEVEL}"'
+    return text.replace(level, 'log_level = "info"') + ACCEL_TOML
 
 
 def middle_config(single_port: int, mesh_port: int, server_port: int, workers: int = 1) -> str:
@@ -582,9 +596,14 @@ class Stack:
             edge, edge_port = self._start_edge(mesh_port, name="edge-accel", accel=True)
             nodes.append(edge)
         for node in nodes:
-            refusal = [w for w in node.warnings() if "accel_unavailable" in w]
-            if refusal:
-                raise RuntimeError(f"{node.name}: the fast path did not load: {refusal[0]}")
+            # Loaded after the node binds: ask the node, as its log may say nothing at info.
+            deadline = time.monotonic() + 30
+            while not (loaded := accel_state(node)) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if loaded != "ready":
+                raise RuntimeError(
+                    f"{node.name}: the fast path did not load: {loaded or 'no word'}"
+                )
         self._add("single-accel", single_port, (middle.process.pid,))
         if "chain-accel" in want:
             self._add("chain-accel", edge_port, (edge.process.pid, middle.process.pid))
@@ -691,14 +710,15 @@ class Stack:
         text = middle_config(single_port, mesh_port, db_port, workers) + tls
         name = ("middle" if workers == 1 else f"middle-w{workers}") + ("-tls" if tls else "")
         if accel:
-            text, name = text + ACCEL_TOML, name + "-accel"
+            text, name = with_accel(text), name + "-accel"
         return self._start_meshproxy(name, text, single_port), single_port, mesh_port
 
     def _start_edge(
         self, mesh_port: int, tls: str = "", name: str = "", accel: bool = False
     ) -> tuple[Child, int]:
         port = mariadb.free_port()
-        text = edge_config(port, mesh_port) + tls + (ACCEL_TOML if accel else "")
+        text = edge_config(port, mesh_port) + tls
+        text = with_accel(text) if accel else text
         name = name or ("edge-tls" if tls else "edge")
         return self._start_meshproxy(name, text, port), port
 

@@ -82,7 +82,6 @@ class PlaneHost:
         self.plane.routes = routes(self.config)
         self._sync_groups(self.config)
         self._take_tls(self.config)
-        await self._load_accel()
         wanted = binds(self.config)
         failure: OSError | None = None
         for name, (address, backlog) in wanted.items():
@@ -92,6 +91,8 @@ class PlaneHost:
             raise failure or OSError("nothing could be bound")
         self._keep_bound()
         self.take(self.config)
+        # After binding: a standby taking over serves at once, on the pump until this is in.
+        await self._load_accel()
         self.tasks.spawn("idle sweeper", self._sweep_loop)
         self.tasks.spawn("session pools", maintain_forever, self.plane.session_mode)
 

@@ -78,7 +78,7 @@ def _import_bcc() -> ModuleType:
     that folder on sys.path, where its other packages would shadow ours)."""
     try:
         bcc = importlib.import_module("bcc")
-    except ImportError:
+    except Exception:  # not installed here, or its libbcc is missing: try Debian's
         spec = importlib.machinery.PathFinder.find_spec("bcc", [SYSTEM_PACKAGES])
         if spec is None or spec.loader is None:
             raise Unavailable("BCC is not installed (Debian: apt install python3-bpfcc)") from None
@@ -212,8 +212,8 @@ class Sockmap:
         return pair
 
     def forget(self, *cookies: int) -> None:
-        """Drop links (a closed socket leaves the socket map by itself; one still open is
-        taken out, so that it passes again)."""
+        """Drop links: the program passes what still arrives on those sockets to user
+        space (a closed socket leaves the socket map by itself)."""
         for cookie in cookies:
             key = ctypes.c_uint64(cookie)
             self._lib.bpf_delete_elem(self._links, ctypes.byref(key))

@@ -100,6 +100,7 @@ class Angel:
         self.config_path = config_path
         self.keeper = handoff.SocketKeeper(adopted)
         self.predecessor = predecessor  # the angel this one takes over from
+        self.took_over = predecessor is not None
         self.successor: upgrade.Successor | None = None  # the one taking over from us
         self.notifier = systemd.Notifier()
         self.said_ready = False  # to systemd, if it listens
@@ -362,12 +363,14 @@ class Angel:
                 self._serve_fds(TICK_S)
                 while self.signals:
                     signum = self.signals.pop(0)
-                    if signum == signal.SIGHUP:
+                    if signum == signal.SIGHUP and self.predecessor is None:
                         # The control process reloads on its own time: systemd hears of it
                         # as begun and done at once.
                         self.notifier.reloading()
                         self._signal_control(signal.SIGHUP)
                         self.notifier.ready("config reloaded")
+                    elif signum == signal.SIGHUP:
+                        log.event("angel_reload_ignored", reason="still taking over")
                     elif signum == signal.SIGUSR2:
                         self._begin_upgrade()
                     else:
@@ -384,26 +387,45 @@ class Angel:
     def _tell_systemd(self, now: float) -> None:
         """READY=1 once the node serves, and the watchdog's ping from this loop (so that a
         hung angel is restarted by systemd, as the angel restarts a hung child)."""
-        if not self.said_ready and self.predecessor is None and self._serving():
+        control = self.children[0]
+        if (
+            not self.said_ready
+            and self.predecessor is None
+            and self._serving()
+            and control.beat_seen  # its loop runs only once the admin API is up
+        ):
             self.said_ready = True
             workers = len(self.children) - 1
             self.notifier.ready(f"serving: {workers} worker{'s' if workers > 1 else ''}")
-            for sock in self.keeper.adopted.values():
-                log.warning(
-                    "angel_socket_unclaimed",
-                    bind=str(sock.getsockname()),
-                    reason="passed in, but no listener binds there",
-                )
+            self._unclaimed()
         if self.watchdog_s is not None and now >= self.next_ping:
             self.notifier.watchdog()
             self.next_ping = now + self.watchdog_s
 
+    def _unclaimed(self) -> None:
+        """Passed-in sockets no listener took. systemd's are the unit's (kept, and said);
+        an older angel's belonged to listeners this config no longer has, and would queue
+        connections nobody accepts: closed."""
+        for key, sock in list(self.keeper.adopted.items()):
+            where = f"{key[0]}:{key[1]}"
+            if self.took_over:
+                del self.keeper.adopted[key]
+                sock.close()
+                log.event("angel_listener_closed", bind=where, reason="no listener binds there")
+            else:
+                log.warning(
+                    "angel_socket_unclaimed",
+                    bind=where,
+                    reason="passed in, no listener binds there",
+                )
+
     # ----------------------------------------------------------------- upgrade
 
     def _serving(self) -> bool:
-        """Whether every worker runs and has taken its listening sockets."""
+        """Whether every worker runs and has taken its listening sockets (a worker says
+        which it keeps once it has bound them all, even when that is none)."""
         return all(
-            c.process is not None and c.beat_seen and self.keeper.wants.get(c.name)
+            c.process is not None and c.beat_seen and c.name in self.keeper.wants
             for c in self.children[1:]
         )
 
@@ -432,16 +454,21 @@ class Angel:
         if said == upgrade.READY:
             successor.ready = True
             self.selector.unregister(successor.link.fileno())
+            # systemd follows the new angel from now on: said by us, the main process, so
+            # that our exit cannot be taken for the service's end.
+            self.notifier.main_pid(successor.process.pid)
             # Its workers accept now. Our control process leaves without a gossip leave
             # (the node stays in the mesh), freeing the admin and gossip ports for the new
             # one; then our workers drain and we exit.
             control = [c for c in self.children[:1] if c.process is not None]
-            self._terminate(control, upgrade.RELEASE_S, signal.SIGUSR2)
+            self.notifier.watchdog()  # the wait below is bounded by less than the watchdog
+            self._terminate(control, upgrade.HANDOVER_S, signal.SIGUSR2)
             successor.release()
             log.event("angel_handed_over", new_pid=successor.process.pid)
             self.exit_code = 0
         elif not said:
-            self._upgrade_failed(f"the new angel exited (status {successor.process.wait()})")
+            status = successor.process.poll()
+            self._upgrade_failed(f"the new angel exited (status {status})")
 
     def _upgrade_failed(self, reason: str) -> None:
         successor = self.successor
@@ -494,7 +521,8 @@ class Angel:
         (but an angel we handed over to)."""
         if self.successor is not None and not self.successor.ready:
             self._upgrade_failed("this angel stops")
-        if self.successor is None:  # after a handover, systemd follows the new angel
+        if self.successor is None and self.predecessor is None:
+            # In charge (not handed over, nor still taking over): the service stops.
             self.notifier.stopping("draining")
         if self.predecessor is not None:
             self.predecessor.close(self.selector)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -58,6 +59,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--standby-fd", type=int, help="wait for a byte here before starting")
     parser.add_argument("--sockets-fd", type=int, help="where to ask the angel for sockets")
     args = parser.parse_args(argv)
+    # Upgrades are the angel's business: a stray SIGUSR2 (say, `systemctl kill` of the whole
+    # unit) must not kill a worker or a waiting standby. The control process handles it.
+    if args.role == "_worker":
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     # The angel checked the config before starting us; a change on disk since then is
     # reported like any config error (exit 2) and the angel's backoff applies.
     try:

@@ -8,8 +8,10 @@ replacement, accept them. (With SO_REUSEPORT each worker had a queue of its own,
 waited in a dead worker's queue was refused.)
 
 The exchange is one datagram each way on a SOCK_SEQPACKET pair: ``get`` asks for the
-sockets of one address and is answered with them, or with the error of the bind; ``keep``
-says which addresses the worker serves now and is not answered. A socket no worker keeps
+sockets of one address and is answered with them, or with the error of the bind (the
+answer repeats the question's number, so a late answer to a question given up on is
+recognised and dropped); ``keep`` says which addresses the worker serves now and is not
+answered. A socket no worker keeps
 is closed, which is how a listener removed at run time stops accepting.
 """
 
@@ -20,6 +22,7 @@ import contextlib
 import errno
 import socket
 from collections.abc import Iterable
+from typing import Any
 
 import msgpack
 
@@ -64,7 +67,8 @@ class SocketKeeper:
             message = msgpack.unpackb(data)
             if "get" in message:
                 host, port, backlog = message["get"]
-                self._get(child, conn, Address(str(host), int(port)), int(backlog))
+                address = Address(str(host), int(port))
+                self._get(child, conn, address, int(backlog), int(message.get("q", 0)))
             elif "keep" in message:
                 self.wants[child] = {Address(str(h), int(p)) for h, p in message["keep"]}
                 self._release_unwanted()
@@ -74,7 +78,9 @@ class SocketKeeper:
             log.warning("angel_bad_socket_request", child=child, error=str(exc))
         return True
 
-    def _get(self, child: str, conn: socket.socket, address: Address, backlog: int) -> None:
+    def _get(
+        self, child: str, conn: socket.socket, address: Address, backlog: int, question: int
+    ) -> None:
         sockets = self.held.get(address)
         try:
             if sockets is None:
@@ -83,12 +89,13 @@ class SocketKeeper:
             else:
                 for sock in sockets:
                     sock.listen(backlog)  # a config may change the backlog
-        except OSError as exc:
-            reply = {"err": exc.strerror or str(exc), "errno": exc.errno or errno.EINVAL}
-            self._send(conn, reply, [])
+        except (OSError, ValueError, OverflowError) as exc:  # the angel must not fall over
+            number = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EINVAL
+            text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            self._send(conn, {"q": question, "err": text, "errno": number}, [])
             return
         self.wants.setdefault(child, set()).add(address)
-        self._send(conn, {"n": len(sockets)}, [s.fileno() for s in sockets])
+        self._send(conn, {"q": question, "n": len(sockets)}, [s.fileno() for s in sockets])
 
     @staticmethod
     def _send(conn: socket.socket, reply: dict[str, object], fds: list[int]) -> None:
@@ -119,18 +126,19 @@ class AngelSockets:
     def __init__(self, fd: int) -> None:
         self._conn = socket.socket(fileno=fd)
         self._conn.setblocking(False)
-        self._lock = asyncio.Lock()  # one question at a time, so answers stay in order
+        self._lock = asyncio.Lock()  # one question at a time
+        self._asked = 0
 
     async def listening(self, address: Address, backlog: int) -> list[socket.socket]:
         async with self._lock:
-            self._conn.send(msgpack.packb({"get": [address.host, address.port, backlog]}))
+            self._asked += 1
+            question = {"q": self._asked, "get": [address.host, address.port, backlog]}
+            self._conn.send(msgpack.packb(question))
             try:
                 async with asyncio.timeout(ANSWER_S):
-                    data, fds = await self._receive()
+                    reply, sockets = await self._answer(self._asked)
             except TimeoutError:
                 raise OSError(errno.ETIMEDOUT, "the angel did not hand over the socket") from None
-        sockets = [socket.socket(fileno=fd) for fd in fds]
-        reply = msgpack.unpackb(data)
         if "err" in reply:
             for sock in sockets:
                 sock.close()
@@ -139,7 +147,9 @@ class AngelSockets:
             sock.setblocking(False)
         return sockets
 
-    async def _receive(self) -> tuple[bytes, list[int]]:
+    async def _answer(self, question: int) -> tuple[dict[str, Any], list[socket.socket]]:
+        """The answer to ``question``; answers to earlier ones, given up on, are dropped
+        with the sockets they carry."""
         while True:
             try:
                 data, fds, _, _ = socket.recv_fds(self._conn, MAX_MESSAGE, MAX_FDS)
@@ -148,7 +158,12 @@ class AngelSockets:
                 continue
             if not data:
                 raise OSError(errno.EPIPE, "the angel closed the socket channel")
-            return data, fds
+            sockets = [socket.socket(fileno=fd) for fd in fds]
+            reply = msgpack.unpackb(data)
+            if isinstance(reply, dict) and reply.get("q") == question:
+                return reply, sockets
+            for sock in sockets:
+                sock.close()
 
     def keep(self, addresses: Iterable[Address]) -> None:
         with contextlib.suppress(BlockingIOError):  # a full pair: the next keep says it all

@@ -30,6 +30,7 @@ from meshproxy.runtime.channel import Message, Peer
 from meshproxy.supervise import Supervisor
 
 HEARTBEAT_S = 0.25
+EXIT_HANDED_OVER = 3  # the control process stopped for a new angel's
 STATS_S = 1.0
 CONTROL_ANSWER_S = 0.05  # a live control process accepts a worker's connect well within this
 
@@ -81,6 +82,9 @@ async def run_single(cfg: Config) -> int:
         return 1
     stop = asyncio.Event()
     _signals(stop, admin.reload)
+    asyncio.get_running_loop().add_signal_handler(
+        signal.SIGUSR2, lambda: log.warning("upgrade_refused", reason="no angel (--no-angel)")
+    )
     log.event("node_started", role=cfg.node.role, mode="single")
     await stop.wait()
     node.set_draining()
@@ -215,7 +219,9 @@ async def run_control(cfg: Config, channel_path: str, heartbeat_fd: int | None) 
     await admin.stop()
     await node.stop(leave=not handover.is_set())
     log.event("node_stopped", handover="yes" if handover.is_set() else "no")
-    return 0
+    # Not 0, which would tell the angel that the node is to stop: a SIGUSR2 the angel did
+    # not send (its own handover stops this process knowingly) gets it restarted.
+    return EXIT_HANDED_OVER if handover.is_set() else 0
 
 
 # --------------------------------------------------------------------- worker process
@@ -351,6 +357,7 @@ async def run_worker(
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: None)  # the control process reloads
+    loop.add_signal_handler(signal.SIGUSR2, lambda: None)  # upgrades are the angel's
     log.event("worker_started", worker=index)
     await stop.wait()
     if link.peer is not None:

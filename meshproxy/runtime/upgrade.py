@@ -30,10 +30,9 @@ import sys
 import time
 from collections.abc import Callable
 
-from meshproxy.runtime.children import stop
-
 READY_S = 30.0  # the new workers: an interpreter each, imports, sockets
-RELEASE_S = 15.0  # the old control process: a drain-free stop, 10 s at most
+HANDOVER_S = 5.0  # the old control process's stop, without a drain (under a second)
+RELEASE_S = HANDOVER_S + 5.0  # the new angel's wait for it, with a margin
 SOCKETS = b"sockets"
 READY = b"ready"
 RELEASED = b"released"
@@ -44,6 +43,9 @@ class Successor:
     """The old angel's handle on the angel taking over from it."""
 
     def __init__(self, config_path: str, sockets: list[socket.socket]) -> None:
+        fds = [s.fileno() for s in sockets]
+        if len(fds) > MAX_FDS:
+            raise OSError(f"{len(fds)} listening sockets: more than one message carries")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         argv = [sys.executable, "-m", "meshproxy", "run", "-c", config_path]
         argv += ["--takeover-fd", str(theirs.fileno())]
@@ -54,10 +56,11 @@ class Successor:
         self.link = ours
         self.deadline = time.monotonic() + READY_S
         self.ready = False
-        fds = [s.fileno() for s in sockets]
-        if len(fds) > MAX_FDS:
-            raise OSError(f"{len(fds)} listening sockets: more than one message carries")
-        socket.send_fds(ours, [SOCKETS], fds)
+        try:
+            socket.send_fds(ours, [SOCKETS], fds)
+        except OSError:
+            self.abandon()
+            raise
         ours.setblocking(False)
 
     def said(self) -> bytes:
@@ -75,9 +78,11 @@ class Successor:
         self.link.close()
 
     def abandon(self) -> None:
-        """Stop it: the upgrade failed, or this node stops before it was ready."""
+        """Stop it at once: the upgrade failed, or this node stops before it was ready. (Its
+        workers, told by their parent's death, drain on their own.)"""
         self.link.close()
-        stop(self.process, 10.0)
+        self.process.kill()
+        self.process.wait()
 
 
 class Predecessor:

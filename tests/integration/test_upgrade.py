@@ -32,9 +32,11 @@ from tests.integration.test_uptime import (
     TOKEN,
     Api,
     alive,
+    control_pids,
     processes_with,
     start_node,
     uptime_config,
+    worker_pids,
 )
 
 pytestmark = pytest.mark.integration
@@ -121,3 +123,23 @@ def test_upgrade_with_a_broken_config_file_is_refused(
     assert not node.events("angel_upgrading")
     assert Api(admin_port).ok("GET", "/status")["angel_pid"] == node.pid
     assert [row[0] for row in query(port, "SELECT 1")] == [1]
+
+
+def test_stray_sigusr2_kills_no_worker_and_stops_no_node(
+    nodes: NodeFactory, shared_mariadb: mariadb.MariaDB
+) -> None:
+    """SIGUSR2 sent to every process but the angel (as `systemctl kill` of a whole unit
+    would) leaves the workers serving, gets the control process restarted, and upgrades
+    nothing."""
+    port, admin_port = free_port(), free_port()
+    node = start_node(nodes, uptime_config("us", [shared_mariadb.port], port, admin_port))
+    workers = worker_pids(node)
+    (control,) = control_pids(node)
+    for pid in (*workers, control):
+        os.kill(pid, signal.SIGUSR2)
+    node.wait_for_event("angel_restarting", child="control", timeout_s=30)
+    wait_until(lambda: len(node.events("node_started")) >= 2, 30, "a new control process")
+    assert worker_pids(node) == workers
+    assert [row[0] for row in query(port, "SELECT 1")] == [1]
+    assert Api(admin_port).ok("GET", "/status")["angel_pid"] == node.pid
+    assert not node.events("angel_upgrading")

@@ -130,3 +130,33 @@ def test_malformed_request_is_ignored_and_the_channel_lives(
         assert not keeper.answer("worker-0", ours)  # the worker's end closed
     finally:
         ours.close()
+
+
+def test_a_late_answer_is_dropped_not_taken_for_the_next(
+    keeper: handoff.SocketKeeper, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the angel answers a question only after the worker gave up on it, the worker
+    takes the next answer for its next question, never the stale one (whose sockets it
+    closes)."""
+    monkeypatch.setattr(handoff, "ANSWER_S", 0.05)
+    ours, theirs = handoff.pair()
+    worker = handoff.AngelSockets(os.dup(theirs.fileno()))
+    theirs.close()
+    first, second = Address("127.0.0.1", 0), Address("127.0.0.2", 0)
+
+    async def scenario() -> list[socket.socket]:
+        with pytest.raises(OSError, match="did not hand over"):
+            await worker.listening(first, 8)  # unanswered in time
+        asking = asyncio.ensure_future(worker.listening(second, 8))
+        await asyncio.sleep(0)
+        assert keeper.answer("worker-0", ours)  # the late answer, about ``first``
+        assert keeper.answer("worker-0", ours)  # the answer about ``second``
+        return await asking
+
+    try:
+        (got,) = asyncio.run(scenario())
+    finally:
+        worker.close()
+        ours.close()
+    assert got.getsockname()[0] == "127.0.0.2"
+    got.close()
