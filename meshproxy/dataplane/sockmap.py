@@ -15,19 +15,26 @@ that redirected bytes could overtake. MySQL guarantees that point; a protocol wh
 client speaks first is never spliced.
 
 The program is compiled and loaded with BCC (Debian's ``python3-bpfcc``), the maintained
-loader, which needs clang at run time and kernel headers; the map updates go through
-BCC's libbpf functions. Loading is tried at start and a failure (no BCC, no headers, no
-CAP_BPF in a container, another kernel) is one log line: sessions then use the Python pump.
+loader, which needs clang at run time and kernel headers. BCC with its compiler takes some
+120 MB of memory, so a short-lived loader process (``python -m meshproxy.dataplane.sockmap
+--reply-fd N``) compiles the program, attaches it to the socket map and passes the maps'
+descriptors back (SCM_RIGHTS); the data plane keeps only those and updates the maps
+through BCC's small libbpf part (``libbcc_bpf``). The attached program lives as long as
+the map does. Loading is tried at start and a failure (no BCC, no headers, no CAP_BPF in
+a container, another kernel) is one log line: sessions then use the Python pump.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import ctypes
 import fcntl
 import importlib.machinery
 import importlib.util
+import os
 import socket
+import subprocess
 import sys
 import termios
 import time
@@ -37,6 +44,8 @@ from types import ModuleType
 from typing import Any
 
 SO_COOKIE = 57  # linux/asm-generic/socket.h; Python's socket module lacks it
+LOAD_S = 30.0  # the loader: an interpreter, BCC's import, clang
+LIBBPF = "libbcc_bpf.so.0"  # BCC's libbpf part: map updates without the compiler
 TCPI_BYTES_ACKED = 120  # offset of tcpi_bytes_acked (u64) in struct tcp_info, a stable ABI
 FLUSH_POLL_S = 0.002
 FLUSH_S = 2.0  # at most this long an EOF or a close waits for the kernel to pass bytes on
@@ -171,22 +180,16 @@ class Spliced:
 
 
 class Sockmap:
-    """One process's loaded program and its maps; raises Unavailable if it cannot load."""
+    """One process's handle on the loaded program's maps; raises Unavailable if the
+    program cannot be loaded here."""
 
     def __init__(self) -> None:
-        bcc = _import_bcc()
         try:
-            self._bpf = bcc.BPF(text=PROGRAM)
-            program = self._bpf.load_func("splice", bcc.BPF.SK_SKB)
-            lib = importlib.import_module("bcc.libbcc").lib
-            self._sockets = lib.bpf_table_fd(self._bpf.module, b"sockets")
-            bcc.BPF.attach_func(program, self._sockets, bcc.BPFAttachType.SK_SKB_STREAM_VERDICT)
-        except Exception as exc:  # BCC raises bare Exceptions, with the compiler's words
-            raise Unavailable(
-                f"the BPF program does not load: {str(exc).splitlines()[0]}"
-            ) from None
-        self._lib = lib
-        self._links = lib.bpf_table_fd(self._bpf.module, b"links")
+            self._lib = ctypes.CDLL(LIBBPF, use_errno=True)
+        except OSError as exc:
+            raise Unavailable(f"BCC is not installed ({exc}; Debian: python3-bpfcc)") from None
+        # The maps live as long as this process holds them, and the program with them.
+        self._sockets, self._links = _load_elsewhere()
 
     def splice(self, client: Any, upstream: Any) -> Spliced | None:
         """Put a linked session's two sockets into the map; None (and nothing changed)
@@ -228,3 +231,73 @@ class Sockmap:
         if self._lib.bpf_lookup_elem(self._links, ctypes.byref(key), ctypes.byref(value)) != 0:
             return 0
         return int(value.bytes)
+
+
+def _load_elsewhere() -> tuple[int, int]:
+    """Run the loader in a process of its own; the descriptors of the socket map and the
+    link map it passes back."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        loader = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+            [
+                sys.executable,
+                "-m",
+                "meshproxy.dataplane.sockmap",
+                "--reply-fd",
+                str(theirs.fileno()),
+            ],
+            pass_fds=[theirs.fileno()],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        theirs.close()
+        ours.settimeout(LOAD_S)
+        try:
+            message, fds, _, _ = socket.recv_fds(ours, 4096, 2)
+        except TimeoutError:
+            loader.kill()
+            raise Unavailable(f"the loader did not answer within {LOAD_S:g}s") from None
+        finally:
+            loader.wait(LOAD_S)
+    finally:
+        ours.close()
+        theirs.close()
+    if message != b"ok" or len(fds) != 2:
+        for fd in fds:
+            os.close(fd)
+        raise Unavailable(message.decode(errors="replace") or "the loader died")
+    return fds[0], fds[1]
+
+
+def _compile_and_attach() -> tuple[Any, int, int]:
+    """The loader's work: the program compiled, loaded and attached to the socket map."""
+    bcc = _import_bcc()
+    try:
+        bpf = bcc.BPF(text=PROGRAM)
+        program = bpf.load_func("splice", bcc.BPF.SK_SKB)
+        lib = importlib.import_module("bcc.libbcc").lib
+        sockets = lib.bpf_table_fd(bpf.module, b"sockets")
+        bcc.BPF.attach_func(program, sockets, bcc.BPFAttachType.SK_SKB_STREAM_VERDICT)
+    except Exception as exc:  # BCC raises bare Exceptions, with the compiler's words
+        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise Unavailable(f"the BPF program does not load: {first_line}") from None
+    return bpf, sockets, lib.bpf_table_fd(bpf.module, b"links")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m meshproxy.dataplane.sockmap")
+    parser.add_argument("--reply-fd", type=int, required=True)
+    args = parser.parse_args(argv)
+    reply = socket.socket(fileno=args.reply_fd)
+    try:
+        _bpf, sockets, links = _compile_and_attach()  # _bpf: its fds stay open until sent
+    except Unavailable as exc:
+        reply.send(str(exc).encode()[:4000])
+        return 1
+    socket.send_fds(reply, [b"ok"], [sockets, links])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
