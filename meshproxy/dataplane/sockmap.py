@@ -238,14 +238,9 @@ def _load_elsewhere() -> tuple[int, int]:
     link map it passes back."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
+        argv = [sys.executable, "-m", "meshproxy.dataplane.sockmap"]
         loader = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-            [
-                sys.executable,
-                "-m",
-                "meshproxy.dataplane.sockmap",
-                "--reply-fd",
-                str(theirs.fileno()),
-            ],
+            [*argv, "--reply-fd", str(theirs.fileno())],
             pass_fds=[theirs.fileno()],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -255,11 +250,12 @@ def _load_elsewhere() -> tuple[int, int]:
         ours.settimeout(LOAD_S)
         try:
             message, fds, _, _ = socket.recv_fds(ours, 4096, 2)
-        except TimeoutError:
-            loader.kill()
-            raise Unavailable(f"the loader did not answer within {LOAD_S:g}s") from None
         finally:
-            loader.wait(LOAD_S)
+            if loader.poll() is None:
+                loader.kill()  # done, or hung: either way it has no more to say
+            loader.wait()
+    except (OSError, subprocess.SubprocessError) as exc:  # TimeoutError is an OSError
+        raise Unavailable(f"the loader failed: {exc or type(exc).__name__}") from None
     finally:
         ours.close()
         theirs.close()
