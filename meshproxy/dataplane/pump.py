@@ -87,8 +87,7 @@ class Session:
 
     def nbytes(self) -> tuple[int, int]:
         """Bytes received from the client and from the upstream so far."""
-        c = self.client.nbytes if self.client else 0
-        u = self.upstream.nbytes if self.upstream else 0
+        c, u = self._from_client(), self._from_upstream()
         if self.spliced is not None:
             kernel_c, kernel_u = self.spliced.nbytes()
             return c + kernel_c, u + kernel_u
