@@ -83,7 +83,7 @@ class Inbound(asyncio.Protocol):
             entrance.header_timeout_s, self._reject, "no hop header in time"
         )
         if entrance.tls is not None:
-            # The handshake is done (asyncio runs it before connection_made): the peer's
+            # The handshake is done (the TLS layer runs it first): the peer's
             # certificate is from the mesh CA; it must also name a mesh role.
             peer = peer_of(transport)
             if peer is None or peer.role not in MESH_ROLES:

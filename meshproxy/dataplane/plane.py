@@ -10,12 +10,13 @@ import asyncio
 import functools
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from meshproxy import log
 from meshproxy.config import Address, UpstreamKind, UpstreamRef
 from meshproxy.counters import Counters
+from meshproxy.dataplane import tlslayer
 from meshproxy.dataplane.hop import HopHeader
 from meshproxy.dataplane.listener import Entrance, Inbound
 from meshproxy.dataplane.mysql import ER_PROXY_NO_UPSTREAM, error_packet
@@ -80,16 +81,13 @@ class DataPlane:
         tls = entrance.tls
         servers = []
         try:
+            factory: Callable[[], asyncio.Protocol] = functools.partial(
+                Inbound, entrance, self.serve, self.counters
+            )
+            if tls is not None:
+                factory = tlslayer.accepting(factory, tls, HANDSHAKE_TIMEOUT_S)
             for sock in sockets:
-                servers.append(
-                    await loop.create_server(
-                        functools.partial(Inbound, entrance, self.serve, self.counters),
-                        sock=sock,
-                        backlog=backlog,
-                        ssl=tls.server if tls is not None else None,
-                        ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S if tls is not None else None,
-                    )
-                )
+                servers.append(await loop.create_server(factory, sock=sock, backlog=backlog))
         except OSError:
             for server in servers:
                 server.close()

@@ -20,6 +20,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, sto
 
 from meshproxy.config import Address, UpstreamKind, UpstreamRef
 from meshproxy.counters import Counters
+from meshproxy.dataplane import tlslayer
 from meshproxy.dataplane.hop import HopHeader
 from meshproxy.dataplane.pump import Half, Session
 from meshproxy.dataplane.router import Member, choose
@@ -141,14 +142,15 @@ class WarmPool:
         too); raises OSError or TimeoutError."""
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(timeout_s):
-            transport, idle = await loop.create_connection(
-                lambda: _Idle(self, address),
-                address.host,
-                address.port,
-                ssl=tls.client if tls is not None else None,
-            )
-        if tls is not None:
-            check_middle(transport)
+            if tls is None:
+                _, idle = await loop.create_connection(
+                    lambda: _Idle(self, address), address.host, address.port
+                )
+            else:
+                transport, idle = await tlslayer.connect(
+                    lambda: _Idle(self, address), address.host, address.port, tls.client
+                )
+                check_middle(transport)
         self.idle.setdefault(address, deque()).append(idle)
 
     def recycle(self, max_idle_s: float, keep: set[Address]) -> None:
@@ -298,13 +300,15 @@ class Connector:
                 tls = self.tls if ref.kind is UpstreamKind.TIER else None
                 async with asyncio.timeout(connect_s) as dialing.connecting:
                     source = self._groups[ref].source_ip
-                    transport, _ = await loop.create_connection(
-                        lambda: dialing,
-                        address.host,
-                        address.port,
-                        local_addr=(source, 0) if source else None,
-                        ssl=tls.client if tls is not None else None,
-                    )
+                    local = (source, 0) if source else None
+                    if tls is not None:
+                        transport, _ = await tlslayer.connect(
+                            lambda: dialing, address.host, address.port, tls.client, local
+                        )
+                    else:
+                        transport, _ = await loop.create_connection(
+                            lambda: dialing, address.host, address.port, local_addr=local
+                        )
                 dialing.connecting = None
                 if tls is not None:
                     check_middle(transport)

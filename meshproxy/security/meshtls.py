@@ -35,21 +35,22 @@ class MeshTls:
     ``load`` reads the files into the same contexts again, since a listening server keeps
     the context it was created with: a new certificate and key apply to every handshake
     from then on, and a CA added to the bundle is trusted at once (one removed stays
-    trusted until the node restarts). Failed handshakes on the server side are reported
-    to ``on_refused``.
+    trusted until the node restarts). The mesh port reports its failed handshakes to
+    ``refused``.
     """
 
     def __init__(self, ca: str, cert: str, key: str, on_refused: Refused) -> None:
+        self._on_refused = on_refused
         self.server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.server.verify_mode = ssl.CERT_REQUIRED
-        # The documented hook into asyncio's TLS: every server-side handshake runs in an
-        # object of this class, so a refused peer is counted although asyncio drops it
-        # before our protocol ever sees it.
-        self.server.sslobject_class = _reporting(on_refused)
+        self.server.num_tickets = 0  # hops never resume a session: tickets are waste
         self.client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         self.client.check_hostname = False  # dialled by address: CA and role identify a peer
         for context in (self.server, self.client):
             context.minimum_version = ssl.TLSVersion.TLSv1_2
+            # With no renegotiation, a read never has to write and a write never has to
+            # read (TLS 1.3 has none anyway): the socket transport relies on it.
+            context.options |= ssl.OP_NO_RENEGOTIATION
         self.load(ca, cert, key)
 
     def load(self, ca: str, cert: str, key: str) -> None:
@@ -59,19 +60,13 @@ class MeshTls:
             context.load_cert_chain(cert, key)
             context.load_verify_locations(ca)
 
-
-def _reporting(on_refused: Refused) -> type[ssl.SSLObject]:
-    class ReportingSSLObject(ssl.SSLObject):
-        def do_handshake(self) -> None:
-            try:
-                super().do_handshake()
-            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-                raise
-            except ssl.SSLError as exc:
-                on_refused(refusal(exc), describe_failure(exc))
-                raise
-
-    return ReportingSSLObject
+    def refused(self, exc: BaseException) -> None:
+        """Count a failed server-side handshake, unless the peer only went away (a port
+        probe, or a node dropping a warm socket it had not finished: routine, not a peer
+        refused)."""
+        if isinstance(exc, ssl.SSLEOFError | ConnectionError):
+            return
+        self._on_refused(refusal(exc), describe_failure(exc))
 
 
 def peer_of(transport: Any) -> Peer | None:
