@@ -195,8 +195,9 @@ class TlsTransport(asyncio.Transport, asyncio.Protocol):
         self._raw.write(self._out.read())  # type: ignore[union-attr]
 
     def _flush(self) -> None:
-        if self._out.pending and self._raw is not None:
-            self._raw.write(self._out.read())
+        raw = self._raw
+        if self._out.pending and raw is not None and not raw.is_closing():
+            raw.write(self._out.read())
 
     def get_write_buffer_size(self) -> int:
         return self._raw.get_write_buffer_size() if self._raw is not None else 0
