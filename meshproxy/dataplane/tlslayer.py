@@ -37,6 +37,7 @@ class TlsTransport(asyncio.Transport, asyncio.Protocol):
 
     __slots__ = (
         "_closing",
+        "_context",
         "_done",
         "_in",
         "_out",
@@ -57,6 +58,7 @@ class TlsTransport(asyncio.Transport, asyncio.Protocol):
         timeout_s: float | None = None,
     ) -> None:
         super().__init__()
+        self._context = context
         self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
         self._ssl = context.wrap_bio(self._in, self._out, server_side=server_side)
         self._done: Done | None = done  # told once, when the handshake ends either way
@@ -107,6 +109,10 @@ class TlsTransport(asyncio.Transport, asyncio.Protocol):
             self._end_handshake(exc or ConnectionResetError("closed during the TLS handshake"))
         elif self._started:
             self._protocol.connection_lost(exc)  # type: ignore[union-attr]
+        # OpenSSL's state (tens of KiB) goes now, not when the garbage collector gets to
+        # the cycles our users form with us (a pump's session and its halves).
+        self._ssl = self._in = self._out = None  # type: ignore[assignment]
+        self._protocol = self._raw = None
 
     # ------------------------------------------------------------------ the handshake
 
@@ -253,12 +259,14 @@ class TlsTransport(asyncio.Transport, asyncio.Protocol):
         return self._protocol  # type: ignore[return-value]
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if self._ssl is None:  # lost
+            return self._context if name == "sslcontext" else default
         if name == "peercert":
             return self._ssl.getpeercert()
         if name == "ssl_object":
             return self._ssl
         if name == "sslcontext":
-            return self._ssl.context
+            return self._context
         if name == "cipher":
             return self._ssl.cipher()
         if self._raw is None:
