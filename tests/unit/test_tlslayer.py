@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import os
 import socket
@@ -284,3 +285,38 @@ def test_a_failed_handshake_is_counted_by_reason_and_the_port_serves_on(
     refused, served_one = run(scenario)
     assert refused == ([reason] if reason else [])
     assert served_one
+
+
+def test_a_closed_connection_holds_no_openssl_state_until_a_collection(mesh: Mesh) -> None:
+    """OpenSSL's objects go when a connection is lost, even while the protocol on it and
+    the transport still reference each other (as a pump's halves do) and no collection
+    runs."""
+
+    class Cyclic(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport
+            self.lost = asyncio.Event()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self.lost.set()
+
+    async def scenario() -> int:
+        served = Served()
+        server, port = await serve(mesh, served)
+        for _ in range(50):
+            transport, protocol = await tlslayer.connect(
+                Cyclic, "127.0.0.1", port, mesh.edge.client
+            )
+            transport.close()
+            await protocol.lost.wait()
+            await served[-1].lost.wait()
+        server.close()
+        return sum(isinstance(o, ssl.SSLObject) for o in gc.get_objects())
+
+    gc.collect()
+    gc.disable()
+    try:
+        alive = run(scenario)
+    finally:
+        gc.enable()
+    assert alive == 0
