@@ -78,6 +78,11 @@ class Dialing(asyncio.Protocol):
         self.lost = True
         self._fail(f"connection lost: {exc}" if exc else "connection closed")
 
+    def expire(self) -> None:
+        """The budget ran out before the greeting came."""
+        if not self.ready.done():
+            self.ready.set_exception(TimeoutError())
+
     def _fail(self, reason: str) -> None:
         if not self.ready.done():
             self.ready.set_exception(ConnectFailed(str(self.address), reason))
@@ -315,8 +320,13 @@ class Connector:
             if header is not None:
                 transport.write(header.encode())
             if await_greeting:
-                async with asyncio.timeout(max(remaining_s, 0.001)):
+                # A timer on the future, not asyncio.timeout: no cancellation of this task
+                # to arrange and undo on every new session.
+                timer = loop.call_later(max(remaining_s, 0.001), dialing.expire)
+                try:
                     await dialing.greeted()
+                finally:
+                    timer.cancel()
         except (OSError, TimeoutError, ConnectFailed) as exc:
             if transport is not None:
                 transport.abort()

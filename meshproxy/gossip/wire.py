@@ -131,11 +131,13 @@ _PACKED: dict[int, tuple[Message, bytes]] = {}
 # Broadcasts decoded before, by unpacked value: a node hears the same broadcast many times.
 _DECODED: dict[Any, Message] = {}
 # A broadcast is sent and heard only for its retransmit limit (a few gossip rounds, well
-# under a second to a few seconds), while metadata refreshes make new ones all the time:
-# 1024 entries cover minutes of them even in a large mesh. A larger bound only held old
-# messages (each with its metadata) until the cache filled: the soak saw 16384 of them
-# grow a control process by 9 MiB in half an hour.
-_CACHE_ENTRIES = 1024
+# under a second to a few seconds), while metadata refreshes make new ones all the time
+# (each node's active connection count, every meta_refresh_s): a hundred nodes make about
+# 50 a second, so 256 entries hold the last five seconds of them, more than a broadcast
+# lives. Every entry holds a whole message with its metadata, and a larger bound only kept
+# dead ones until the cache filled: 16384 grew a control process by 9 MiB in a 30-minute
+# soak, 1024 by 1 MiB (a 4-node mesh fills them in about 20 minutes), read as a leak.
+_CACHE_ENTRIES = 256
 
 
 def _remember(msg: Message, data: bytes) -> None:

@@ -48,8 +48,8 @@ class MeshTls:
         self.client.check_hostname = False  # dialled by address: CA and role identify a peer
         for context in (self.server, self.client):
             context.minimum_version = ssl.TLSVersion.TLSv1_2
-            # With no renegotiation, a read never has to write and a write never has to
-            # read (TLS 1.3 has none anyway): the socket transport relies on it.
+            # With no renegotiation a write never has to wait for a read (TLS 1.3 has
+            # none anyway): the hop's TLS layer (dataplane/tlslayer.py) relies on it.
             context.options |= ssl.OP_NO_RENEGOTIATION
         self.load(ca, cert, key)
 

@@ -127,6 +127,22 @@ def test_message_budget_fills_a_packet_to_at_most_1400_bytes() -> None:
         codec(KEY_A).encode_packet([*messages, *messages], NOW)
 
 
+def test_broadcast_caches_stay_bounded_while_metadata_keeps_changing() -> None:
+    """A long run of distinct broadcasts (a node's metadata refreshed again and again)
+    neither grows the packing cache nor the decoding cache past their bound, and a
+    broadcast heard again right away still decodes to the same message."""
+    sender, receiver = codec(KEY_A), codec(KEY_A)
+    for i in range(4 * wire._CACHE_ENTRIES):
+        meta = NodeMeta(role="middle", tier="t", active_connections=i)
+        msg = Alive("node-a", 7, ("10.0.0.1", 7946), i, meta)
+        data = sender.encode_packet([msg], 1000.0 + i / 1000)
+        assert accepted(receiver.decode_packet(data, 1000.0 + i / 1000)).messages == (msg,)
+        assert len(wire._PACKED) <= wire._CACHE_ENTRIES
+        assert len(wire._DECODED) <= wire._CACHE_ENTRIES
+    again = sender.encode_packet([msg], 1001.0)
+    assert accepted(receiver.decode_packet(again, 1001.0)).messages == (msg,)
+
+
 def test_wrong_key_and_tampered_packets_are_rejected() -> None:
     """A packet sealed with another key, or with any byte changed, does not authenticate."""
     data = codec(KEY_A).encode_packet([Ping(1, "b")], NOW)
