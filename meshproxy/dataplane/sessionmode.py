@@ -46,6 +46,8 @@ from meshproxy.routing.digests import DigestStats
 from meshproxy.routing.querycache import QueryCache
 from meshproxy.routing.rules import RuleSet
 
+UNKNOWN_USER = "(unknown)"  # the counter label of a login refused for a name we do not have
+
 _INTERNED_MAX = 4096
 _BACKGROUND_MAX = 256  # mirrors and statement kills in flight; more are dropped, counted
 ER_TOO_MANY_USER_CONNECTIONS = 1203
@@ -290,7 +292,10 @@ class SessionMode:
         self.counters.inc("logins", user=session.user)
 
     def login_refused(self, session: ClientSession, login: ServerLogin, reason: str) -> None:
-        self.counters.inc("logins_refused", user=login.user_name or "", reason=reason)
+        # Counted under the name only when it is a login of ours: names a client makes up
+        # would grow the counters (and /metrics) without bound. The log line has the name.
+        user = login.user_name if login.user_name in self.users else UNKNOWN_USER
+        self.counters.inc("logins_refused", user=user, reason=reason)
         log.warning("login_refused", client=session.client, user=login.user_name, reason=reason)
 
     def session_closed(self, session: ClientSession) -> None:
