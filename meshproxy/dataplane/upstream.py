@@ -145,17 +145,9 @@ class WarmPool:
     async def fill(self, address: Address, timeout_s: float, tls: MeshTls | None) -> None:
         """Open one idle socket (with ``tls``, its handshake done: a client then skips it
         too); raises OSError or TimeoutError."""
-        loop = asyncio.get_running_loop()
         async with asyncio.timeout(timeout_s):
-            if tls is None:
-                _, idle = await loop.create_connection(
-                    lambda: _Idle(self, address), address.host, address.port
-                )
-            else:
-                transport, idle = await tlslayer.connect(
-                    lambda: _Idle(self, address), address.host, address.port, tls.client
-                )
-                check_middle(transport)
+            transport = await dial(lambda: _Idle(self, address), address, tls)
+        idle = typing.cast(_Idle, transport.get_protocol())
         self.idle.setdefault(address, deque()).append(idle)
 
     def recycle(self, max_idle_s: float, keep: set[Address]) -> None:
@@ -170,6 +162,23 @@ class WarmPool:
         for sockets in list(self.idle.values()):
             for idle in list(sockets):
                 idle.discard()
+
+
+async def dial(
+    factory: Callable[[], asyncio.Protocol],
+    address: Address,
+    tls: MeshTls | None,
+    local: tuple[str, int] | None = None,
+) -> asyncio.Transport:
+    """Connect to ``address``; with ``tls``, over mutual TLS to a peer proven a middle."""
+    if tls is None:
+        transport, _ = await asyncio.get_running_loop().create_connection(
+            factory, address.host, address.port, local_addr=local
+        )
+        return transport
+    transport, _ = await tlslayer.connect(factory, address.host, address.port, tls.client, local)
+    check_middle(transport)
+    return transport
 
 
 def check_middle(transport: asyncio.Transport) -> None:
@@ -306,17 +315,8 @@ class Connector:
                 async with asyncio.timeout(connect_s) as dialing.connecting:
                     source = self._groups[ref].source_ip
                     local = (source, 0) if source else None
-                    if tls is not None:
-                        transport, _ = await tlslayer.connect(
-                            lambda: dialing, address.host, address.port, tls.client, local
-                        )
-                    else:
-                        transport, _ = await loop.create_connection(
-                            lambda: dialing, address.host, address.port, local_addr=local
-                        )
+                    transport = await dial(lambda: dialing, address, tls, local)
                 dialing.connecting = None
-                if tls is not None:
-                    check_middle(transport)
             if header is not None:
                 transport.write(header.encode())
             if await_greeting:
