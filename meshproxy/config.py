@@ -317,6 +317,9 @@ class TierConfig:
     source_ip: str = ""
     check: CheckConfig = field(default_factory=CheckConfig)
     eject: EjectConfig = field(default_factory=EjectConfig)
+    # An edge in session mode: its logged-in connections to each middle (tls, tls_ca: unused,
+    # mesh TLS protects the hop).
+    connections: ConnectionsConfig = field(default_factory=ConnectionsConfig)
 
 
 @dataclass(frozen=True)
@@ -890,9 +893,11 @@ def _check_session_mode(config: Config, loader: _Loader) -> None:
     entrances += [(f"service[{i}]", e) for i, e in enumerate(config.service)]
     sessions = [(key, e) for key, e in entrances if e.mode == "session"]
     for key, entrance in sessions:
-        if entrance.upstream.kind is not UpstreamKind.POOL:
+        upstream = entrance.upstream
+        if upstream.kind is UpstreamKind.TIER and upstream.name in config.pools():
+            # Session mode keeps its connections by group name: the two would be one.
             raise loader.fail(
-                f"{key}.mode", "session mode runs statements on a pool's servers: use pool:<name>"
+                f"{key}.upstream", "a session-mode tier cannot share its name with a pool"
             )
         if entrance.protocol != "mysql":
             raise loader.fail(f"{key}.mode", "session mode needs protocol = 'mysql'")

@@ -125,6 +125,7 @@ class BackendConnection(asyncio.Protocol):
         self._response: Response | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._sink: Sink | None = None
+        self.broken = ""  # why it broke, once it has
 
     # ----------------------------------------------------------------- protocol
 
@@ -183,10 +184,16 @@ class BackendConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._broken(f"connection lost: {exc}" if exc else "connection closed")
 
+    def abort(self, reason: str) -> None:
+        """Drop the connection now (its peer is known to be gone or hung): a command in
+        flight hears ``backend_lost``."""
+        self._broken(reason)
+
     def _broken(self, reason: str) -> None:
         if self.closed:
             return
         self.closed = True
+        self.broken = reason
         if self.transport is not None:
             self.transport.abort()
         waiter = self._waiter
@@ -212,6 +219,10 @@ class BackendConnection(asyncio.Protocol):
     def forward(self, data: bytes, command: int, sink: Sink) -> None:
         """Send a client's command bytes; its answer goes to ``sink`` as it arrives."""
         assert self.transport is not None
+        if self.closed:  # broke while a pinned session held it between statements
+            reason = self.broken or "connection closed"
+            asyncio.get_running_loop().call_soon(sink.backend_lost, reason)
+            return
         self._response = Response(command, self.deprecate_eof)
         self._sink = sink
         self.transport.write(data)

@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
+import typing
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from meshproxy import log
@@ -27,6 +28,10 @@ from meshproxy.mysql.state import Values
 
 # (server, error detail or None on success): feeds the pool's passive ejection.
 Report = Callable[[Address, str | None], None]
+# Opens a transport whose protocol is the factory's connection, from a local address or not.
+Dial = Callable[
+    [Callable[[], BackendConnection], tuple[str, int] | None], Awaitable[asyncio.Transport]
+]
 
 
 class PoolTimeout(MeshproxyError):
@@ -79,6 +84,9 @@ class ServerPool:
         self.accepting = True  # False: OFFLINE_SOFT or worse; no new checkouts
         self.role = Role.ANY  # its side of a replication pool, as the checks see it
         self.tls: ssl.SSLContext | None = None  # TLS to the server (connections.tls)
+        # How to reach a middle of a tier (mesh TLS, then the hop header); None: a server,
+        # straight over TCP.
+        self.dial: Dial | None = None
         # The highest GTID sequence per domain this server is known to have applied (a
         # reader that waited for it): later reads needing no more do not wait again.
         self.applied: dict[int, int] = {}
@@ -189,14 +197,19 @@ class ServerPool:
         sha1 = self.credentials.sha1.get(key.user)
         self.total += 1
         loop = asyncio.get_running_loop()
+        local = (self.source_ip, 0) if self.source_ip else None
         try:
             async with asyncio.timeout(min(self.connect_s, timeout_s)):
-                _, conn = await loop.create_connection(
-                    lambda: BackendConnection(self.address, key),
-                    self.address.host,
-                    self.address.port,
-                    local_addr=(self.source_ip, 0) if self.source_ip else None,
-                )
+                if self.dial is None:
+                    _, conn = await loop.create_connection(
+                        lambda: BackendConnection(self.address, key),
+                        self.address.host,
+                        self.address.port,
+                        local_addr=local,
+                    )
+                else:
+                    transport = await self.dial(lambda: BackendConnection(self.address, key), local)
+                    conn = typing.cast(BackendConnection, transport.get_protocol())
             await conn.login(key.user, sha1, max(timeout_s, self.connect_s), self.tls)
         except (OSError, TimeoutError, ConnectFailed, ProtocolError) as exc:
             self.total -= 1

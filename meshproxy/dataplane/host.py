@@ -178,10 +178,10 @@ class PlaneHost:
         plane.routes = routes(new)
         self._sync_groups(new)
         self._sync_warm(new)
+        plane.session_mode.mesh_tls = self.tls
         plane.session_mode.configure(new)
         for ref, view in self.groups.items():
-            if ref.kind is UpstreamKind.POOL:
-                plane.session_mode.set_members(ref.name, view.members)
+            plane.session_mode.set_members(ref, view.members)
 
     async def apply_config(self, new: Config) -> list[str]:
         """Bind, then take the rest (raises OSError with nothing changed if a bind fails).
@@ -263,8 +263,7 @@ class PlaneHost:
             pool = self.warm.get(ref.name) if ref.kind is UpstreamKind.TIER else None
             if pool is not None:
                 pool.wanted.set()
-            if ref.kind is UpstreamKind.POOL:
-                self.plane.session_mode.set_members(ref.name, members)
+            self.plane.session_mode.set_members(ref, members)
 
     # ----------------------------------------------------------------- loops
 

@@ -228,7 +228,9 @@ class DataPlane:
         sessions = list(self.sessions.get(address, ()))
         for session in sessions:
             session.close(abort=True)
-        return len(sessions)
+        # Session mode's own sessions are not closed: their statements move elsewhere.
+        moved = self.session_mode.drop_connections(address, "its middle failed")
+        return len(sessions) + moved
 
     def sweep(self, idle_s: float, now: float) -> None:
         """Count bytes moved since the last sweep, and close sessions idle for ``idle_s``."""

@@ -22,6 +22,7 @@ from meshproxy import log
 from meshproxy.config import Address
 from meshproxy.dataplane.backend import BackendConnection, LoginKey, Prepared, Sink
 from meshproxy.dataplane.backendpool import PoolTimeout, ServerPool
+from meshproxy.dataplane.continuity import MAX_MOVES, Journal, NotReplayed, replay
 from meshproxy.dataplane.router import Role
 from meshproxy.dataplane.routing import Plan, SessionRouter
 from meshproxy.errors import ConnectFailed, MeshproxyError, ProtocolError
@@ -31,6 +32,8 @@ from meshproxy.mysql.constants import (
     ER_NET_PACKET_TOO_LARGE,
     ER_PROXY_BACKEND_LOST,
     ER_PROXY_NO_UPSTREAM,
+    ER_PROXY_NOT_REPLAYED,
+    ER_PROXY_OUTCOME_UNKNOWN,
     ER_PROXY_POOL_TIMEOUT,
     ER_UNKNOWN_COM_ERROR,
     ER_UNKNOWN_STMT_HANDLER,
@@ -90,10 +93,12 @@ class Flight:
     command: int
     effects: Effects
     conn: BackendConnection
+    payload: bytes  # as the client sent it: what runs again if the flight moves
     statement: ClientStatement | None = None
     argument: bytes = b""  # COM_INIT_DB's schema, COM_STMT_PREPARE's text
     client_stmt_id: int = 0
     answered: bool = False  # a byte of the answer has reached the client
+    sent: bool = True  # False: its connection had broken already; it never left us
     plan: Plan | None = None  # how routing sent it (digest, cache, timeout)
     answer: bytearray | None = None  # the answer so far, for the query cache
     timer: asyncio.TimerHandle | None = None  # a query rule's statement timeout
@@ -160,6 +165,9 @@ class ClientSession(asyncio.Protocol, Sink):
         self.target_pool = pool  # where the statement being started goes
         self.side = Role.ANY
         self._plan: Plan | None = None  # the plan of the statement being started
+        # On a tier of middles (an edge that owns its sessions): what moving needs.
+        self.journal: Journal | None = None
+        self._moves = 0  # how often the statement in flight has moved
 
     # ----------------------------------------------------------------- client transport
 
@@ -232,6 +240,8 @@ class ClientSession(asyncio.Protocol, Sink):
             flight = self.flight
             if flight is not None:
                 flight.answered = True
+                if self.journal is not None:
+                    self.journal.chunk(data)
                 if flight.answer is not None:
                     flight.answer += data
                     if len(flight.answer) > self.mode.cache.max_entry_bytes:
@@ -546,7 +556,7 @@ class ClientSession(asyncio.Protocol, Sink):
                     conn = self.conn = server.take_idle(key, time.monotonic())
         if conn is not None and self._in_step(conn, effects, statement) and not self._must_wait():
             data = self._bytes_for(conn, command, payload, statement)
-            self._send_command(conn, command, data, effects, statement, stmt_id)
+            self._send_command(conn, command, payload, data, effects, statement, stmt_id)
             return
         self._task = asyncio.get_running_loop().create_task(
             self._run_slowly(command, payload, effects, statement, stmt_id)
@@ -606,7 +616,7 @@ class ClientSession(asyncio.Protocol, Sink):
         if self.closed:
             return
         data = self._bytes_for(conn, command, payload, statement)
-        self._send_command(conn, command, data, effects, statement, stmt_id)
+        self._send_command(conn, command, payload, data, effects, statement, stmt_id)
 
     async def _checkout(self) -> BackendConnection:
         """A connection from this session's server (chosen at its first statement). A
@@ -785,6 +795,7 @@ class ClientSession(asyncio.Protocol, Sink):
         self,
         conn: BackendConnection,
         command: int,
+        payload: bytes,
         data: bytes,
         effects: Effects,
         statement: ClientStatement | None,
@@ -797,7 +808,12 @@ class ClientSession(asyncio.Protocol, Sink):
             self._apply_effects(effects)
             self._release_if_free()
             return
-        flight = Flight(command, effects, conn, statement, client_stmt_id=stmt_id, plan=plan)
+        flight = Flight(
+            command, effects, conn, payload, statement, client_stmt_id=stmt_id, plan=plan
+        )
+        if self.journal is not None:
+            self.journal.sending(command, data, self.pins.transaction, self.values, self.schema)
+            flight.sent = not conn.closed
         if plan is not None:
             if plan.cache_key is not None:
                 flight.answer = bytearray()
@@ -828,6 +844,7 @@ class ClientSession(asyncio.Protocol, Sink):
             # Pins hold even when the statement failed: part of a multi-statement may have run.
             self._apply_effects(effects)
             self.mode.count_pins(effects)
+        self._moves = 0
         if response.error is None:
             self.pins.transaction = bool(response.status & Status.IN_TRANS)
             if response.status & Status.CURSOR_EXISTS:
@@ -840,6 +857,8 @@ class ClientSession(asyncio.Protocol, Sink):
                 self.schema = conn.state.schema = flight.argument.decode("utf-8", "replace")
             elif flight.command == Command.STMT_PREPARE and response.prepared is not None:
                 self._prepared(flight, response)
+        if self.journal is not None:
+            self.journal.answered(self.pins.transaction)
         if effects.read_back or learn:
             self._task = asyncio.get_running_loop().create_task(
                 self._follow_up(conn, effects.read_back, learn)
@@ -928,10 +947,123 @@ class ClientSession(asyncio.Protocol, Sink):
         if flight is not None and flight.timer is not None:
             flight.timer.cancel()
         answered = flight is not None and flight.answered
+        if flight is not None and not answered and self.journal is not None:
+            self._move(flight, reason)
+            return
         seq = 1
         if flight is not None and answered:
             seq = -1  # mid-answer: no ERR can follow in good order
         self._backend_failed(reason, answered=answered, seq=seq)
+
+    # ----------------------------------------------------------------- moving a session
+
+    def _move(self, flight: Flight, reason: str) -> None:
+        """The middle running the statement in flight failed before a byte of its answer
+        reached the client: carry the session on through another middle where that is
+        provably safe, else give the statement an ERR that says why; the session stays."""
+        journal = self.journal
+        assert journal is not None
+        pins = self.pins
+        if pins.reasons or pins.lock or self.infile or self._moves >= MAX_MOVES:
+            self._backend_failed(reason, answered=False, seq=1)  # state only it had
+            return
+        conn, self.conn = self.conn, None
+        if conn is not None and self.server is not None:
+            self.server.discard(conn, reason)
+        self.server = None  # choose again: the failed middle is left out once known
+        self._moves += 1
+        counters = self.mode.counters
+        if pins.transaction:
+            if not journal.replayable:
+                self._roll_back(f"it cannot be replayed ({journal.why_not})", reason)
+            elif flight.sent and not _safe_to_repeat(flight):
+                # COMMIT (or a statement that commits) may have run: never apply it twice.
+                self._outcome_unknown(flight, reason)
+            else:
+                self._task = asyncio.get_running_loop().create_task(self._replay(flight, reason))
+            return
+        if not flight.sent or (flight.plan is not None and flight.plan.reads):
+            outcome = "read again" if flight.sent else "sent elsewhere"
+            counters.inc("session_moves", outcome=outcome)
+            log.event("session_moved", client=self.client, outcome=outcome, reason=reason)
+            self._plan = flight.plan
+            self._run(
+                flight.command,
+                flight.payload,
+                flight.effects,
+                flight.statement,
+                flight.client_stmt_id,
+            )
+            return
+        self._outcome_unknown(flight, reason)
+
+    async def _replay(self, flight: Flight, reason: str) -> None:
+        """Run the open transaction again through another middle, then the statement that
+        was in flight; if any answer differs, roll back and tell the client."""
+        journal = self.journal
+        assert journal is not None
+        values, schema = self.values, self.schema
+        try:
+            conn = self.conn = await self._checkout()
+            # The state the transaction began in, then its statements bring it to now.
+            self.values, self.schema = journal.start_values, journal.start_schema
+            await self._bring_in_step(conn, _NO_EFFECTS, None)
+            await replay(conn, journal.entries, self.mode.exchange_timeout_s)
+        except SessionClosed:
+            return
+        except (Refusal, ConnectFailed, ProtocolError, PoolTimeout, NotReplayed) as exc:
+            self._task = None
+            self.values, self.schema = values, schema
+            self._roll_back(str(exc), reason)
+            return
+        self._task = None
+        self.values, self.schema = values, schema
+        assert values is not None  # a transaction began after the first connection
+        conn.state.values, conn.state.schema = values, schema
+        self.mode.counters.inc("session_moves", outcome="transaction replayed")
+        log.event(
+            "session_moved",
+            client=self.client,
+            outcome="transaction replayed",
+            statements=len(journal.entries),
+            reason=reason,
+        )
+        self._plan = flight.plan
+        self._run(
+            flight.command, flight.payload, flight.effects, flight.statement, flight.client_stmt_id
+        )
+
+    def _roll_back(self, why: str, reason: str) -> None:
+        """The transaction is gone (its connection's server rolls it back): say so."""
+        conn, self.conn = self.conn, None
+        if conn is not None and self.server is not None:
+            self.server.discard(conn, "transaction not replayed")
+        self.pins.transaction = False
+        assert self.journal is not None
+        self.journal.clear()
+        self.mode.counters.inc("session_moves", outcome="transaction rolled back")
+        log.event("session_moved", client=self.client, outcome="rolled back", why=why)
+        message = (
+            f"meshproxy: the transaction was rolled back: its middle failed ({reason}) and {why}"
+        )
+        self._send(1, err_payload(ER_PROXY_NOT_REPLAYED, message, "40001"))
+        self._drain()
+
+    def _outcome_unknown(self, flight: Flight, reason: str) -> None:
+        """A write (or COMMIT) reached a middle that then failed: it may have run."""
+        in_transaction = self.pins.transaction
+        self.pins.transaction = False
+        if self.journal is not None:
+            self.journal.clear()
+        self.mode.counters.inc("session_moves", outcome="outcome unknown")
+        log.event("session_moved", client=self.client, outcome="outcome unknown", reason=reason)
+        what = "the transaction" if in_transaction else "the statement"
+        message = (
+            f"meshproxy: outcome unknown: the middle running {what} failed ({reason}) before"
+            f" it answered; {what} may or may not have been applied"
+        )
+        self._send(1, err_payload(ER_PROXY_OUTCOME_UNKNOWN, message, "08S01"))
+        self._drain()
 
     def _backend_failed(self, reason: str, answered: bool, seq: int) -> None:
         """The backend connection broke: the statement errs; the session carries on
@@ -1080,6 +1212,19 @@ class _Renumbering(Sink):
 
     def backend_lost(self, reason: str) -> None:
         self.session.backend_lost(reason)
+
+
+_REPEATABLE = frozenset((b"SELECT", b"INSERT", b"UPDATE", b"DELETE", b"REPLACE", b"WITH"))
+
+
+def _safe_to_repeat(flight: Flight) -> bool:
+    """Whether the statement in flight may run again after its transaction was replayed:
+    a read or a write that cannot commit on its own. COMMIT, DDL, ``SET autocommit`` and
+    the like may have committed the transaction on the failed path: never twice."""
+    if flight.command != Command.QUERY or flight.effects.transaction:
+        return False
+    words = flight.payload[1:64].lstrip(b" \t\r\n(").split(None, 1)
+    return bool(words) and words[0].upper() in _REPEATABLE
 
 
 def _hand_over(transport: asyncio.Transport, session: ClientSession, data: bytes) -> None:

@@ -24,11 +24,16 @@ from meshproxy.config import (
     ConnectionsConfig,
     ListenerConfig,
     ReplicationConfig,
+    ServiceConfig,
     UpstreamKind,
     UpstreamRef,
 )
 from meshproxy.counters import Counters
-from meshproxy.dataplane.backendpool import Credentials, Report, ServerPool
+from meshproxy.dataplane import upstream
+from meshproxy.dataplane.backend import BackendConnection
+from meshproxy.dataplane.backendpool import Credentials, Dial, Report, ServerPool
+from meshproxy.dataplane.continuity import Journal
+from meshproxy.dataplane.hop import HopHeader
 from meshproxy.dataplane.mirror import mirror
 from meshproxy.dataplane.router import Member, Role, choose
 from meshproxy.dataplane.routing import Plan
@@ -45,6 +50,7 @@ from meshproxy.mysql.statements import Effects
 from meshproxy.routing.digests import DigestStats
 from meshproxy.routing.querycache import QueryCache
 from meshproxy.routing.rules import RuleSet
+from meshproxy.security.meshtls import MeshTls
 
 UNKNOWN_USER = "(unknown)"  # the counter label of a login refused for a name we do not have
 
@@ -93,6 +99,11 @@ class SessionMode:
         self._background: set[asyncio.Task[Any]] = set()
         self._member_changes: dict[str, asyncio.Event] = {}
         self.digest_epoch = 0
+        # An edge that owns its sessions: the tiers its session entrances use, with the
+        # service their hops ask the middles for. Sessions on them move between middles.
+        self.tiers: dict[str, str] = {}
+        self._tier_source_ip: dict[str, str] = {}
+        self.mesh_tls: MeshTls | None = None  # the node's, set by the data plane host
 
     # ----------------------------------------------------------------- config
 
@@ -122,9 +133,19 @@ class SessionMode:
                 self.credentials.sha1[backend_user] = sha1
         self.users = users
         wanted = {pool.name: pool for pool in config.pool}
-        for name in set(self.pools) - set(wanted):
+        self.tiers = _session_tiers(config)
+        for name in set(self.pools) - set(wanted) - set(self.tiers):
             for server in self.pools.pop(name).values():
                 server.close()
+        for tier in config.tier:
+            if tier.name in self.tiers:
+                self.pools.setdefault(tier.name, {})  # members come with the tier's view
+                self.settings[tier.name] = tier.connections
+                self._tier_source_ip[tier.name] = tier.source_ip
+                for server in self.pools[tier.name].values():
+                    server.settings = tier.connections
+                    server.connect_s = self.connect_s
+                    server.source_ip = tier.source_ip
         for name, pool in wanted.items():
             servers = self.pools.setdefault(name, {})
             self.settings[name] = pool.connections
@@ -141,7 +162,7 @@ class SessionMode:
                         pool.connections,
                         self.credentials,
                         self.counters,
-                        self._report_for(name),
+                        self._report_for(UpstreamRef(UpstreamKind.POOL, name)),
                         self.connect_s,
                         pool.source_ip,
                     )
@@ -170,16 +191,23 @@ class SessionMode:
         if self._rsa is None and any(u.account.secret.clear for u in users.values()):
             self._rsa = auth.RsaKey()
 
-    def _report_for(self, pool: str) -> Report:
-        ref = UpstreamRef(UpstreamKind.POOL, pool)
-
+    def _report_for(self, ref: UpstreamRef) -> Report:
         def report(address: Address, error: str | None) -> None:
             self._report(ref, address, error)
 
         return report
 
-    def set_members(self, pool: str, members: tuple[Member, ...]) -> None:
-        """Server states from the control plane: only ONLINE servers take checkouts."""
+    def set_members(self, ref: UpstreamRef, members: tuple[Member, ...]) -> None:
+        """Server states from the control plane: only ONLINE servers take checkouts. A
+        tier's middles come and go with gossip: one that is gone (dead, a hung one declared
+        dead, left) has its connections dropped, in use or not, and the sessions on them
+        move (``drop_connections`` does the same for a failed one that stays a member)."""
+        pool = ref.name
+        tier = ref.kind is UpstreamKind.TIER
+        if tier != (pool in self.tiers) or pool not in self.pools:
+            return  # not a group of session mode
+        if tier:
+            self._track_members(ref, members)
         self.members[pool] = members
         servers = self.pools.get(pool, {})
         for member in members:
@@ -193,6 +221,60 @@ class SessionMode:
         changed = self._member_changes.pop(pool, None)
         if changed is not None:
             changed.set()
+
+    def _track_members(self, ref: UpstreamRef, members: tuple[Member, ...]) -> None:
+        servers = self.pools[ref.name]
+        addresses = {m.address for m in members}
+        for address in set(servers) - addresses:
+            server = servers.pop(address)
+            server.close()
+            self._drop_in_use(server, f"middle {address} is no longer a member")
+        for address in addresses - set(servers):
+            server = servers[address] = ServerPool(
+                ref.name,
+                address,
+                self.settings[ref.name],
+                self.credentials,
+                self.counters,
+                self._report_for(ref),
+                self.connect_s,
+                self._tier_source_ip.get(ref.name, ""),
+            )
+            server.dial = self._dialer(ref.name, address)
+
+    def _dialer(self, tier: str, address: Address) -> Dial:
+        """How a session pool reaches one middle: a mesh hop (mutual TLS when the mesh has
+        it) whose header asks for the service of the edge's session entrance."""
+
+        async def dial(
+            factory: Callable[[], BackendConnection], local: tuple[str, int] | None
+        ) -> asyncio.Transport:
+            header = HopHeader(self.tiers[tier], self.node_name, 1).encode()
+            transport = await upstream.dial(factory, address, self.mesh_tls, local)
+            transport.write(header)
+            return transport
+
+        return dial
+
+    def drop_connections(self, address: Address, reason: str) -> int:
+        """Drop every connection to the middle at ``address`` (the control plane saw it
+        fail: nothing on its side will answer); returns how many sessions were moving."""
+        moved = 0
+        for tier in self.tiers:
+            server = self.pools.get(tier, {}).get(address)
+            if server is not None:
+                server.empty(reason)
+                moved += self._drop_in_use(server, reason)
+        return moved
+
+    def _drop_in_use(self, server: ServerPool, reason: str) -> int:
+        dropped = 0
+        for session in list(self.sessions.values()):
+            conn = session.conn
+            if conn is not None and session.server is server:
+                conn.abort(reason)
+                dropped += 1
+        return dropped
 
     async def members_change(self, pool: str, timeout_s: float) -> bool:
         """Wait for the next server states of ``pool`` (a writer promoted, a server back);
@@ -278,6 +360,8 @@ class SessionMode:
         user = self.users[session.user]
         if user.pool:
             session.pool_name = user.pool
+        if session.pool_name in self.tiers and session.journal is None:
+            session.journal = Journal()  # an edge's session: it moves between middles
         count = self.per_user.get(session.user, 0)
         if count >= user.max_connections:
             self.counters.inc("logins_refused", user=session.user, reason="max_connections")
@@ -470,6 +554,16 @@ class SessionMode:
             "digests": self.digests.top(2 * self.digests.top_n) if self.digests else [],
             "digest_epoch": self.digest_epoch,
         }
+
+
+def _session_tiers(config: Config) -> dict[str, str]:
+    """The tiers that session-mode entrances send to, with the service their hops name."""
+    entrances: list[ListenerConfig | ServiceConfig] = [*config.listener, *config.service]
+    return {
+        e.upstream.name: e.service if isinstance(e, ListenerConfig) else e.name
+        for e in entrances
+        if e.mode == "session" and e.upstream.kind is UpstreamKind.TIER
+    }
 
 
 def _of_side(

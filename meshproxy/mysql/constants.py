@@ -157,5 +157,7 @@ ER_SECURE_TRANSPORT_REQUIRED = 3159
 ER_PROXY_NO_UPSTREAM = 9001  # ProxySQL's code when no backend could be reached
 ER_PROXY_POOL_TIMEOUT = 9002
 ER_PROXY_BACKEND_LOST = 9003
+ER_PROXY_OUTCOME_UNKNOWN = 9004  # a write or COMMIT was cut off: it may or may not have run
+ER_PROXY_NOT_REPLAYED = 9005  # a transaction could not be moved: it is rolled back
 
 UTF8MB4_GENERAL_CI = 45

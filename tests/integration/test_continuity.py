@@ -1,0 +1,258 @@
+"""Sessions that an edge owns carry on when a middle fails: real MariaDB, real PyMySQL
+clients, an edge in session mode over three session-mode middles, all gossiping.
+
+Each middle reaches MariaDB from its own loopback address (``source_ip``), so ``USER()``
+names the middle that ran a statement."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pymysql
+import pytest
+
+from meshproxy.gossip.settings import GossipSettings
+from meshproxy.mysql.constants import ER_PROXY_NOT_REPLAYED, ER_PROXY_OUTCOME_UNKNOWN
+from meshproxy.testbed import mariadb
+from tests.integration.harness import (
+    NodeFactory,
+    NodeProcess,
+    addr,
+    close_quietly,
+    connect,
+    edge_config,
+    free_port,
+    middle_config,
+    query,
+    wait_until,
+)
+from tests.integration.test_gossip import SLACK_S, signal_family, tier_states, with_gossip
+
+pytestmark = pytest.mark.integration
+
+USERS = [{"name": mariadb.APP_USER, "password": mariadb.APP_PASSWORD}]
+# A statement in flight on a hung middle moves once gossip declares the middle dead.
+BOUND_S = GossipSettings().detection_bound_s(4) + SLACK_S
+
+
+@dataclass
+class Mesh:
+    edge_port: int
+    edge_admin: int
+    middles: dict[str, NodeProcess]
+
+    def kill(self, name: str) -> None:
+        """SIGKILL every process of the middle, children first (were the angel first, they
+        would be told to stop, and could leave gracefully)."""
+        killed = self.middles[name]
+        for pid in sorted(killed.pids(), key=lambda pid: pid == killed.pid):
+            os.kill(pid, signal.SIGKILL)
+        assert killed.process is not None
+        killed.process.wait(10)
+        killed.returncode = 0  # killed on purpose: not a failure of the node
+
+    def pause(self, name: str) -> None:
+        signal_family(self.middles[name], signal.SIGSTOP, children_first=False)
+
+
+@pytest.fixture
+def mesh(nodes: NodeFactory, shared_mariadb: mariadb.MariaDB) -> Iterator[Mesh]:
+    """An edge owning its sessions (session mode on ``tier:middle``) and middles p2-p4 in
+    session mode on one MariaDB; paused middles are killed at the end."""
+    middles: dict[str, NodeProcess] = {}
+    seeds: list[int] = []
+    for name in ("p2", "p3", "p4"):
+        gossip = free_port()
+        doc = middle_config(
+            name, free_port(), servers=[shared_mariadb.port], node={"tier": "middle"}
+        )
+        doc["service"][0]["mode"] = "session"
+        doc["pool"][0]["source_ip"] = f"127.0.0.{name[1]}"
+        doc["user"] = USERS
+        doc, _ = with_gossip(doc, gossip, seeds or [gossip])
+        middles[name] = nodes.start(doc)
+        seeds = seeds or [gossip]
+    edge_port = free_port()
+    edge = edge_config(
+        "p1",
+        edge_port,
+        [],
+        listener={"mode": "session"},
+        tier={"close_sessions_on_down": True},
+        timeouts={"connect_ms": 500},
+    )
+    edge["user"] = USERS
+    edge, edge_admin = with_gossip(edge, free_port(), seeds)
+    nodes.start(edge)
+    wait_until(
+        lambda: (
+            set(tier_states(edge_admin).values()) == {"ONLINE"}
+            and len(tier_states(edge_admin)) == 3
+        ),
+        15,
+        "the edge to learn all three middles from gossip",
+    )
+    yield Mesh(edge_port, edge_admin, middles)
+    for middle in middles.values():
+        signal_family(middle, signal.SIGCONT, children_first=True)
+
+
+@pytest.fixture
+def table(shared_mariadb: mariadb.MariaDB) -> Iterator[str]:
+    """A counter table with one row (id 1, v 0), dropped afterwards."""
+    name = f"continuity_{time.monotonic_ns()}"
+    query(shared_mariadb.port, f"CREATE TABLE {name} (id INT PRIMARY KEY, v INT) ENGINE=InnoDB")
+    query(shared_mariadb.port, f"INSERT INTO {name} VALUES (1, 0)")
+    yield name
+    query(shared_mariadb.port, f"DROP TABLE IF EXISTS {name}")
+
+
+def run(session: Any, sql: str) -> list[tuple[Any, ...]]:
+    with session.cursor() as cursor:
+        cursor.execute(sql)
+        return list(cursor.fetchall())
+
+
+def middle_of(session: Any) -> str:
+    """The middle that runs this session's statements now (``app@127.0.0.N`` -> pN)."""
+    user = run(session, "SELECT USER()")[0][0]
+    return f"p{user.rsplit('.', 1)[1]}"
+
+
+def timed(call: Callable[[], Any]) -> tuple[Any, float]:
+    started = time.monotonic()
+    return call(), time.monotonic() - started
+
+
+def error_of(call: Callable[[], Any]) -> tuple[int, str]:
+    with pytest.raises(pymysql.MySQLError) as caught:
+        call()
+    code, message = caught.value.args
+    return code, message
+
+
+@pytest.fixture
+def sessions(mesh: Mesh) -> Iterator[list[Any]]:
+    opened: list[Any] = []
+    yield opened
+    for session in opened:
+        close_quietly(session)
+
+
+def open_session(mesh: Mesh, sessions: list[Any]) -> Any:
+    session = connect(mesh.edge_port, read_timeout=60)
+    sessions.append(session)
+    return session
+
+
+def test_sessions_between_statements_carry_on_when_their_middle_is_killed(
+    mesh: Mesh, sessions: list[Any]
+) -> None:
+    """Every session open on a middle killed with SIGKILL runs its next statements through
+    another middle without an error, and so do the sessions on the other middles."""
+    for _ in range(9):
+        open_session(mesh, sessions)
+    where = [middle_of(s) for s in sessions]
+    victim = max(set(where), key=where.count)
+    mesh.kill(victim)
+    for session in sessions:
+        assert run(session, "SELECT 1") == [(1,)]
+        assert middle_of(session) != victim
+    assert all(query(mesh.edge_port, "SELECT 2") == [(2,)] for _ in range(5))
+
+
+def test_a_read_in_flight_on_a_paused_middle_is_answered_through_another(
+    mesh: Mesh, sessions: list[Any]
+) -> None:
+    """A read sent to a middle that is then found hung (SIGSTOP: its kernel still ACKs) is
+    run again through another middle once gossip declares the hung one dead, and the client
+    gets its answer, not an error, within the detection bound."""
+    session = open_session(mesh, sessions)
+    victim = middle_of(session)
+    mesh.pause(victim)
+    rows, took = timed(lambda: run(session, "SELECT USER(), 42"))
+    assert rows[0][1] == 42
+    assert not rows[0][0].endswith(f".{victim[1]}"), rows
+    assert took < BOUND_S
+
+
+def test_a_transaction_moves_with_its_session_when_its_middle_is_killed(
+    mesh: Mesh, sessions: list[Any], table: str
+) -> None:
+    """A transaction open on a middle killed with SIGKILL is replayed through another
+    middle: the client carries on in the same transaction, commits, and each of its
+    updates is applied exactly once."""
+    session = open_session(mesh, sessions)
+    victim = middle_of(session)
+    run(session, "BEGIN")
+    assert run(session, f"SELECT v FROM {table} WHERE id = 1 FOR UPDATE") == [(0,)]
+    run(session, f"UPDATE {table} SET v = v + 1 WHERE id = 1")
+    mesh.kill(victim)
+    run(session, f"UPDATE {table} SET v = v + 10 WHERE id = 1")
+    assert run(session, f"SELECT v FROM {table} WHERE id = 1") == [(11,)]
+    run(session, "COMMIT")
+    assert middle_of(session) != victim
+    assert query(mesh.edge_port, f"SELECT v FROM {table} WHERE id = 1") == [(11,)]
+
+
+def test_a_transaction_whose_answers_differ_elsewhere_is_rolled_back_with_an_error(
+    mesh: Mesh, sessions: list[Any], table: str
+) -> None:
+    """A transaction whose replay through another middle answers differently (here: the
+    connection id it read) is rolled back, its client gets ERR 9005 naming why, and the
+    session stays usable outside a transaction."""
+    session = open_session(mesh, sessions)
+    victim = middle_of(session)
+    run(session, "BEGIN")
+    run(session, f"UPDATE {table} SET v = v + 1 WHERE id = 1")
+    run(session, "SELECT CONNECTION_ID()")
+    mesh.kill(victim)
+    code, message = error_of(lambda: run(session, f"UPDATE {table} SET v = v + 1 WHERE id = 1"))
+    assert code == ER_PROXY_NOT_REPLAYED
+    assert "gave another result" in message
+    assert run(session, "SELECT @@in_transaction") == [(0,)]
+    assert query(mesh.edge_port, f"SELECT v FROM {table} WHERE id = 1") == [(0,)]
+
+
+def test_a_commit_cut_off_by_a_hung_middle_is_reported_as_outcome_unknown(
+    mesh: Mesh, sessions: list[Any], table: str
+) -> None:
+    """A COMMIT sent to a middle that hangs is never run again elsewhere: the client gets
+    ERR 9004 (outcome unknown) within the detection bound, and the session stays usable."""
+    session = open_session(mesh, sessions)
+    victim = middle_of(session)
+    run(session, "BEGIN")
+    run(session, f"UPDATE {table} SET v = v + 1 WHERE id = 1")
+    mesh.pause(victim)
+    (code, message), took = timed(lambda: error_of(lambda: run(session, "COMMIT")))
+    assert code == ER_PROXY_OUTCOME_UNKNOWN
+    assert "may or may not have been applied" in message
+    assert took < BOUND_S
+    mesh.kill(victim)  # the hung middle never ran the COMMIT: its transaction rolls back
+    assert run(session, "SELECT @@in_transaction") == [(0,)]
+    wait_until(
+        lambda: query(mesh.edge_port, f"SELECT v FROM {table} WHERE id = 1") == [(0,)],
+        10,
+        "the killed middle's transaction to be rolled back",
+    )
+
+
+def test_a_write_in_flight_on_a_hung_middle_gets_outcome_unknown_and_no_retry(
+    mesh: Mesh, sessions: list[Any], table: str
+) -> None:
+    """An autocommit write sent to a middle that hangs is not run again elsewhere (it may
+    have been applied): the client gets ERR 9004 and its next statement works."""
+    session = open_session(mesh, sessions)
+    victim = middle_of(session)
+    mesh.pause(victim)
+    code, _ = error_of(lambda: run(session, f"UPDATE {table} SET v = v + 1 WHERE id = 1"))
+    assert code == ER_PROXY_OUTCOME_UNKNOWN
+    mesh.kill(victim)
+    assert run(session, f"SELECT v FROM {table} WHERE id = 1") == [(0,)]
+    assert addr(mesh.edge_port)  # the edge still serves new sessions too
+    assert query(mesh.edge_port, "SELECT 3") == [(3,)]
