@@ -5,12 +5,12 @@ connections to the middles of a tier. Between statements a session holds no conn
 so a middle that dies costs it nothing. A statement in flight and an open transaction are
 another matter, and this module holds what they need:
 
-* the **journal** of the open transaction: every statement sent in it (as the bytes that
-  went to the middle) with a checksum of the answer the client received. When the middle
+* the **journal** of the open transaction: every statement sent in it (a query's text, or
+  a prepared statement's execute) with a checksum of the answer the client received. When the middle
   fails, the transaction runs again through another one, and it continues there only if
   every answer is the same as before (MaxScale's transaction replay, across a mesh);
-* the **replay**: one journal entry run on a connection, its answer checksummed and never
-  shown to the client.
+* the **checksum** of one statement run again on a connection: its answer is never shown
+  to the client.
 
 What may be run again and what must fail is decided by the session (``session.py``): a
 read may; a write or a ``COMMIT`` whose fate is unknown may not.
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import typing
 from dataclasses import dataclass
 
 from meshproxy.dataplane.backend import BackendConnection
@@ -27,6 +28,9 @@ from meshproxy.errors import MeshproxyError
 from meshproxy.mysql.constants import Command
 from meshproxy.mysql.response import Response
 from meshproxy.mysql.state import Values
+
+if typing.TYPE_CHECKING:
+    from meshproxy.dataplane.session import ClientStatement
 
 # A transaction longer than this is not kept: it could not be moved, only rolled back.
 MAX_ENTRIES = 1000
@@ -38,9 +42,17 @@ class NotReplayed(MeshproxyError):
     """The transaction could not be brought back on another middle (the reason says why)."""
 
 
+# The commands a transaction may hold and still be replayed: the others leave state on
+# their connection (a cursor, long data) that pins it anyway. A prepare is not kept: a
+# replayed execute prepares its statement on the new connection first.
+_REPLAYABLE = frozenset((Command.QUERY, Command.STMT_EXECUTE, Command.STMT_RESET))
+
+
 @dataclass(frozen=True, slots=True)
 class Entry:
-    data: bytes  # the framed command, as sent (statement ids and all)
+    command: int
+    payload: bytes  # as the client sent it
+    statement: ClientStatement | None  # what an execute runs (prepared anew elsewhere)
     checksum: bytes  # of the whole answer, as the client received it
 
 
@@ -55,8 +67,8 @@ class Journal:
 
     __slots__ = (
         "_bytes",
-        "_data",
         "_hash",
+        "_sending",
         "entries",
         "replayable",
         "start_schema",
@@ -71,19 +83,27 @@ class Journal:
         self.start_values: Values | None = None
         self.start_schema = ""
         self._bytes = 0
-        self._data = b""
+        self._sending: tuple[int, bytes, ClientStatement | None] = (0, b"", None)
         self._hash: hashlib._Hash | None = None
 
     def sending(
-        self, command: int, data: bytes, in_transaction: bool, values: Values | None, schema: str
+        self,
+        command: int,
+        payload: bytes,
+        statement: ClientStatement | None,
+        in_transaction: bool,
+        values: Values | None,
+        schema: str,
     ) -> None:
         if not in_transaction:
             self.clear()
             self.start_values, self.start_schema = values, schema
-        self._data = data
+        self._sending = (command, payload, statement)
+        if command == Command.STMT_PREPARE:
+            self._hash = None
+            return
         self._hash = hashlib.sha1(usedforsecurity=False)
-        if command != Command.QUERY and self.replayable:
-            # A prepared statement's bytes name it by the id of one middle's connection.
+        if command not in _REPLAYABLE and self.replayable:
             self._refuse(f"command 0x{command:02x} in the transaction")
 
     def chunk(self, data: bytes) -> None:
@@ -97,11 +117,12 @@ class Journal:
             return
         if not self.replayable or digest is None:
             return
-        self._bytes += len(self._data)
+        command, payload, statement = self._sending
+        self._bytes += len(payload)
         if len(self.entries) >= MAX_ENTRIES or self._bytes > MAX_BYTES:
             self._refuse("the transaction is too long to keep")
             return
-        self.entries.append(Entry(self._data, digest.digest()))
+        self.entries.append(Entry(command, payload, statement, digest.digest()))
 
     def clear(self) -> None:
         self.entries.clear()
@@ -138,19 +159,15 @@ class _Checksum:
             self.done.set_exception(NotReplayed(f"the new path failed too ({reason})"))
 
 
-async def replay(conn: BackendConnection, entries: list[Entry], timeout_s: float) -> None:
-    """Run ``entries`` again on ``conn``; raises NotReplayed at the first answer that is not
-    the one the client received (the caller drops the connection: nothing is committed)."""
-    for number, entry in enumerate(entries, 1):
-        sink = _Checksum()
-        conn.forward(entry.data, entry.data[4], sink)
-        try:
-            async with asyncio.timeout(timeout_s):
-                await sink.done
-        except TimeoutError:
-            conn.abort("a replayed statement did not answer in time")
-            raise NotReplayed(
-                f"statement {number} of the transaction did not answer within {timeout_s:g} s"
-            ) from None
-        if sink.hash.digest() != entry.checksum:
-            raise NotReplayed(f"statement {number} of the transaction gave another result")
+async def checksum_of(conn: BackendConnection, data: bytes, timeout_s: float) -> bytes:
+    """Run a framed command on ``conn`` and checksum its answer as a client would have
+    received it (raises NotReplayed when it cannot be run)."""
+    sink = _Checksum()
+    conn.forward(data, data[4], sink)
+    try:
+        async with asyncio.timeout(timeout_s):
+            await sink.done
+    except TimeoutError:
+        conn.abort("a replayed statement did not answer in time")
+        raise NotReplayed(f"a replayed statement did not answer within {timeout_s:g} s") from None
+    return sink.hash.digest()

@@ -22,7 +22,7 @@ from meshproxy import log
 from meshproxy.config import Address
 from meshproxy.dataplane.backend import BackendConnection, LoginKey, Prepared, Sink
 from meshproxy.dataplane.backendpool import PoolTimeout, ServerPool
-from meshproxy.dataplane.continuity import MAX_MOVES, Journal, NotReplayed, replay
+from meshproxy.dataplane.continuity import MAX_MOVES, Journal, NotReplayed, checksum_of
 from meshproxy.dataplane.router import Role
 from meshproxy.dataplane.routing import Plan, SessionRouter
 from meshproxy.errors import ConnectFailed, MeshproxyError, ProtocolError
@@ -812,7 +812,9 @@ class ClientSession(asyncio.Protocol, Sink):
             command, effects, conn, payload, statement, client_stmt_id=stmt_id, plan=plan
         )
         if self.journal is not None:
-            self.journal.sending(command, data, self.pins.transaction, self.values, self.schema)
+            self.journal.sending(
+                command, payload, statement, self.pins.transaction, self.values, self.schema
+            )
             flight.sent = not conn.closed
         if plan is not None:
             if plan.cache_key is not None:
@@ -1008,7 +1010,7 @@ class ClientSession(asyncio.Protocol, Sink):
             # The state the transaction began in, then its statements bring it to now.
             self.values, self.schema = journal.start_values, journal.start_schema
             await self._bring_in_step(conn, _NO_EFFECTS, None)
-            await replay(conn, journal.entries, self.mode.exchange_timeout_s)
+            await self._run_journal(conn, journal)
         except SessionClosed:
             return
         except (Refusal, ConnectFailed, ProtocolError, PoolTimeout, NotReplayed) as exc:
@@ -1032,6 +1034,18 @@ class ClientSession(asyncio.Protocol, Sink):
         self._run(
             flight.command, flight.payload, flight.effects, flight.statement, flight.client_stmt_id
         )
+
+    async def _run_journal(self, conn: BackendConnection, journal: Journal) -> None:
+        """Run the transaction's statements on ``conn``; raises NotReplayed at the first
+        answer that is not the one the client received."""
+        timeout_s = self.mode.exchange_timeout_s
+        for number, entry in enumerate(journal.entries, 1):
+            statement = entry.statement
+            if statement is not None and (statement.schema, statement.sql) not in conn.statements:
+                await self._prepare_on(conn, statement)
+            data = self._bytes_for(conn, entry.command, entry.payload, statement)
+            if await checksum_of(conn, data, timeout_s) != entry.checksum:
+                raise NotReplayed(f"statement {number} of the transaction gave another result")
 
     def _roll_back(self, why: str, reason: str) -> None:
         """The transaction is gone (its connection's server rolls it back): say so."""

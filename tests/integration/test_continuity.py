@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import mysql.connector
 import pymysql
 import pytest
 
@@ -20,6 +21,7 @@ from meshproxy.gossip.settings import GossipSettings
 from meshproxy.mysql.constants import ER_PROXY_NOT_REPLAYED, ER_PROXY_OUTCOME_UNKNOWN
 from meshproxy.testbed import mariadb
 from tests.integration.harness import (
+    HOST,
     NodeFactory,
     NodeProcess,
     addr,
@@ -256,3 +258,33 @@ def test_a_write_in_flight_on_a_hung_middle_gets_outcome_unknown_and_no_retry(
     assert run(session, f"SELECT v FROM {table} WHERE id = 1") == [(0,)]
     assert addr(mesh.edge_port)  # the edge still serves new sessions too
     assert query(mesh.edge_port, "SELECT 3") == [(3,)]
+
+
+def test_a_transaction_of_prepared_statements_is_replayed_with_them(mesh: Mesh, table: str) -> None:
+    """A transaction run with server-side prepared statements (mysql-connector-python's
+    prepared cursor) moves too: its statements are prepared again on the new middle and
+    the client's statement ids keep working."""
+    client = mysql.connector.connect(
+        host=HOST,
+        port=mesh.edge_port,
+        user=mariadb.APP_USER,
+        password=mariadb.APP_PASSWORD,
+        database=mariadb.DATABASE,
+        use_pure=True,
+    )
+    try:
+        cursor = client.cursor(prepared=True)
+        cursor.execute("SELECT USER()")
+        user = str(cursor.fetchone()[0])  # type: ignore[index]
+        on = f"p{user.rsplit('.', 1)[1]}"
+        client.start_transaction()
+        update = f"UPDATE {table} SET v = v + ? WHERE id = ?"
+        cursor.execute(update, (1, 1))
+        mesh.kill(on)
+        cursor.execute(update, (10, 1))
+        cursor.execute(f"SELECT v FROM {table} WHERE id = ?", (1,))
+        assert cursor.fetchall() == [(11,)]
+        client.commit()
+    finally:
+        client.close()
+    assert query(mesh.edge_port, f"SELECT v FROM {table} WHERE id = 1") == [(11,)]

@@ -130,13 +130,16 @@ def test_tls_on_a_passthrough_listener_is_refused() -> None:
     assert error.key == "listener[0].tls_cert"
 
 
-def test_session_mode_in_front_of_a_tier_is_refused() -> None:
-    """Session mode runs statements on servers: its upstream must be a pool, not a tier."""
+def test_session_mode_in_front_of_a_tier_is_taken_unless_a_pool_has_its_name() -> None:
+    """An edge may own its sessions in front of a tier of middles; that tier may not share
+    its name with a pool (session mode keeps its connections by group name)."""
     text = BASE.replace('upstream = "pool:main"', 'upstream = "tier:middle"')
     text += '\n[[tier]]\nname = "middle"\nmembers = ["127.0.0.1:7000"]\n'
-    error = refused(text)
-    assert error.key == "listener[0].mode"
-    assert "use pool:<name>" in error.reason
+    text += "\n[tier.connections]\nidle = 2\n"
+    assert parse(text).tier[0].connections.idle == 2
+    error = refused(text.replace('"middle"', '"main"').replace("tier:middle", "tier:main"))
+    assert error.key == "listener[0].upstream"
+    assert "share its name with a pool" in error.reason
 
 
 def test_a_password_from_an_unset_environment_variable_is_refused(

@@ -1,0 +1,102 @@
+"""The journal an edge keeps of a session's open transaction, and which statements in
+flight may run again after a replay."""
+
+from __future__ import annotations
+
+import hashlib
+
+from meshproxy.dataplane import continuity
+from meshproxy.dataplane.backend import BackendConnection
+from meshproxy.dataplane.continuity import Journal
+from meshproxy.dataplane.session import Flight, _safe_to_repeat
+from meshproxy.mysql.constants import Command
+from meshproxy.mysql.state import Values
+from meshproxy.mysql.statements import classify_bytes
+
+VALUES: Values = {"autocommit": b"1"}
+
+
+def query(sql: bytes) -> bytes:
+    return bytes((Command.QUERY,)) + sql
+
+
+def run(
+    journal: Journal, sql: bytes, answer: list[bytes], in_trans_before: bool, after: bool
+) -> None:
+    journal.sending(Command.QUERY, query(sql), None, in_trans_before, VALUES, "shop")
+    for chunk in answer:
+        journal.chunk(chunk)
+    journal.answered(after)
+
+
+def test_a_transaction_is_kept_from_the_statement_that_opened_it_until_it_ends() -> None:
+    """Statements outside a transaction are not kept; the one whose answer opens it and
+    those after it are, with the state from before it; the end of the transaction clears."""
+    journal = Journal()
+    run(journal, b"SELECT 1", [b"a"], False, False)
+    assert journal.entries == []
+    run(journal, b"BEGIN", [b"ok"], False, True)
+    run(journal, b"UPDATE t SET v = 1", [b"ok2"], True, True)
+    assert [e.payload for e in journal.entries] == [query(b"BEGIN"), query(b"UPDATE t SET v = 1")]
+    assert journal.start_values is VALUES
+    assert journal.start_schema == "shop"
+    run(journal, b"COMMIT", [b"ok3"], True, False)
+    assert journal.entries == []
+    assert journal.replayable
+
+
+def test_the_checksum_is_of_the_whole_answer_however_it_was_chunked() -> None:
+    """An answer's checksum is the same whether it arrived in one chunk or several."""
+    one, two = Journal(), Journal()
+    run(one, b"BEGIN", [b"header+rows+eof"], False, True)
+    run(two, b"BEGIN", [b"header", b"+rows", b"+eof"], False, True)
+    assert one.entries[0].checksum == two.entries[0].checksum
+    assert (
+        one.entries[0].checksum == hashlib.sha1(b"header+rows+eof", usedforsecurity=False).digest()
+    )
+
+
+def test_a_command_that_cannot_be_replayed_makes_the_transaction_unreplayable() -> None:
+    """A command other than a query, an execute or a statement reset leaves the transaction
+    unreplayable, says why, and keeps nothing; a prepare is simply not kept."""
+    journal = Journal()
+    run(journal, b"BEGIN", [b"ok"], False, True)
+    journal.sending(Command.STMT_PREPARE, b"\x16SELECT ?", None, True, VALUES, "")
+    journal.chunk(b"prepared")
+    journal.answered(True)
+    assert len(journal.entries) == 1
+    assert journal.replayable
+    journal.sending(Command.FIELD_LIST, b"\x04t\x00", None, True, VALUES, "")
+    journal.answered(True)
+    assert not journal.replayable
+    assert journal.entries == []
+    assert "0x04" in journal.why_not
+    run(journal, b"COMMIT", [b"ok"], True, False)
+    assert journal.replayable  # the next transaction starts afresh
+
+
+def test_a_transaction_too_long_to_keep_is_unreplayable() -> None:
+    """Past MAX_ENTRIES statements a transaction is no longer kept: it could only be rolled
+    back, and memory stays bounded."""
+    journal = Journal()
+    run(journal, b"BEGIN", [b"ok"], False, True)
+    for _ in range(continuity.MAX_ENTRIES):
+        run(journal, b"SELECT 1", [b"r"], True, True)
+    assert not journal.replayable
+    assert journal.entries == []
+    assert "too long" in journal.why_not
+
+
+def flight(sql: bytes, command: int = Command.QUERY) -> Flight:
+    conn = BackendConnection.__new__(BackendConnection)
+    return Flight(command, classify_bytes(sql), conn, bytes((command,)) + sql)
+
+
+def test_only_statements_that_cannot_commit_run_again_after_a_replay() -> None:
+    """Reads and DML may run again in a replayed transaction; COMMIT, DDL and anything else
+    that may have committed it on the failed path never do."""
+    for sql in (b"SELECT 1", b"  update t set v = 1", b"(SELECT 1)", b"INSERT INTO t VALUES (1)"):
+        assert _safe_to_repeat(flight(sql)), sql
+    for sql in (b"COMMIT", b"ROLLBACK", b"CREATE TABLE x (a INT)", b"SET autocommit = 1", b""):
+        assert not _safe_to_repeat(flight(sql)), sql
+    assert not _safe_to_repeat(flight(b"\x01\x00\x00\x00", Command.STMT_FETCH))
