@@ -74,12 +74,14 @@ class Journal:
         "start_schema",
         "start_values",
         "why_not",
+        "wrote",
     )
 
     def __init__(self) -> None:
         self.entries: list[Entry] = []
         self.replayable = True
         self.why_not = ""
+        self.wrote = False  # a statement of the transaction may have written
         self.start_values: Values | None = None
         self.start_schema = ""
         self._bytes = 0
@@ -91,13 +93,16 @@ class Journal:
         command: int,
         payload: bytes,
         statement: ClientStatement | None,
+        writes: bool,
         in_transaction: bool,
         values: Values | None,
         schema: str,
     ) -> None:
+        """A command goes out; ``writes``: it may change data (not a read, not BEGIN)."""
         if not in_transaction:
             self.clear()
             self.start_values, self.start_schema = values, schema
+        self.wrote = self.wrote or writes
         self._sending = (command, payload, statement)
         if command == Command.STMT_PREPARE:
             self._hash = None
@@ -128,6 +133,7 @@ class Journal:
         self.entries.clear()
         self.replayable = True
         self.why_not = ""
+        self.wrote = False
         self._bytes = 0
 
     def _refuse(self, why: str) -> None:

@@ -812,8 +812,15 @@ class ClientSession(asyncio.Protocol, Sink):
             command, effects, conn, payload, statement, client_stmt_id=stmt_id, plan=plan
         )
         if self.journal is not None:
+            writes = not (plan is not None and plan.reads) and not effects.transaction
             self.journal.sending(
-                command, payload, statement, self.pins.transaction, self.values, self.schema
+                command,
+                payload,
+                statement,
+                writes,
+                self.pins.transaction,
+                self.values,
+                self.schema,
             )
             flight.sent = not conn.closed
         if plan is not None:
@@ -978,8 +985,9 @@ class ClientSession(asyncio.Protocol, Sink):
         if pins.transaction:
             if not journal.replayable:
                 self._roll_back(f"it cannot be replayed ({journal.why_not})", reason)
-            elif flight.sent and not _safe_to_repeat(flight):
+            elif flight.sent and journal.wrote and not _safe_to_repeat(flight):
                 # COMMIT (or a statement that commits) may have run: never apply it twice.
+                # (A transaction that wrote nothing may commit again: it changes nothing.)
                 self._outcome_unknown(flight, reason)
             else:
                 self._task = asyncio.get_running_loop().create_task(self._replay(flight, reason))

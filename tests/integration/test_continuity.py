@@ -288,3 +288,20 @@ def test_a_transaction_of_prepared_statements_is_replayed_with_them(mesh: Mesh, 
     finally:
         client.close()
     assert query(mesh.edge_port, f"SELECT v FROM {table} WHERE id = 1") == [(11,)]
+
+
+def test_a_read_only_transaction_cut_off_at_its_commit_commits_through_another_middle(
+    mesh: Mesh, sessions: list[Any], table: str
+) -> None:
+    """A COMMIT of a transaction that only read, sent to a middle that hangs, is not an
+    unknown outcome (committing it again changes nothing): the transaction is replayed
+    through another middle and the COMMIT succeeds there."""
+    session = open_session(mesh, sessions)
+    victim = middle_of(session)
+    run(session, "BEGIN")
+    assert run(session, f"SELECT v FROM {table} WHERE id = 1") == [(0,)]
+    mesh.pause(victim)
+    _, took = timed(lambda: run(session, "COMMIT"))
+    assert took < BOUND_S
+    assert middle_of(session) != victim
+    mesh.kill(victim)  # its connection still holds the table's metadata lock

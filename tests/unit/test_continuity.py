@@ -23,7 +23,7 @@ def query(sql: bytes) -> bytes:
 def run(
     journal: Journal, sql: bytes, answer: list[bytes], in_trans_before: bool, after: bool
 ) -> None:
-    journal.sending(Command.QUERY, query(sql), None, in_trans_before, VALUES, "shop")
+    journal.sending(Command.QUERY, query(sql), None, True, in_trans_before, VALUES, "shop")
     for chunk in answer:
         journal.chunk(chunk)
     journal.answered(after)
@@ -61,12 +61,12 @@ def test_a_command_that_cannot_be_replayed_makes_the_transaction_unreplayable() 
     unreplayable, says why, and keeps nothing; a prepare is simply not kept."""
     journal = Journal()
     run(journal, b"BEGIN", [b"ok"], False, True)
-    journal.sending(Command.STMT_PREPARE, b"\x16SELECT ?", None, True, VALUES, "")
+    journal.sending(Command.STMT_PREPARE, b"\x16SELECT ?", None, False, True, VALUES, "")
     journal.chunk(b"prepared")
     journal.answered(True)
     assert len(journal.entries) == 1
     assert journal.replayable
-    journal.sending(Command.FIELD_LIST, b"\x04t\x00", None, True, VALUES, "")
+    journal.sending(Command.FIELD_LIST, b"\x04t\x00", None, False, True, VALUES, "")
     journal.answered(True)
     assert not journal.replayable
     assert journal.entries == []
@@ -100,3 +100,19 @@ def test_only_statements_that_cannot_commit_run_again_after_a_replay() -> None:
     for sql in (b"COMMIT", b"ROLLBACK", b"CREATE TABLE x (a INT)", b"SET autocommit = 1", b""):
         assert not _safe_to_repeat(flight(sql)), sql
     assert not _safe_to_repeat(flight(b"\x01\x00\x00\x00", Command.STMT_FETCH))
+
+
+def test_a_transaction_remembers_whether_it_may_have_written() -> None:
+    """Reads leave a transaction read-only; one statement that may write marks it, until
+    the next transaction begins."""
+    journal = Journal()
+    journal.sending(Command.QUERY, query(b"BEGIN"), None, False, False, VALUES, "")
+    journal.answered(True)
+    journal.sending(Command.QUERY, query(b"SELECT 1"), None, False, True, VALUES, "")
+    journal.answered(True)
+    assert not journal.wrote
+    journal.sending(Command.QUERY, query(b"DELETE FROM t"), None, True, True, VALUES, "")
+    journal.answered(True)
+    assert journal.wrote
+    journal.sending(Command.QUERY, query(b"BEGIN"), None, False, False, VALUES, "")
+    assert not journal.wrote
