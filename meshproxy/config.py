@@ -261,6 +261,9 @@ class PoolConfig:
     eject: EjectConfig = field(default_factory=EjectConfig)
     connections: ConnectionsConfig = field(default_factory=ConnectionsConfig)
     replication: ReplicationConfig = field(default_factory=ReplicationConfig)
+    # Session mode: the servers hold the same data (one cluster), so a session whose
+    # server fails carries on on another, as an edge's sessions do across middles.
+    interchangeable: bool = False
 
 
 @dataclass(frozen=True)

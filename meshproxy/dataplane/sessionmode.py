@@ -104,6 +104,8 @@ class SessionMode:
         self.tiers: dict[str, str] = {}
         self._tier_source_ip: dict[str, str] = {}
         self.mesh_tls: MeshTls | None = None  # the node's, set by the data plane host
+        # Where sessions move when their connection fails: tiers, interchangeable pools.
+        self.movable: set[str] = set()
 
     # ----------------------------------------------------------------- config
 
@@ -171,6 +173,7 @@ class SessionMode:
                 found.source_ip = pool.source_ip
                 found.tls = tls
         self.replication = {p.name: p.replication for p in config.pool if p.replication.enabled}
+        self.movable = {p.name for p in config.pool if p.interchangeable} | set(self.tiers)
         if self.rules.configs != config.query_rule:
             self.rules = RuleSet(config.query_rule)
             self.rules_version += 1
@@ -360,8 +363,8 @@ class SessionMode:
         user = self.users[session.user]
         if user.pool:
             session.pool_name = user.pool
-        if session.pool_name in self.tiers and session.journal is None:
-            session.journal = Journal()  # an edge's session: it moves between middles
+        if session.pool_name in self.movable and session.journal is None:
+            session.journal = Journal()  # it may move to another middle or server
         count = self.per_user.get(session.user, 0)
         if count >= user.max_connections:
             self.counters.inc("logins_refused", user=session.user, reason="max_connections")

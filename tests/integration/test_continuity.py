@@ -34,6 +34,7 @@ from tests.integration.harness import (
     wait_until,
 )
 from tests.integration.test_gossip import SLACK_S, signal_family, tier_states, with_gossip
+from tests.integration.test_session_mode import session_doc
 
 pytestmark = pytest.mark.integration
 
@@ -305,3 +306,32 @@ def test_a_read_only_transaction_cut_off_at_its_commit_commits_through_another_m
     assert took < BOUND_S
     assert middle_of(session) != victim
     mesh.kill(victim)  # its connection still holds the table's metadata lock
+
+
+def test_a_transaction_moves_to_another_server_of_an_interchangeable_pool(
+    nodes: NodeFactory, mariadb_factory: Callable[..., mariadb.MariaDB]
+) -> None:
+    """In a pool declared ``interchangeable`` (its servers hold the same data), a session
+    whose server dies between two statements of a transaction carries on: the transaction
+    is replayed on the other server and commits there once."""
+    first, second = mariadb_factory(), mariadb_factory()
+    for server in (first, second):  # the same data on both, as in one cluster
+        query(server.port, "CREATE TABLE moved (id INT PRIMARY KEY, v INT) ENGINE=InnoDB")
+        query(server.port, "INSERT INTO moved VALUES (1, 0)")
+    port = free_port()
+    doc = session_doc("s1", [first.port, second.port], port, free_port())
+    doc["pool"][0]["interchangeable"] = True
+    nodes.start(doc, ("--no-angel",))
+    session = connect(port)
+    try:
+        victim = first if run(session, "SELECT @@port") == [(first.port,)] else second
+        survivor = second if victim is first else first
+        run(session, "BEGIN")
+        run(session, "UPDATE moved SET v = v + 1 WHERE id = 1")
+        victim.kill()
+        run(session, "UPDATE moved SET v = v + 10 WHERE id = 1")
+        assert run(session, "SELECT v, @@port FROM moved WHERE id = 1") == [(11, survivor.port)]
+        run(session, "COMMIT")
+    finally:
+        close_quietly(session)
+    assert query(survivor.port, "SELECT v FROM moved WHERE id = 1") == [(11,)]
