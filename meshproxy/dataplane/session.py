@@ -592,7 +592,7 @@ class ClientSession(asyncio.Protocol, Sink):
             self.conn = conn
             if self._must_wait() and not await self._caught_up(conn):
                 conn = self.conn = await self._checkout()  # now on the writer
-            await self._bring_in_step(conn, effects, statement)
+            conn = await self._bring_in_step(conn, effects, statement)
         except SessionClosed:
             return
         except Refusal as refusal:
@@ -708,9 +708,10 @@ class ClientSession(asyncio.Protocol, Sink):
 
     async def _bring_in_step(
         self, conn: BackendConnection, effects: Effects, statement: ClientStatement | None
-    ) -> None:
+    ) -> BackendConnection:
         """Make the connection's state the session's (raises Refusal with the server's
-        own error when it refuses, e.g. a schema that no longer exists)."""
+        own error when it refuses, e.g. a schema that no longer exists). Returns the
+        connection to use: a session without a schema may need a fresh one instead."""
         timeout_s = self.mode.exchange_timeout_s
         if conn.state.schema != self.schema:
             if not self.schema:
@@ -740,6 +741,7 @@ class ClientSession(asyncio.Protocol, Sink):
             await conn.query(b"SELECT 1 FROM DUAL WHERE 0", timeout_s)
         if statement is not None and (statement.schema, statement.sql) not in conn.statements:
             await self._prepare_on(conn, statement)
+        return conn
 
     async def _prepare_on(self, conn: BackendConnection, statement: ClientStatement) -> None:
         reply = await conn.exchange(
@@ -1017,7 +1019,7 @@ class ClientSession(asyncio.Protocol, Sink):
             conn = self.conn = await self._checkout()
             # The state the transaction began in, then its statements bring it to now.
             self.values, self.schema = journal.start_values, journal.start_schema
-            await self._bring_in_step(conn, _NO_EFFECTS, None)
+            conn = await self._bring_in_step(conn, _NO_EFFECTS, None)
             await self._run_journal(conn, journal)
         except SessionClosed:
             return

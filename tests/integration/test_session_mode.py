@@ -470,6 +470,20 @@ def test_no_client_sees_another_clients_session_state(
 # --------------------------------------------------------------------------- statements
 
 
+def test_a_session_without_a_schema_runs_where_connections_selected_one(
+    nodes: NodeFactory, shared_mariadb: mariadb.MariaDB
+) -> None:
+    """A session that selected no schema, arriving when every idle backend connection has
+    selected one, runs its statements on a fresh connection (it once hung, then failed with
+    9003: the statement went to the connection given up for the fresh one)."""
+    node = start_session_node(nodes, [shared_mariadb.port])
+    with_schema = session_connect(node)
+    assert one(with_schema, "SELECT DATABASE()") == mariadb.DATABASE
+    without = session_connect(node, database=None)
+    assert one(without, "SELECT DATABASE()") is None
+    assert one(without, "SELECT 2") == 2
+
+
 def test_prepared_statements_survive_backend_switches(
     nodes: NodeFactory, shared_mariadb: mariadb.MariaDB
 ) -> None:
