@@ -70,6 +70,7 @@ class Journal:
         "_hash",
         "_sending",
         "entries",
+        "holder",
         "replayable",
         "start_schema",
         "start_values",
@@ -82,6 +83,10 @@ class Journal:
         self.replayable = True
         self.why_not = ""
         self.wrote = False  # a statement of the transaction may have written
+        # The server connection running the transaction once it wrote (server, thread id):
+        # it holds the transaction's locks, so a replay elsewhere kills it first (the
+        # failed middle may only hang, and keep it open).
+        self.holder: tuple[bytes, int] | None = None
         self.start_values: Values | None = None
         self.start_schema = ""
         self._bytes = 0
@@ -129,11 +134,17 @@ class Journal:
             return
         self.entries.append(Entry(command, payload, statement, digest.digest()))
 
+    def needs_holder(self) -> bool:
+        """Whether the transaction has written (so it may hold locks) and its server
+        connection is not known yet."""
+        return self.wrote and self.holder is None and bool(self.entries)
+
     def clear(self) -> None:
         self.entries.clear()
         self.replayable = True
         self.why_not = ""
         self.wrote = False
+        self.holder = None
         self._bytes = 0
 
     def _refuse(self, why: str) -> None:

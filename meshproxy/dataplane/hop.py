@@ -4,6 +4,9 @@ Wire format::
 
     b"MSHP"  version:u8  length:u16be  msgpack map {"s": service, "c": client, "h": hops}
 
+and ``"p": true`` on a connection a session-mode edge keeps in its pool (it carries the
+statements of many clients, logged in as their backend users; older readers ignore it).
+
 The fixed prefix lets a receiver refuse a stray client (or a port scanner) after seven
 bytes instead of waiting for a length it will never get; the length bounds what we read
 before deciding. ``HopDecoder.feed`` never raises: hostile input becomes a ``Rejected``.
@@ -28,9 +31,13 @@ class HopHeader:
     service: str
     client: str
     hops: int
+    pooled: bool = False
 
     def encode(self) -> bytes:
-        body: bytes = msgpack.packb({"s": self.service, "c": self.client, "h": self.hops})
+        fields: dict[str, object] = {"s": self.service, "c": self.client, "h": self.hops}
+        if self.pooled:
+            fields["p"] = True
+        body: bytes = msgpack.packb(fields)
         if len(body) > MAX_BODY:
             raise ValueError(f"hop header body of {len(body)} bytes exceeds {MAX_BODY}")
         return _PREFIX.pack(MAGIC, VERSION, len(body)) + body
@@ -98,4 +105,4 @@ def _decode_body(body: bytes, rest: bytes) -> Decoded | Rejected:
         return Rejected("hop header has no client address")
     if not isinstance(hops, int) or isinstance(hops, bool) or hops < 1:
         return Rejected("hop header has no valid hop count")
-    return Decoded(HopHeader(service, client, hops), rest)
+    return Decoded(HopHeader(service, client, hops, fields.get("p") is True), rest)

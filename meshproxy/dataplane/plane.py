@@ -124,7 +124,7 @@ class DataPlane:
                 return self._refuse(inbound, f"hop limit exceeded ({header.hops} hops)")
             route, client, hops = found, header.client, header.hops
         if route.session:
-            self._start_session(inbound, route, client)
+            self._start_session(inbound, route, client, header is not None and header.pooled)
             return None
         next_header = (
             HopHeader(route.service, client, hops + 1)
@@ -169,7 +169,7 @@ class DataPlane:
         link(session, transport, bytes(inbound.pending), inbound.eof)
         return None
 
-    def _start_session(self, inbound: Inbound, route: Route, client: str) -> None:
+    def _start_session(self, inbound: Inbound, route: Route, client: str, pooled: bool) -> None:
         """Session mode: the client logs in to us; its statements run on pooled connections."""
         transport = inbound.transport
         assert transport is not None
@@ -184,6 +184,7 @@ class DataPlane:
             client=client,
             entrance=inbound.entrance.name,
             on_close=functools.partial(self._session_closed, inbound.entrance),
+            pooled=pooled,
         )
 
     def _session_closed(self, entrance: Entrance, session: object) -> None:

@@ -167,6 +167,9 @@ class ClientSession(asyncio.Protocol, Sink):
         self._plan: Plan | None = None  # the plan of the statement being started
         # On a tier of middles (an edge that owns its sessions): what moving needs.
         self.journal: Journal | None = None
+        # A connection from a session-mode edge's pool: its KILLs name server connections
+        # (the edge cleaning up after a failed middle), not sessions of ours.
+        self.pooled = False
         self._moves = 0  # how often the statement in flight has moved
 
     # ----------------------------------------------------------------- client transport
@@ -440,7 +443,7 @@ class ClientSession(asyncio.Protocol, Sink):
 
     def _query(self, payload: bytes) -> None:
         effects = classify_bytes(payload[1:])
-        if effects.kill is not None:
+        if effects.kill is not None and not self.pooled:
             self._kill(*effects.kill)
             return
         plan = self._plan_for(payload, effects.read, effects)
@@ -868,11 +871,13 @@ class ClientSession(asyncio.Protocol, Sink):
                 self.schema = conn.state.schema = flight.argument.decode("utf-8", "replace")
             elif flight.command == Command.STMT_PREPARE and response.prepared is not None:
                 self._prepared(flight, response)
+        holder = False
         if self.journal is not None:
             self.journal.answered(self.pins.transaction)
-        if effects.read_back or learn:
+            holder = self.journal.needs_holder()
+        if effects.read_back or learn or holder:
             self._task = asyncio.get_running_loop().create_task(
-                self._follow_up(conn, effects.read_back, learn)
+                self._follow_up(conn, effects.read_back, learn, holder)
             )
             return
         self._release_if_free()
@@ -929,10 +934,15 @@ class ClientSession(asyncio.Protocol, Sink):
             statement.digest_text = flight.plan.digest_text
         self.statements[flight.client_stmt_id] = statement
 
-    async def _follow_up(self, conn: BackendConnection, read_back: bool, learn: bool) -> None:
-        """After a statement: read back the session state it may have changed, and learn
-        the GTID of the write it committed (for read-your-writes)."""
+    async def _follow_up(
+        self, conn: BackendConnection, read_back: bool, learn: bool, holder: bool = False
+    ) -> None:
+        """After a statement: read back the session state it may have changed, learn the
+        GTID of the write it committed (for read-your-writes), and learn which server
+        connection holds the transaction's locks (for a replay elsewhere)."""
         timeout_s = self.mode.exchange_timeout_s
+        if holder:
+            await self._learn_holder(conn, timeout_s)
         try:
             if learn:
                 rows = (await conn.query(b"SELECT @@last_gtid", timeout_s)).rows()
@@ -1017,6 +1027,8 @@ class ClientSession(asyncio.Protocol, Sink):
         values, schema = self.values, self.schema
         try:
             conn = self.conn = await self._checkout()
+            if journal.holder is not None:
+                await self._kill_holder(conn, journal.holder)
             # The state the transaction began in, then its statements bring it to now.
             self.values, self.schema = journal.start_values, journal.start_schema
             conn = await self._bring_in_step(conn, _NO_EFFECTS, None)
@@ -1056,6 +1068,32 @@ class ClientSession(asyncio.Protocol, Sink):
             data = self._bytes_for(conn, entry.command, entry.payload, statement)
             if await checksum_of(conn, data, timeout_s) != entry.checksum:
                 raise NotReplayed(f"statement {number} of the transaction gave another result")
+
+    async def _learn_holder(self, conn: BackendConnection, timeout_s: float) -> None:
+        journal = self.journal
+        assert journal is not None
+        try:
+            rows = (await conn.query(_HOLDER_SQL, timeout_s)).rows()
+        except (ConnectFailed, ProtocolError) as exc:
+            # Its connection broke: the next statement moves the session (without a kill).
+            log.debug("session_holder_unknown", client=self.client, error=str(exc))
+            return
+        if rows and rows[0][0] is not None and rows[0][1] is not None:
+            journal.holder = (rows[0][0], int(rows[0][1]))
+
+    async def _kill_holder(self, conn: BackendConnection, holder: tuple[bytes, int]) -> None:
+        """Before a replay: end the failed path's server connection, which a hung middle
+        keeps open with the transaction's locks, when the new path reaches that server.
+        (A pooled session on the middle passes the KILL to its server, which allows it
+        for connections of the same user only.)"""
+        timeout_s = self.mode.exchange_timeout_s
+        server, thread_id = holder
+        rows = (await conn.query(_HOLDER_SQL, timeout_s)).rows()
+        if not rows or rows[0][0] != server:
+            return  # another server: it holds no lock of that transaction
+        reply = await conn.exchange(Command.QUERY, b"KILL %d" % thread_id, timeout_s)
+        outcome = "killed" if reply.error() is None else "gone"
+        self.mode.counters.inc("transaction_holders_killed", outcome=outcome)
 
     def _roll_back(self, why: str, reason: str) -> None:
         """The transaction is gone (its connection's server rolls it back): say so."""
@@ -1238,6 +1276,7 @@ class _Renumbering(Sink):
         self.session.backend_lost(reason)
 
 
+_HOLDER_SQL = b"SELECT CONCAT(@@hostname, ':', @@port), CONNECTION_ID()"
 _REPEATABLE = frozenset((b"SELECT", b"INSERT", b"UPDATE", b"DELETE", b"REPLACE", b"WITH"))
 
 

@@ -252,7 +252,7 @@ class SessionMode:
         async def dial(
             factory: Callable[[], BackendConnection], local: tuple[str, int] | None
         ) -> asyncio.Transport:
-            header = HopHeader(self.tiers[tier], self.node_name, 1).encode()
+            header = HopHeader(self.tiers[tier], self.node_name, 1, pooled=True).encode()
             transport = await upstream.dial(factory, address, self.mesh_tls, local)
             transport.write(header)
             return transport
@@ -301,8 +301,10 @@ class SessionMode:
         client: str,
         entrance: str,
         on_close: Callable[[ClientSession], None],
+        pooled: bool = False,
     ) -> ClientSession:
         session = ClientSession(self, pool, peer, client, entrance, on_close)
+        session.pooled = pooled
         session.start(transport, pending)
         return session
 

@@ -400,3 +400,23 @@ def test_a_rolling_restart_of_every_middle_under_load_loses_nothing(
     # The restarted middles stop before the edge otherwise: the last one of the tier would
     # keep the edge's idle connections (gossip fails open) until its drain timeout.
     assert mesh.edge.stop() == 0
+
+
+def test_a_write_transaction_on_a_hung_middle_moves_although_its_locks_are_held_there(
+    mesh: Mesh, sessions: list[Any], table: str
+) -> None:
+    """A transaction that wrote, on a middle that then hangs (keeping its server connection
+    and the row lock open), is replayed through another middle, which first kills the hung
+    path's server connection: the replay does not wait on the lock, and the client carries
+    on and commits its updates exactly once."""
+    session = open_session(mesh, sessions)
+    victim = middle_of(session)
+    run(session, "BEGIN")
+    run(session, f"UPDATE {table} SET v = v + 1 WHERE id = 1")
+    mesh.pause(victim)
+    _, took = timed(lambda: run(session, f"UPDATE {table} SET v = v + 10 WHERE id = 1"))
+    assert took < BOUND_S
+    assert run(session, f"SELECT v FROM {table} WHERE id = 1") == [(11,)]
+    run(session, "COMMIT")
+    mesh.kill(victim)
+    assert query(mesh.edge_port, f"SELECT v FROM {table} WHERE id = 1") == [(11,)]

@@ -60,6 +60,16 @@ def test_round_trip_any_fields(service: str, client: str, hops: int) -> None:
     assert feed_all(header.encode()) == Decoded(header, b"")
 
 
+def test_a_pooled_connection_says_so_and_plain_headers_stay_as_they_were() -> None:
+    """A session-mode edge's pooled connection carries ``"p": true``; a header without it
+    encodes exactly as before (older readers ignore the key) and decodes as not pooled."""
+    pooled = HopHeader("mysql", "p1", 1, pooled=True)
+    assert feed_all(pooled.encode()) == Decoded(pooled, b"")
+    plain = HopHeader("mysql", "p1", 1)
+    assert b"p" not in plain.encode()[7:].replace(b"p1", b"")
+    assert feed_all(plain.encode()) == Decoded(plain, b"")
+
+
 def test_next_hop_increments_only_the_count() -> None:
     """next_hop keeps the service and client and adds one to the hop count."""
     assert HEADER.next_hop() == HopHeader("mysql", "10.1.2.3:51234", 2)
