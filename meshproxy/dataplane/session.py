@@ -1004,7 +1004,7 @@ class ClientSession(asyncio.Protocol, Sink):
             else:
                 self._task = asyncio.get_running_loop().create_task(self._replay(flight, reason))
             return
-        if not flight.sent or (flight.plan is not None and flight.plan.reads):
+        if not flight.sent or _reads_only(flight):
             outcome = "read again" if flight.sent else "sent elsewhere"
             counters.inc("session_moves", outcome=outcome)
             log.event("session_moved", client=self.client, outcome=outcome, reason=reason)
@@ -1274,6 +1274,25 @@ class _Renumbering(Sink):
 
     def backend_lost(self, reason: str) -> None:
         self.session.backend_lost(reason)
+
+
+# Commands that change no data: run again elsewhere like a read.
+_HARMLESS = frozenset(
+    (
+        Command.INIT_DB,
+        Command.FIELD_LIST,
+        Command.STATISTICS,
+        Command.STMT_PREPARE,
+        Command.STMT_RESET,
+    )
+)
+
+
+def _reads_only(flight: Flight) -> bool:
+    """Whether the command in flight only reads, so that running it twice is harmless."""
+    if flight.command in _HARMLESS:
+        return True
+    return flight.plan is not None and flight.plan.reads
 
 
 _HOLDER_SQL = b"SELECT CONCAT(@@hostname, ':', @@port), CONNECTION_ID()"

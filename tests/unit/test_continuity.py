@@ -8,7 +8,7 @@ import hashlib
 from meshproxy.dataplane import continuity
 from meshproxy.dataplane.backend import BackendConnection
 from meshproxy.dataplane.continuity import Journal
-from meshproxy.dataplane.session import Flight, _safe_to_repeat
+from meshproxy.dataplane.session import Flight, _reads_only, _safe_to_repeat
 from meshproxy.mysql.constants import Command
 from meshproxy.mysql.state import Values
 from meshproxy.mysql.statements import classify_bytes
@@ -116,3 +116,11 @@ def test_a_transaction_remembers_whether_it_may_have_written() -> None:
     assert journal.wrote
     journal.sending(Command.QUERY, query(b"BEGIN"), None, False, False, VALUES, "")
     assert not journal.wrote
+
+
+def test_reads_and_commands_that_change_no_data_may_run_twice() -> None:
+    """A read, a schema change, a prepare or a field list may run again elsewhere; a write
+    or a command of unknown effect may not."""
+    assert _reads_only(flight(b"mydb", Command.INIT_DB))
+    assert _reads_only(flight(b"SELECT ?", Command.STMT_PREPARE))
+    assert not _reads_only(flight(b"UPDATE t SET v = 1"))  # no plan: not known as a read
