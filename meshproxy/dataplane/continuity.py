@@ -100,16 +100,20 @@ class Journal:
         statement: ClientStatement | None,
         writes: bool,
         in_transaction: bool,
+        may_open: bool,
         values: Values | None,
         schema: str,
     ) -> None:
-        """A command goes out; ``writes``: it may change data (not a read, not BEGIN)."""
+        """A command goes out. ``writes``: it may change data (not a read, not BEGIN);
+        ``may_open``: outside a transaction, its answer may open one (BEGIN, anything with
+        autocommit off). Only then is its answer checksummed: the hot path of a session
+        in autocommit mode pays for no checksum."""
         if not in_transaction:
             self.clear()
             self.start_values, self.start_schema = values, schema
         self.wrote = self.wrote or writes
         self._sending = (command, payload, statement)
-        if command == Command.STMT_PREPARE:
+        if command == Command.STMT_PREPARE or not (in_transaction or may_open):
             self._hash = None
             return
         self._hash = hashlib.sha1(usedforsecurity=False)
@@ -125,9 +129,12 @@ class Journal:
         if not in_transaction:
             self.clear()
             return
-        if not self.replayable or digest is None:
-            return
         command, payload, statement = self._sending
+        if not self.replayable or command == Command.STMT_PREPARE:
+            return
+        if digest is None:  # opened a transaction where none was expected: not kept
+            self._refuse("it began where no transaction was expected")
+            return
         self._bytes += len(payload)
         if len(self.entries) >= MAX_ENTRIES or self._bytes > MAX_BYTES:
             self._refuse("the transaction is too long to keep")

@@ -818,12 +818,14 @@ class ClientSession(asyncio.Protocol, Sink):
         )
         if self.journal is not None:
             writes = not (plan is not None and plan.reads) and not effects.transaction
+            opens = effects.transaction == "start" or not self._autocommit()
             self.journal.sending(
                 command,
                 payload,
                 statement,
                 writes,
                 self.pins.transaction,
+                opens,
                 self.values,
                 self.schema,
             )

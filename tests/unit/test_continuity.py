@@ -23,7 +23,7 @@ def query(sql: bytes) -> bytes:
 def run(
     journal: Journal, sql: bytes, answer: list[bytes], in_trans_before: bool, after: bool
 ) -> None:
-    journal.sending(Command.QUERY, query(sql), None, True, in_trans_before, VALUES, "shop")
+    journal.sending(Command.QUERY, query(sql), None, True, in_trans_before, True, VALUES, "shop")
     for chunk in answer:
         journal.chunk(chunk)
     journal.answered(after)
@@ -61,12 +61,12 @@ def test_a_command_that_cannot_be_replayed_makes_the_transaction_unreplayable() 
     unreplayable, says why, and keeps nothing; a prepare is simply not kept."""
     journal = Journal()
     run(journal, b"BEGIN", [b"ok"], False, True)
-    journal.sending(Command.STMT_PREPARE, b"\x16SELECT ?", None, False, True, VALUES, "")
+    journal.sending(Command.STMT_PREPARE, b"\x16SELECT ?", None, False, True, False, VALUES, "")
     journal.chunk(b"prepared")
     journal.answered(True)
     assert len(journal.entries) == 1
     assert journal.replayable
-    journal.sending(Command.FIELD_LIST, b"\x04t\x00", None, False, True, VALUES, "")
+    journal.sending(Command.FIELD_LIST, b"\x04t\x00", None, False, True, False, VALUES, "")
     journal.answered(True)
     assert not journal.replayable
     assert journal.entries == []
@@ -106,15 +106,15 @@ def test_a_transaction_remembers_whether_it_may_have_written() -> None:
     """Reads leave a transaction read-only; one statement that may write marks it, until
     the next transaction begins."""
     journal = Journal()
-    journal.sending(Command.QUERY, query(b"BEGIN"), None, False, False, VALUES, "")
+    journal.sending(Command.QUERY, query(b"BEGIN"), None, False, False, True, VALUES, "")
     journal.answered(True)
-    journal.sending(Command.QUERY, query(b"SELECT 1"), None, False, True, VALUES, "")
+    journal.sending(Command.QUERY, query(b"SELECT 1"), None, False, True, False, VALUES, "")
     journal.answered(True)
     assert not journal.wrote
-    journal.sending(Command.QUERY, query(b"DELETE FROM t"), None, True, True, VALUES, "")
+    journal.sending(Command.QUERY, query(b"DELETE FROM t"), None, True, True, False, VALUES, "")
     journal.answered(True)
     assert journal.wrote
-    journal.sending(Command.QUERY, query(b"BEGIN"), None, False, False, VALUES, "")
+    journal.sending(Command.QUERY, query(b"BEGIN"), None, False, False, True, VALUES, "")
     assert not journal.wrote
 
 
@@ -124,3 +124,17 @@ def test_reads_and_commands_that_change_no_data_may_run_twice() -> None:
     assert _reads_only(flight(b"mydb", Command.INIT_DB))
     assert _reads_only(flight(b"SELECT ?", Command.STMT_PREPARE))
     assert not _reads_only(flight(b"UPDATE t SET v = 1"))  # no plan: not known as a read
+
+
+def test_answers_outside_a_transaction_are_not_checksummed_unless_one_may_open() -> None:
+    """In autocommit mode a statement that cannot open a transaction costs no checksum; if
+    its answer opens one after all, the transaction is marked unreplayable, never kept
+    without its first statement."""
+    journal = Journal()
+    journal.sending(Command.QUERY, query(b"SELECT 1"), None, False, False, False, VALUES, "")
+    journal.chunk(b"rows")
+    journal.answered(False)
+    journal.sending(Command.QUERY, query(b"CALL opens()"), None, True, False, False, VALUES, "")
+    journal.answered(True)
+    assert not journal.replayable
+    assert journal.entries == []
