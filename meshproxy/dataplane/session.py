@@ -610,10 +610,7 @@ class ClientSession(asyncio.Protocol, Sink):
             self._backend_failed(str(exc), answered=False, seq=1)
             return
         except Exception as exc:  # a bug: this client hears why; everyone else carries on
-            self._task = None
-            self.mode.counters.inc("session_internal_errors")
-            log.warning("session_internal_error", client=self.client, error=repr(exc))
-            self._fail(ER_PROXY_BACKEND_LOST, f"meshproxy: internal error ({exc!r})", 1)
+            self._internal_error(exc)
             return
         self._task = None
         if self.closed:
@@ -1042,6 +1039,9 @@ class ClientSession(asyncio.Protocol, Sink):
             self.values, self.schema = values, schema
             self._roll_back(str(exc), reason)
             return
+        except Exception as exc:  # a bug: this client hears why; everyone else carries on
+            self._internal_error(exc)
+            return
         self._task = None
         self.values, self.schema = values, schema
         assert values is not None  # a transaction began after the first connection
@@ -1096,6 +1096,12 @@ class ClientSession(asyncio.Protocol, Sink):
         reply = await conn.exchange(Command.QUERY, b"KILL %d" % thread_id, timeout_s)
         outcome = "killed" if reply.error() is None else "gone"
         self.mode.counters.inc("transaction_holders_killed", outcome=outcome)
+
+    def _internal_error(self, exc: Exception) -> None:
+        self._task = None
+        self.mode.counters.inc("session_internal_errors")
+        log.warning("session_internal_error", client=self.client, error=repr(exc))
+        self._fail(ER_PROXY_BACKEND_LOST, f"meshproxy: internal error ({exc!r})", 1)
 
     def _roll_back(self, why: str, reason: str) -> None:
         """The transaction is gone (its connection's server rolls it back): say so."""
@@ -1305,9 +1311,15 @@ def _safe_to_repeat(flight: Flight) -> bool:
     """Whether the statement in flight may run again after its transaction was replayed:
     a read or a write that cannot commit on its own. COMMIT, DDL, ``SET autocommit`` and
     the like may have committed the transaction on the failed path: never twice."""
-    if flight.command != Command.QUERY or flight.effects.transaction:
+    if flight.effects.transaction:
         return False
-    words = flight.payload[1:64].lstrip(b" \t\r\n(").split(None, 1)
+    if flight.command == Command.QUERY:
+        text = flight.payload[1:64]
+    elif flight.command == Command.STMT_EXECUTE and flight.statement is not None:
+        text = flight.statement.sql[:64]
+    else:
+        return False
+    words = text.lstrip(b" \t\r\n(").split(None, 1)
     return bool(words) and words[0].upper() in _REPEATABLE
 
 

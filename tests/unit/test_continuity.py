@@ -8,7 +8,7 @@ import hashlib
 from meshproxy.dataplane import continuity
 from meshproxy.dataplane.backend import BackendConnection
 from meshproxy.dataplane.continuity import Journal
-from meshproxy.dataplane.session import Flight, _reads_only, _safe_to_repeat
+from meshproxy.dataplane.session import ClientStatement, Flight, _reads_only, _safe_to_repeat
 from meshproxy.mysql.constants import Command
 from meshproxy.mysql.state import Values
 from meshproxy.mysql.statements import classify_bytes
@@ -100,6 +100,11 @@ def test_only_statements_that_cannot_commit_run_again_after_a_replay() -> None:
     for sql in (b"COMMIT", b"ROLLBACK", b"CREATE TABLE x (a INT)", b"SET autocommit = 1", b""):
         assert not _safe_to_repeat(flight(sql)), sql
     assert not _safe_to_repeat(flight(b"\x01\x00\x00\x00", Command.STMT_FETCH))
+    execute = flight(b"\x01\x00\x00\x00", Command.STMT_EXECUTE)
+    execute.statement = ClientStatement(b"UPDATE t SET v = ?", "", 1, 0)
+    assert _safe_to_repeat(execute)
+    execute.statement = ClientStatement(b"CREATE TABLE t2 (a INT)", "", 0, 0)
+    assert not _safe_to_repeat(execute)
 
 
 def test_a_transaction_remembers_whether_it_may_have_written() -> None:
