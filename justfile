@@ -27,6 +27,11 @@ demo *args:
 bench *args:
     {{venv}}/python -m bench.run {{args}}
 
+# session continuity: a session-mode edge vs a passthrough edge over 3 session-mode middles
+# (edge CPU per query), then sysbench through it while a middle is killed and another paused
+bench-continuity *args:
+    {{venv}}/python -m bench.continuity {{args}}
+
 # the chain for 30 minutes under sysbench and a connection storm, a middle killed every
 # 4 minutes; reports RSS and fds per node process (`just soak --minutes 10` for less)
 soak *args:
