@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from meshproxy.chaos.timeline import BUCKET_S, Timeline
+from meshproxy.chaos.timeline import BUCKET_S, ClientEvent, Timeline
 
 RULED_OUT = frozenset({"SHUNNED", "OFFLINE_SOFT", "OFFLINE_HARD", "suspect", "dead", "left"})
 IN_SERVICE = frozenset({"ONLINE", "alive"})
@@ -125,3 +125,71 @@ def sessions_on(timeline: Timeline, middle: str, start: float, end: float = floa
 def queries_between(timeline: Timeline, start: float, end: float) -> int:
     """Queries completed in the buckets between ``start`` and ``end``."""
     return sum(q for i, q in enumerate(timeline.queries) if start <= i * BUCKET_S < end)
+
+
+# -- the transactions load (persistent sessions on a session-mode chain) ---------------
+
+OUTCOME_UNKNOWN = 9004  # meshproxy: a COMMIT (or write) cut off; it may have been applied
+NOT_REPLAYED = 9005  # meshproxy: the transaction was rolled back; the session carries on
+DOCUMENTED = frozenset({OUTCOME_UNKNOWN, NOT_REPLAYED})
+
+
+def _errors(timeline: Timeline, after: float) -> list[ClientEvent]:
+    return [e for e in timeline.client_events if e.kind.endswith("_error") and e.t >= after]
+
+
+def undocumented_errors(timeline: Timeline, after: float = 0.0) -> int:
+    """Errors a moved session must never show: failed connects, broken sessions, and any
+    error code but 9004 and 9005."""
+    return sum(1 for e in _errors(timeline, after) if e.broken or e.code not in DOCUMENTED)
+
+
+def errors_outside_writes(timeline: Timeline, after: float = 0.0) -> int:
+    """Errors of statements between transactions or in read-only transactions: what a
+    moved session always runs again or replays, so a client never sees."""
+    return sum(
+        1
+        for e in _errors(timeline, after)
+        if e.kind == "session_error" and e.transaction in ("", "ro")
+    )
+
+
+def errors_with(
+    timeline: Timeline, code: int, statement: str | None = None, after: float = 0.0
+) -> int:
+    """Errors with MySQL code ``code`` (on ``statement`` only, when given)."""
+    return sum(
+        1
+        for e in _errors(timeline, after)
+        if e.code == code and (statement is None or e.statement == statement)
+    )
+
+
+def counter_mismatches(timeline: Timeline) -> list[str]:
+    """Clients whose counter row is not what their commits explain: it must equal the
+    read-write COMMITs they saw succeed, plus at most one per COMMIT that answered 9004
+    (its outcome unknown). A client that never reported, or could not read its row back,
+    is a mismatch too."""
+    wrong = []
+    for client in timeline.clients:
+        seen, counter = client.get("seen", 0), client.get("counter")
+        unknown = client.get("unknown_commits", 0)
+        if counter is None or not seen <= counter <= seen + unknown:
+            wrong.append(f"{client.get('client')}: counter {counter}, seen {seen} (+{unknown})")
+    return wrong
+
+
+def longest_statement_wait(timeline: Timeline) -> float:
+    """The longest any statement of the transactions load waited for its answer."""
+    return round(max((c.get("longest_wait", 0.0) for c in timeline.clients), default=0.0), 3)
+
+
+def transactions(timeline: Timeline, start: float, end: float = float("inf")) -> int:
+    """Transactions committed (both kinds, every middle) in the buckets between ``start``
+    and ``end`` (the transactions load counts them per middle in ``middles``)."""
+    return sum(
+        n
+        for counts in timeline.middles.values()
+        for i, n in enumerate(counts)
+        if start <= i * BUCKET_S and (i + 1) * BUCKET_S <= end
+    )

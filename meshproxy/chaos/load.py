@@ -9,13 +9,29 @@ flowing. A failed connect or a broken session is counted and the worker reconnec
 once; a query that answers only after half a second is reported as stalled. Output is
 JSON lines on stdout, one per 100 ms bucket and one per client event, so
 the harness can follow the load live and build the scenario's timeline from it.
+
+``--mode transactions`` (session-mode topologies) keeps ONE session per worker for the
+whole run instead, and loops transactions on it: read-only (``BEGIN; SELECT; SELECT;
+COMMIT``) and read-write (``BEGIN; UPDATE counters SET n = n + 1 WHERE client = ME;
+SELECT; COMMIT``), each preceded by a ``SELECT USER()`` outside the transaction (which
+middle runs it). Every statement's answer is the same on any middle, so every transaction
+may be replayed elsewhere. A bucket's ``m`` then counts transactions per middle (not new
+sessions); an error event carries its MySQL error ``code``, the ``stmt`` it answered and
+the transaction kind ``tx`` (``ro``/``rw``/``""``); after a 9004 or 9005 a ``DO 1``
+checks that the session carries on outside a transaction. A worker whose session broke
+(any other error, or still in a transaction) reconnects and counts a ``broken`` session.
+At the end each worker reads its counter row back and emits one ``{"client": ...}`` line:
+the commits it saw succeed, the counter's value, the 9004s on its read-write COMMITs, and
+its longest statement wait.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
+import socket
 import sys
 import threading
 import time
@@ -28,6 +44,17 @@ import pymysql
 BUCKET_S = 0.1
 CONNECT_RETRY_S = 0.05
 STALL_S = 0.5  # a query that took this long is reported (a "SELECT 1" takes milliseconds)
+# meshproxy's documented errors of a session that moved: the session stays usable.
+ER_OUTCOME_UNKNOWN = 9004
+ER_NOT_REPLAYED = 9005
+DOCUMENTED = (ER_OUTCOME_UNKNOWN, ER_NOT_REPLAYED)
+# The table of counters, one row per worker (``client``: host-worker).
+CREATE_COUNTERS = (
+    "CREATE TABLE IF NOT EXISTS counters (client VARCHAR(64) PRIMARY KEY,"
+    " n BIGINT NOT NULL) ENGINE=InnoDB"
+)
+READ_COUNTER = "SELECT n FROM counters WHERE client = %s"
+SERVER_STATUS_IN_TRANS = 1
 
 
 @dataclass
@@ -149,6 +176,250 @@ def worker(index: int, settings: Settings, totals: Totals, out: Output, stop: fl
                 time.sleep(CONNECT_RETRY_S)  # a refusing edge would otherwise be spun on
 
 
+def error_code(exc: BaseException) -> int:
+    """The MySQL error code of a PyMySQL error (0 when it carries none)."""
+    args = getattr(exc, "args", ())
+    return args[0] if args and isinstance(args[0], int) else 0
+
+
+@dataclass
+class Session:
+    """One transactions-mode worker's tally."""
+
+    client: str
+    seen: int = 0  # read-write transactions whose COMMIT it saw succeed
+    unknown_commits: int = 0  # 9004 on a read-write COMMIT: may have committed
+    unknown_other: int = 0  # 9004 on anything else
+    rolled_back: int = 0  # 9005
+    broken: int = 0  # sessions that broke and were opened again
+    other_errors: int = 0  # any error but 9004/9005
+    transactions: int = 0  # transactions that ended with a successful COMMIT, both kinds
+    longest_wait: float = 0.0
+
+
+class _Failed(Exception):
+    """A statement failed; the worker decides what the session does next."""
+
+    def __init__(self, code: int, stmt: str, detail: str) -> None:
+        super().__init__(detail)
+        self.code, self.stmt, self.detail = code, stmt, detail
+
+
+def _connect(settings: Settings, autocommit: bool = True) -> pymysql.connections.Connection:
+    return pymysql.connections.Connection(
+        host=settings.host,
+        port=settings.port,
+        user=settings.user,
+        password=settings.password,
+        database=settings.database,
+        connect_timeout=settings.connect_timeout_s,
+        read_timeout=settings.read_timeout_s,
+        write_timeout=settings.read_timeout_s,
+        autocommit=autocommit,
+    )
+
+
+def tx_worker(
+    index: int,
+    settings: Settings,
+    totals: Totals,
+    out: Output,
+    stop: float,
+    tally: Session,
+    ready: threading.Barrier,
+) -> None:
+    """One persistent session looping transactions (see the module)."""
+    me = tally.client
+    conn: pymysql.connections.Connection | None = None
+    middle = ""
+
+    def statement(
+        sql: str, stmt: str, tx: str, args: tuple[object, ...] = ()
+    ) -> tuple[tuple[object, ...], ...]:
+        assert conn is not None
+        asked = time.time()
+        try:
+            with conn.cursor() as cur:
+                cur.execute(sql, args or None)
+                rows: tuple[tuple[object, ...], ...] = tuple(cur.fetchall())
+        except pymysql.err.MySQLError as exc:
+            raise _Failed(error_code(exc), stmt, str(exc)[:200]) from None
+        finally:
+            waited = time.time() - asked
+            tally.longest_wait = max(tally.longest_wait, waited)
+            if waited >= STALL_S:
+                out.emit(
+                    {
+                        "ev": "stalled",
+                        "t": asked,
+                        "w": index,
+                        "m": middle,
+                        "d": f"{waited:.3f}",
+                        "stmt": stmt,
+                        "tx": tx,
+                    }
+                )
+        with totals.lock:
+            totals.queries += 1
+        return rows
+
+    def open_session() -> None:
+        nonlocal conn
+        while time.time() < stop + settings.read_timeout_s:
+            started = time.time()
+            try:
+                conn = _connect(settings)
+            except pymysql.err.MySQLError as exc:
+                with totals.lock:
+                    totals.errors += 1
+                tally.other_errors += 1
+                out.emit(
+                    {
+                        "ev": "connect_error",
+                        "t": time.time(),
+                        "w": index,
+                        "m": "",
+                        "d": str(exc)[:200],
+                        "s": started,
+                        "code": error_code(exc),
+                    }
+                )
+                time.sleep(CONNECT_RETRY_S)
+            else:
+                with totals.lock:
+                    totals.connects += 1
+                return
+
+    def outside_transaction() -> None:
+        """After 9004/9005 the session must carry on outside a transaction: ``DO 1`` is
+        answered with an OK packet, whose status flags say (a result set's EOF does not
+        update PyMySQL's ``server_status``)."""
+        assert conn is not None
+        statement("DO 1", "CHECK", "")
+        if conn.server_status & SERVER_STATUS_IN_TRANS:
+            raise _Failed(0, "CHECK", "still in a transaction after 9004/9005")
+
+    open_session()
+    try:
+        statement(
+            CREATE_COUNTERS,
+            "CREATE",
+            "",
+        )
+        statement("REPLACE INTO counters (client, n) VALUES (%s, 0)", "REPLACE", "", (me,))
+    except _Failed as failed:
+        out.emit(
+            {
+                "ev": "session_error",
+                "t": time.time(),
+                "w": index,
+                "m": "",
+                "d": f"setup: {failed.detail}",
+                "code": failed.code,
+                "stmt": failed.stmt,
+            }
+        )
+        tally.other_errors += 1
+    # Every counter row exists from here on: COUNT(*) below answers the same everywhere.
+    with contextlib.suppress(threading.BrokenBarrierError):
+        ready.wait()
+    n = 0
+    checking = False  # after 9004/9005: is the session outside a transaction?
+    while time.time() < stop:
+        n += 1
+        tx = "rw" if n % 2 else "ro"
+        stmt = "USER"
+        try:
+            row = statement("SELECT USER()", stmt, "")
+            middle = middle_of(str(row[0][0]) if row else "", settings.middles)
+            if checking:
+                checking = False
+                outside_transaction()
+            statement("BEGIN", "BEGIN", tx)
+            if tx == "rw":
+                statement("UPDATE counters SET n = n + 1 WHERE client = %s", "UPDATE", tx, (me,))
+                statement(READ_COUNTER, "SELECT", tx, (me,))
+            else:
+                statement(READ_COUNTER, "SELECT", tx, (me,))
+                statement("SELECT COUNT(*) FROM counters", "SELECT", tx)
+            statement("COMMIT", "COMMIT", tx)
+            tally.transactions += 1
+            tally.seen += tx == "rw"
+            with totals.lock:
+                totals.by_middle[middle] += 1
+        except _Failed as failed:
+            with totals.lock:
+                totals.errors += 1
+            code, what = failed.code, failed.stmt
+            if code == ER_OUTCOME_UNKNOWN and what == "COMMIT" and tx == "rw":
+                tally.unknown_commits += 1
+            elif code == ER_OUTCOME_UNKNOWN:
+                tally.unknown_other += 1
+            elif code == ER_NOT_REPLAYED:
+                tally.rolled_back += 1
+            else:
+                tally.other_errors += 1
+            assert conn is not None
+            usable = code in DOCUMENTED and conn.open
+            event = {
+                "ev": "session_error",
+                "t": time.time(),
+                "w": index,
+                "m": middle,
+                "d": failed.detail,
+                "code": code,
+                "stmt": what,
+                "tx": tx if what not in ("USER", "CHECK") else "",
+            }
+            if not usable:
+                event["broken"] = True
+            out.emit(event)
+            checking = usable
+            if not usable:
+                tally.broken += 1
+                with contextlib.suppress(pymysql.err.Error):
+                    conn.close()
+                open_session()
+                out.emit({"ev": "reconnected", "t": time.time(), "w": index, "m": ""})
+        time.sleep(settings.pause_s)
+    value: int | None = None
+    try:
+        rows = statement(READ_COUNTER, "FINAL", "", (me,))
+        value = int(str(rows[0][0])) if rows else None
+    except _Failed as failed:
+        out.emit(
+            {
+                "ev": "session_error",
+                "t": time.time(),
+                "w": index,
+                "m": middle,
+                "d": f"final read: {failed.detail}",
+                "code": failed.code,
+                "stmt": "FINAL",
+            }
+        )
+    finally:
+        if conn is not None:
+            with contextlib.suppress(pymysql.err.Error):
+                conn.close()
+    out.emit(
+        {
+            "client": me,
+            "w": index,
+            "t": time.time(),
+            "seen": tally.seen,
+            "counter": value,
+            "unknown_commits": tally.unknown_commits,
+            "unknown_other": tally.unknown_other,
+            "rolled_back": tally.rolled_back,
+            "broken": tally.broken,
+            "other_errors": tally.other_errors,
+            "transactions": tally.transactions,
+            "longest_wait": round(tally.longest_wait, 3),
+        }
+    )
+
+
 def report(totals: Totals, out: Output, stop: float) -> None:
     """One bucket line every 100 ms, aligned to the epoch so buckets from runs line up."""
     bucket = int(time.time() / BUCKET_S)
@@ -189,6 +460,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     # timeout instead of passing for a session the edge ended.
     parser.add_argument("--read-timeout-s", type=float, default=10.0)
     parser.add_argument("--middle", type=_middle_pair, action="append", default=[])
+    parser.add_argument(
+        "--mode",
+        choices=("sessions", "transactions"),
+        default="sessions",
+        help="short sessions of SELECT 1, or one persistent session per worker of transactions",
+    )
     args = parser.parse_args(argv)
     settings = Settings(
         host=args.host,
@@ -205,10 +482,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     totals = Totals()
     out = Output()
     stop = time.time() + args.duration_s
-    threads = [
-        threading.Thread(target=worker, args=(i, settings, totals, out, stop), daemon=True)
-        for i in range(args.workers)
-    ]
+    if args.mode == "transactions":
+        ready = threading.Barrier(args.workers, timeout=args.duration_s)
+        host = socket.gethostname()
+        threads = [
+            threading.Thread(
+                target=tx_worker,
+                args=(i, settings, totals, out, stop, Session(f"{host}-{i}"), ready),
+                daemon=True,
+            )
+            for i in range(args.workers)
+        ]
+    else:
+        threads = [
+            threading.Thread(target=worker, args=(i, settings, totals, out, stop), daemon=True)
+            for i in range(args.workers)
+        ]
     for thread in threads:
         thread.start()
     report(totals, out, stop)

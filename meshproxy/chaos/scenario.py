@@ -17,7 +17,7 @@ import json
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -30,10 +30,11 @@ LOAD_MODULE = "meshproxy.chaos.load"
 WORKERS_PER_APP = 1000  # worker numbers of app i start at i * this
 
 
-def load_command(stack: Stack, app: str, duration_s: float) -> list[str]:
-    """The load generator's command line in ``app``'s container, aimed at its edge."""
+def load_command(stack: Stack, app: str, duration_s: float, extra: Sequence[str] = ()) -> list[str]:
+    """The load generator's command line in ``app``'s container, aimed at its edge
+    (``extra``: more of its options, e.g. ``--mode transactions``)."""
     spec = stack.spec
-    command = ["python3", "-m", LOAD_MODULE, "--host", spec.edge_address(app)]
+    command = ["python3", "-m", LOAD_MODULE, *extra, "--host", spec.edge_address(app)]
     command += ["--port", str(spec.services[0].port), "--duration-s", str(duration_s)]
     command += ["--user", spec.monitor_user, "--password", spec.monitor_password]
     # The backends see the address the last proxy dialled from: name it.
@@ -46,11 +47,14 @@ def load_command(stack: Stack, app: str, duration_s: float) -> list[str]:
 class _Load:
     """The load generator running in a container; its output parsed as it arrives."""
 
-    def __init__(self, stack: Stack, app: str, duration_s: float) -> None:
+    def __init__(
+        self, stack: Stack, app: str, duration_s: float, extra: Sequence[str] = ()
+    ) -> None:
         self.container = stack.container(app)
-        self.command = load_command(stack, app, duration_s)
+        self.command = load_command(stack, app, duration_s, extra)
         self.buckets: dict[float, tuple[int, int, int, dict[str, int]]] = {}
         self.events: list[dict[str, Any]] = []
+        self.clients: list[dict[str, Any]] = []  # the transactions load's closing tallies
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
@@ -73,6 +77,8 @@ class _Load:
             self.buckets[record["b"]] = (record["q"], record["c"], record["e"], record["m"])
         elif "ev" in record:
             self.events.append(record)
+        elif "client" in record:
+            self.clients.append(record)
 
 
 class Scenario:
@@ -84,6 +90,7 @@ class Scenario:
         name: str,
         duration_s: float,
         artifacts: Path,
+        load_args: Sequence[str] = (),
     ) -> None:
         self.stack = stack
         self.name = name
@@ -94,7 +101,7 @@ class Scenario:
         self.faults: list[Fault] = []
         # Every app host runs the load through its own edge; worker numbers stay distinct.
         apps = [n.name for n in stack.spec.nodes if n.role == "app"]
-        self._loads = [_Load(stack, app, duration_s) for app in apps]
+        self._loads = [_Load(stack, app, duration_s, load_args) for app in apps]
         self.timeline = Timeline(scenario=name, topology=stack.spec.name, t0=self.t0)
 
     def __enter__(self) -> Scenario:
@@ -175,12 +182,21 @@ class Scenario:
                     e.get("m", ""),
                     e.get("d", ""),
                     round(e["s"] - self.t0, 3) if "s" in e else None,
+                    e.get("code"),
+                    e.get("stmt", ""),
+                    e.get("tx", ""),
+                    bool(e.get("broken", False)),
                 )
                 for i, load in enumerate(self._loads)
                 for e in load.events
             ),
             key=lambda e: e.t,
         )
+        timeline.clients = [
+            {**c, "t": round(c["t"] - self.t0, 3), "w": WORKERS_PER_APP * i + c["w"]}
+            for i, load in enumerate(self._loads)
+            for c in load.clients
+        ]
 
     def write(self) -> tuple[Path, Path]:
         """Write the timeline's JSON and PNG into the artifacts folder."""

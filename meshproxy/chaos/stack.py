@@ -96,6 +96,16 @@ class Stack:
     def start(self, name: str) -> None:
         self.container(name).start()
 
+    def stop(self, name: str, timeout_s: float = 30.0) -> int:
+        """SIGTERM the container's main process (a meshproxy node drains, then exits) and
+        wait for it to exit; SIGKILL after ``timeout_s``. Returns its exit code (137: it
+        had to be killed)."""
+        container = self.container(name)
+        container.stop(timeout=int(timeout_s))
+        container.reload()
+        code: int = container.attrs["State"]["ExitCode"]
+        return code
+
     def pause(self, name: str) -> None:
         self.container(name).pause()
 

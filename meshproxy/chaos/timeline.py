@@ -45,6 +45,13 @@ class ClientEvent:
     middle: str  # the middle that carried the session ("" when unknown)
     detail: str = ""  # the error; for "stalled", the seconds the query waited
     started: float | None = None  # a connect error's: when that connect began
+    # Transactions load (persistent sessions): the error's MySQL code, the statement it
+    # answered (BEGIN, UPDATE, SELECT, COMMIT, USER...), the transaction kind (ro/rw/""),
+    # and whether the session broke (the worker had to open a new one).
+    code: int | None = None
+    statement: str = ""
+    transaction: str = ""
+    broken: bool = False
 
 
 @dataclass(frozen=True)
@@ -78,6 +85,8 @@ class Timeline:
     changes: list[Change] = field(default_factory=list)
     client_events: list[ClientEvent] = field(default_factory=list)
     checks: list[Check] = field(default_factory=list)
+    # Transactions load: each worker's closing tally (commits seen, its counter row, ...).
+    clients: list[dict[str, Any]] = field(default_factory=list)
     detect_s: float | None = None
     recover_s: float | None = None
 
@@ -120,6 +129,7 @@ def from_json(data: dict[str, Any]) -> Timeline:
             Check(c["name"], c["value"], c["bound"], c["unit"], c.get("at_least", False))
             for c in data["checks"]
         ],
+        clients=list(data.get("clients", [])),
         detect_s=data["detect_s"],
         recover_s=data["recover_s"],
     )

@@ -719,6 +719,7 @@ def kustomization(spec: Spec) -> tuple[dict[str, Any], dict[str, str]]:
 
 def render(spec: Spec) -> dict[str, str]:
     """Every rendered file's text, by path relative to the output directory."""
+    spec.require_passthrough("kubernetes")
     workloads = cluster.workloads(spec)
     _check_names(spec, workloads)
     built = {w.name: _Workload(spec, w) for w in workloads}

@@ -278,6 +278,7 @@ class LocalTopology:
         backend_kind: BackendKind | None = None,
         prefix: str = "meshproxy-local-",
     ) -> None:
+        spec.require_passthrough("topology up --local")
         if (spec.monitor_user, spec.monitor_password) != (
             mariadb.MONITOR_USER,
             mariadb.MONITOR_PASSWORD,

@@ -26,6 +26,7 @@ IMAGE = "meshproxy:local"
 BASE_IMAGE = "${BASE_IMAGE:-python:3.12-slim}"
 BACKEND_IMAGE = "${BACKEND_IMAGE:-mariadb:11}"
 CONFIG_DIR = "/etc/meshproxy"
+DATABASE = "app"  # the backends' database (MARIADB_DATABASE), the sessions' default schema
 
 
 def _header(spec: Spec) -> str:
@@ -138,17 +139,20 @@ def node_config(spec: Spec, node: Node, addressing: Addressing | None = None) ->
                 "bind": at.listener(node, service),
                 "service": service.name,
                 "upstream": f"tier:{node.tier}",
+                **_mode(service),
             }
             for service in spec.services
         ]
         data["tier"] = [tier_table(node.tier)]
-        return data
+        return _with_users(spec, data)
     upstream = tiers[node.tier].upstream
     if upstream != BACKENDS:
         data["service"] = [{"name": s.name, "upstream": f"tier:{upstream}"} for s in spec.services]
         data["tier"] = [tier_table(upstream)]
         return data
-    data["service"] = [{"name": s.name, "upstream": f"pool:{s.name}"} for s in spec.services]
+    data["service"] = [
+        {"name": s.name, "upstream": f"pool:{s.name}", **_mode(s)} for s in spec.services
+    ]
     pools = []
     for service in spec.services:
         servers = [at.backend(node, backends[name]) for name in service.backends]
@@ -163,6 +167,25 @@ def node_config(spec: Spec, node: Node, addressing: Addressing | None = None) ->
         }
         pools.append({"name": service.name, "servers": servers, **source, "check": check})
     data["pool"] = pools
+    return _with_users(spec, data)
+
+
+def _mode(service: Service) -> dict[str, str]:
+    return {"mode": service.mode} if service.mode != "passthrough" else {}
+
+
+def _with_users(spec: Spec, data: dict[str, Any]) -> dict[str, Any]:
+    """Session mode: the edge checks logins and the middles log it in to the backends, so
+    both have the same ``[[user]]`` table: the spec's monitor login (what the apps and the
+    backends already know), its password from the environment, never the file."""
+    if spec.session_mode():
+        data["user"] = [
+            {
+                "name": spec.monitor_user,
+                "password_env": secrets.SESSION_PASSWORD_ENV,
+                "default_schema": DATABASE,
+            }
+        ]
     return data
 
 
@@ -193,6 +216,8 @@ def compose(spec: Spec) -> dict[str, Any]:
             entry["command"] = ["meshproxy", "run", "-c", path]
             entry["volumes"] = [f"./configs/{node.name}.toml:{path}:ro"]
             entry["secrets"] = secrets.of_node(node)
+            if spec.session_mode():
+                entry["env_file"] = [f"./{secrets.DIR}/{secrets.SESSION_ENV_FILE}"]
         entry["networks"] = _networks(spec, node.name, node.networks)
         services[node.name] = entry
     for backend in spec.backends:
@@ -201,7 +226,7 @@ def compose(spec: Spec) -> dict[str, Any]:
             "hostname": backend.name,
             "environment": {
                 "MARIADB_RANDOM_ROOT_PASSWORD": "1",
-                "MARIADB_DATABASE": "app",
+                "MARIADB_DATABASE": DATABASE,
                 "MARIADB_USER": spec.monitor_user,
                 "MARIADB_PASSWORD": spec.monitor_password,
             },

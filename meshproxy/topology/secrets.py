@@ -22,6 +22,10 @@ DIR = "secrets"
 CA = "mesh-ca"
 GOSSIP_KEYS = "gossip-keys"
 ADMIN_TOKEN = "admin-token"  # noqa: S105 - the secret's name, not its value
+# Session mode: the proxies read the login's password from this variable, which compose
+# sets from this env file (made from the spec, so it follows the spec when that changes).
+SESSION_PASSWORD_ENV = "MESHPROXY_SESSION_PASSWORD"  # noqa: S105 - a variable's name
+SESSION_ENV_FILE = "session.env"
 
 
 # Who holds a mesh certificate: (name, role). Compose gives each proxy its own; on an
@@ -80,7 +84,18 @@ def ensure(spec: Spec, directory: Path, identities: list[Identity] | None = None
             pki.issue(directory, name, role)
     _private(directory / "gossip.keys", base64.b64encode(os.urandom(32)).decode() + "\n")
     _private(directory / "admin.token", token_source.token_urlsafe(24) + "\n")
+    if spec.session_mode():
+        session_env(spec, directory)
     return directory
+
+
+def session_env(spec: Spec, directory: Path) -> Path:
+    """The env file giving session-mode proxies their login's password (the spec's monitor
+    login; rewritten each time, as it is derived from the spec)."""
+    path = directory / SESSION_ENV_FILE
+    path.unlink(missing_ok=True)
+    _private(path, f"{SESSION_PASSWORD_ENV}={spec.monitor_password}\n")
+    return path
 
 
 def admin_token(directory: Path) -> str:

@@ -18,6 +18,7 @@ from meshproxy.errors import ConfigError
 
 BACKENDS = "backends"  # a tier's upstream when its middles talk to the MariaDB servers
 ROLES = ("app", "edge", "middle")
+MODES = ("passthrough", "session")  # a service's: edges pump bytes, or own the sessions
 FIRST_HOST = 10  # containers get addresses .10, .11, ... of each subnet, in spec order
 _NAME = re.compile(r"^[a-z][a-z0-9-]{0,30}$")  # usable as compose service and host name
 
@@ -33,6 +34,10 @@ class Service:
     name: str
     port: int
     backends: tuple[str, ...]
+    # "session": edges own their clients' sessions (session-mode listener on their tier)
+    # and middles run them (session-mode service); the logins are the topology's monitor
+    # login, whose password reaches the proxies from secrets/ (never a rendered file).
+    mode: str = "passthrough"
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,21 @@ class Spec:
 
     def proxies(self) -> list[Node]:
         return [n for n in self.nodes if n.role != "app"]
+
+    def session_mode(self) -> bool:
+        """Whether any service runs in session mode (its proxies need the login's password)."""
+        return any(s.mode == "session" for s in self.services)
+
+    def require_passthrough(self, target: str) -> None:
+        """Refuse a session-mode spec for a target that renders passthrough only."""
+        for i, service in enumerate(self.services):
+            if service.mode != "passthrough":
+                raise ConfigError(
+                    self.source,
+                    f"service[{i}].mode",
+                    f"{target} renders passthrough services only; session mode is"
+                    " rendered for compose (--target compose)",
+                )
 
 
 class _Reader:
@@ -180,12 +200,15 @@ def parse(data: Mapping[str, Any], source: str = "<memory>") -> Spec:
     services = []
     for i, raw in enumerate(r.array(data, "service")):
         key = f"service[{i}]"
-        t = r.table(raw, key, {"name", "port", "backends"}, set())
+        t = r.table(raw, key, {"name", "port", "backends"}, {"mode"})
         port = t["port"]
         if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
             raise r.fail(f"{key}.port", f"expected a port number 1-65535, got {port!r}")
         name = r.name(t["name"], f"{key}.name")
-        services.append(Service(name, port, r.names(t["backends"], f"{key}.backends")))
+        mode = r.string(t.get("mode", "passthrough"), f"{key}.mode")
+        if mode not in MODES:
+            raise r.fail(f"{key}.mode", f"must be one of {', '.join(MODES)}, got {mode!r}")
+        services.append(Service(name, port, r.names(t["backends"], f"{key}.backends"), mode))
     tiers = []
     for i, raw in enumerate(r.array(data, "tier")):
         key = f"tier[{i}]"
@@ -326,6 +349,15 @@ def _check(spec: Spec, r: _Reader) -> None:
     for i, tier in enumerate(spec.tiers):
         if not any(n.role == "middle" and n.tier == tier.name for n in spec.nodes):
             raise r.fail(f"tier[{i}].name", f"no middle serves in tier {tier.name!r}")
+    if spec.session_mode():
+        # An edge owns the sessions and a middle runs them on its pool: one tier between.
+        for i, tier in enumerate(spec.tiers):
+            if tier.upstream != BACKENDS:
+                raise r.fail(
+                    f"tier[{i}].upstream",
+                    "a session-mode topology has one tier, dialling the backends"
+                    f" (service mode 'session'), not a cascade to {tier.upstream!r}",
+                )
 
 
 def _missing(what: str, name: str, defined: Mapping[str, object]) -> str:

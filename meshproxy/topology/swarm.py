@@ -169,6 +169,7 @@ def stack(spec: Spec) -> dict[str, Any]:
 
 def render(spec: Spec) -> dict[str, str]:
     """Every rendered file's text, by path relative to the output directory."""
+    spec.require_passthrough("swarm")
     header = _header(spec)
     place = placement(spec)
     files = {

@@ -21,7 +21,10 @@ from meshproxy.topology import cluster, kubernetes, secrets
 from meshproxy.topology.spec import Spec
 
 ROOT = Path(__file__).resolve().parents[2]
-SPECS = sorted((ROOT / "topology").glob("*.toml"))
+# Passthrough specs only (session mode is rendered for compose).
+SPECS = [
+    p for p in sorted((ROOT / "topology").glob("*.toml")) if not topology.load(p).session_mode()
+]
 K8S_VERSION = "1.30"
 ENV = {
     cluster.NODE_ENV: "chain-middle-7d4b9c8f6-x2x9z",

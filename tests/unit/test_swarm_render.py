@@ -12,7 +12,7 @@ import yaml
 
 from meshproxy import config
 from meshproxy.topology import cluster, spec, swarm
-from tests.unit.test_topology import SPECS
+from tests.unit.test_topology import PASSTHROUGH_SPECS as SPECS
 
 
 def stack_of(spec_path: Path) -> dict[str, Any]:

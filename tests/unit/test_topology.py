@@ -15,6 +15,8 @@ from meshproxy.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 SPECS = sorted((ROOT / "topology").glob("*.toml"))
+# Kubernetes, swarm and local processes render passthrough specs only.
+PASSTHROUGH_SPECS = [p for p in SPECS if not topology.load(p).session_mode()]
 
 
 def _chain() -> dict[str, Any]:
@@ -57,6 +59,8 @@ def test_the_three_issue_topologies_exist() -> None:
         (lambda d: d["topology"].update(mesh_network="x"), "topology.mesh_network", "no network"),
         (lambda d: d["topology"]["monitor"].pop("user"), "topology.monitor.user", "missing"),
         (lambda d: d["node"][1].update(name="P1"), "node[1].name", "lower-case"),
+        (lambda d: d["service"][0].update(mode="pooled"), "service[0].mode", "session"),
+        (lambda d: d["service"][0].update(mode=1), "service[0].mode", "a string"),
     ],
 )
 def test_spec_errors_name_the_key(edit: Any, key: str, reason: str) -> None:
@@ -145,6 +149,8 @@ RENDERED = {"compose": "compose", "kubernetes": "k8s", "swarm": "swarm"}
 def test_committed_renders_match_their_specs(target: str, spec_path: Path, tmp_path: Path) -> None:
     """Rendering a spec for each target yields exactly the files committed under
     <target folder>/<name>/ (no drift), and makes the secrets (git-ignored) beside them."""
+    if target != "compose" and topology.load(spec_path).session_mode():
+        pytest.skip(f"{target} renders passthrough specs only")
     out = tmp_path / spec_path.stem
     argv = ["topology", "render", str(spec_path), "--target", target, "-o", str(out)]
     assert cli.main(argv) == 0
@@ -163,3 +169,71 @@ def test_committed_renders_match_their_specs(target: str, spec_path: Path, tmp_p
         assert (out / relative).read_bytes() == (ROOT / folder / relative).read_bytes(), (
             f"{folder}/{relative} drifted from topology/{spec_path.name}; run: {rerender}"
         )
+
+
+def _session_chain() -> dict[str, Any]:
+    data = _chain()
+    data["service"][0]["mode"] = "session"
+    return data
+
+
+def test_session_mode_renders_session_listener_service_and_users(tmp_path: Path) -> None:
+    """A session-mode service gives the edge a session-mode listener on its tier and each
+    middle a session-mode service on its pool, both with the same [[user]] table: the
+    monitor login, its password from the environment (never in a rendered file), which
+    compose sets from secrets/session.env."""
+    spec = topology.parse(_session_chain(), "spec.toml")
+    files = topology.render(spec)
+    configs = {
+        n.name: config.parse(tomllib.loads(files[f"configs/{n.name}.toml"]), "x", files=False)
+        for n in spec.proxies()
+    }
+    users = {name: cfg.user for name, cfg in configs.items()}
+    assert len(set(users.values())) == 1
+    (user,) = users["p1"]
+    assert (user.name, user.password, user.password_env, user.default_schema) == (
+        "monitor",
+        "",
+        topology.secrets.SESSION_PASSWORD_ENV,
+        "app",
+    )
+    (listener,) = configs["p1"].listener
+    assert (listener.mode, str(listener.upstream)) == ("session", "tier:middle")
+    for name in ("p2", "p3", "p4"):
+        (service,) = configs[name].service
+        assert (service.mode, str(service.upstream)) == ("session", "pool:mysql")
+    document = yaml.safe_load(files["docker-compose.yml"])
+    for node in spec.proxies():
+        assert document["services"][node.name]["env_file"] == ["./secrets/session.env"]
+    assert "env_file" not in document["services"]["a1"]
+    for name, text in files.items():
+        assert topology.secrets.SESSION_PASSWORD_ENV + "=" not in text, name
+    made = topology.secrets.ensure(spec, tmp_path / "secrets")
+    env = (made / "session.env").read_text()
+    assert env == f"{topology.secrets.SESSION_PASSWORD_ENV}=monitor\n"
+    assert (made / "session.env").stat().st_mode & 0o077 == 0
+
+
+def test_passthrough_renders_no_users_or_modes() -> None:
+    """Without a mode the rendered chain stays passthrough: no [[user]], no mode, no env file."""
+    files = topology.render(topology.parse(_chain(), "spec.toml"))
+    assert "mode =" not in files["configs/p1.toml"]
+    assert "user = [" not in files["configs/p2.toml"]
+    assert "env_file" not in files["docker-compose.yml"]
+
+
+def test_session_mode_is_refused_where_it_is_not_rendered() -> None:
+    """Kubernetes and swarm render passthrough only, and a session-mode spec cannot cascade:
+    each refusal names the file, the key and why."""
+    spec = topology.parse(_session_chain(), "spec.toml")
+    for target in ("kubernetes", "swarm"):
+        with pytest.raises(ConfigError) as info:
+            topology.TARGETS[target](spec, "/nonexistent")
+        assert (info.value.source, info.value.key) == ("spec.toml", "service[0].mode")
+        assert "compose" in info.value.reason
+    cascade = tomllib.loads((ROOT / "topology" / "cascade.toml").read_text())
+    cascade["service"][0]["mode"] = "session"
+    error = _error(cascade)
+    assert error.key.startswith("tier[")
+    assert error.key.endswith("].upstream")
+    assert "cascade" in error.reason

@@ -21,7 +21,10 @@ from meshproxy.topology.render import DockerAddressing, node_config
 from meshproxy.topology.spec import Spec
 
 ROOT = Path(__file__).resolve().parents[2]
-SPECS = sorted((ROOT / "topology").glob("*.toml"))
+# Passthrough specs only (session mode is rendered for compose).
+SPECS = [
+    p for p in sorted((ROOT / "topology").glob("*.toml")) if not topology.load(p).session_mode()
+]
 
 
 def _ports(start: int = 20000) -> Callable[[str], int]:
