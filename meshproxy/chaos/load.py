@@ -13,9 +13,9 @@ the harness can follow the load live and build the scenario's timeline from it.
 ``--mode transactions`` (session-mode topologies) keeps ONE session per worker for the
 whole run instead, and loops transactions on it: read-only (``BEGIN; SELECT; SELECT;
 COMMIT``) and read-write (``BEGIN; UPDATE counters SET n = n + 1 WHERE client = ME;
-SELECT; COMMIT``), each preceded by a ``SELECT USER()`` outside the transaction (which
-middle runs it). Every statement's answer is the same on any middle, so every transaction
-may be replayed elsewhere. A bucket's ``m`` then counts transactions per middle (not new
+SELECT; COMMIT``), each followed by a ``SELECT USER()`` outside the transaction (which
+middle the session is on). Every statement's answer is the same on any middle, so every
+transaction may be replayed elsewhere. A bucket's ``m`` then counts transactions per middle (not new
 sessions); an error event carries its MySQL error ``code``, the ``stmt`` it answered and
 the transaction kind ``tx`` (``ro``/``rw``/``""``); after a 9004 or 9005 a ``DO 1``
 checks that the session carries on outside a transaction. A worker whose session broke
@@ -299,8 +299,13 @@ def tx_worker(
         if conn.server_status & SERVER_STATUS_IN_TRANS:
             raise _Failed(0, "CHECK", "still in a transaction after 9004/9005")
 
+    def where() -> str:
+        row = statement("SELECT USER()", "USER", "")
+        return middle_of(str(row[0][0]) if row else "", settings.middles)
+
     open_session()
     try:
+        middle = where()
         statement(
             CREATE_COUNTERS,
             "CREATE",
@@ -328,10 +333,7 @@ def tx_worker(
     while time.time() < stop:
         n += 1
         tx = "rw" if n % 2 else "ro"
-        stmt = "USER"
         try:
-            row = statement("SELECT USER()", stmt, "")
-            middle = middle_of(str(row[0][0]) if row else "", settings.middles)
             if checking:
                 checking = False
                 outside_transaction()
@@ -345,6 +347,9 @@ def tx_worker(
             statement("COMMIT", "COMMIT", tx)
             tally.transactions += 1
             tally.seen += tx == "rw"
+            # Where the session is now: the middle that committed it (unless it moved
+            # between the COMMIT and this), and most likely the next one's.
+            middle = where()
             with totals.lock:
                 totals.by_middle[middle] += 1
         except _Failed as failed:

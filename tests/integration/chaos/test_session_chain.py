@@ -245,7 +245,8 @@ def test_session_kill_middle(stack: Stack, run: RunScenario) -> None:
 
 def test_session_pause_middle(stack: Stack, run: RunScenario) -> None:
     """A middle frozen (docker pause: SIGSTOP's cgroup twin) until the edge rules it out,
-    then a second more, then thawed: statements in flight on it move within the bound."""
+    then 2 s more, then thawed: statements in flight on it move within the bound (a replay
+    that needs a row the frozen middle's transaction locked waits until the thaw)."""
     fault_on_a_middle(
         stack,
         run,
@@ -253,6 +254,7 @@ def test_session_pause_middle(stack: Stack, run: RunScenario) -> None:
         13.0,
         ("pause {}", stack.pause),
         ("unpause {}", stack.unpause_if_paused),
+        hold_s=2.0,
     )
 
 
