@@ -84,6 +84,9 @@ class ClientStatement:
     reads: bool = False  # only reads: a replica may run it
     decision: Decision = NO_DECISION  # what the query rules said of its text
     digest_text: str = ""
+    # BEGIN, COMMIT, ROLLBACK prepared (sysbench prepares them): their executes start or
+    # end a transaction as the text would.
+    control: Effects = field(default_factory=lambda: _NO_EFFECTS)
 
 
 @dataclass(slots=True)
@@ -102,6 +105,7 @@ class Flight:
     plan: Plan | None = None  # how routing sent it (digest, cache, timeout)
     answer: bytearray | None = None  # the answer so far, for the query cache
     timer: asyncio.TimerHandle | None = None  # a query rule's statement timeout
+    held: bytes | None = None  # a middle's own failure (ERR 9001, 9003), not yet passed on
 
 
 @dataclass
@@ -171,6 +175,7 @@ class ClientSession(asyncio.Protocol, Sink):
         # (the edge cleaning up after a failed middle), not sessions of ours.
         self.pooled = False
         self._moves = 0  # how often the statement in flight has moved
+        self._failed: set[Address] = set()  # the middles (or servers) it moved away from
 
     # ----------------------------------------------------------------- client transport
 
@@ -242,9 +247,12 @@ class ClientSession(asyncio.Protocol, Sink):
         if self.transport is not None:
             flight = self.flight
             if flight is not None:
-                flight.answered = True
                 if self.journal is not None:
+                    if not flight.answered and _middle_failed(data):
+                        flight.held = data  # moved, unless it cannot be: see answered()
+                        return
                     self.journal.chunk(data)
+                flight.answered = True
                 if flight.answer is not None:
                     flight.answer += data
                     if len(flight.answer) > self.mode.cache.max_entry_bytes:
@@ -396,6 +404,9 @@ class ClientSession(asyncio.Protocol, Sink):
             return
         command = payload[0]
         self.mode.statements += 1
+        if self._moves:  # the last statement moved: this one starts afresh
+            self._moves = 0
+            self._failed = set()
         if command == Command.QUERY:  # by far the most common: first
             self._query(payload)
         elif command == Command.QUIT:
@@ -508,7 +519,7 @@ class ClientSession(asyncio.Protocol, Sink):
             message = f"Unknown prepared statement handler ({stmt_id}) given to {name}"
             self._send(1, err_payload(ER_UNKNOWN_STMT_HANDLER, message))
             return
-        effects = _NO_EFFECTS
+        effects = statement.control if command == Command.STMT_EXECUTE else _NO_EFFECTS
         if command == Command.STMT_SEND_LONG_DATA:
             effects = Effects(pins={"long data"}).settle()
         elif command == Command.STMT_RESET and self.conn is None:
@@ -549,7 +560,8 @@ class ClientSession(asyncio.Protocol, Sink):
                 or server.pool != self.target_pool
                 or (self.side and server.role != self.side)
             ):
-                server = self.server = self.mode.choose_server(self.target_pool, (), self.side)
+                server = self.mode.choose_server(self.target_pool, self._failed, self.side)
+                self.server = server
             if server is not None:
                 key = self.key
                 assert key is not None
@@ -624,7 +636,7 @@ class ClientSession(asyncio.Protocol, Sink):
         the session holds nothing that ties it to one."""
         key = self.key
         assert key is not None
-        tried: set[Address] = set()
+        tried: set[Address] = set(self._failed)
         pool, side = self.target_pool, self.side
         settings = self.mode.settings.get(pool)
         wait_s = settings.checkout_timeout_ms / 1000 if settings is not None else 3.0
@@ -847,6 +859,8 @@ class ClientSession(asyncio.Protocol, Sink):
     def answered(self, response: Response) -> None:
         flight = self.flight
         assert flight is not None
+        if flight.held is not None and self._held_error_moves(flight, response):
+            return
         self.flight = None
         self.statement_count += 1
         self.statement_time_s += time.monotonic() - self._sent_at
@@ -857,9 +871,9 @@ class ClientSession(asyncio.Protocol, Sink):
             # Pins hold even when the statement failed: part of a multi-statement may have run.
             self._apply_effects(effects)
             self.mode.count_pins(effects)
-        self._moves = 0
         if response.error is None:
-            self.pins.transaction = bool(response.status & Status.IN_TRANS)
+            if flight.command not in _NO_STATUS:
+                self.pins.transaction = bool(response.status & Status.IN_TRANS)
             if response.status & Status.CURSOR_EXISTS:
                 self.pins.reasons.add("cursor")
                 self.mode.counters.inc("session_pins", reason="cursor")
@@ -927,6 +941,9 @@ class ClientSession(asyncio.Protocol, Sink):
         sql = flight.argument
         flight.conn.statements[self.schema, sql] = Prepared(backend_id, params, columns)
         statement = ClientStatement(sql, self.schema, params, columns)
+        transaction = classify_bytes(sql).transaction
+        if transaction:
+            statement.control = Effects(transaction=transaction).settle()
         if flight.plan is not None:
             statement.reads = flight.plan.reads
             statement.decision = flight.plan.decision
@@ -977,6 +994,24 @@ class ClientSession(asyncio.Protocol, Sink):
 
     # ----------------------------------------------------------------- moving a session
 
+    def _held_error_moves(self, flight: Flight, response: Response) -> bool:
+        """A middle answered with its own failure: no server available (9001: nothing
+        ran) or its server connection lost (9003: it may have run). The session moves as
+        if that middle had failed; when it cannot, the client gets the middle's ERR."""
+        held, flight.held = flight.held, None
+        assert held is not None
+        code, message = response.error or (0, "")
+        if self._moves < MAX_MOVES and not (self.pins.reasons or self.pins.lock):
+            self.flight = None
+            if code == ER_PROXY_NO_UPSTREAM and self.server is not None:
+                self.server.report(self.server.address, message)  # feeds passive ejection
+            flight.sent = code == ER_PROXY_BACKEND_LOST
+            self._move(flight, f"its middle answered {code}: {message}")
+            return True
+        flight.answered = True
+        self.write(held)
+        return False
+
     def _move(self, flight: Flight, reason: str) -> None:
         """The middle running the statement in flight failed before a byte of its answer
         reached the client: carry the session on through another middle where that is
@@ -990,7 +1025,8 @@ class ClientSession(asyncio.Protocol, Sink):
         conn, self.conn = self.conn, None
         if conn is not None and self.server is not None:
             self.server.discard(conn, reason)
-        self.server = None  # choose again: the failed middle is left out once known
+            self._failed.add(conn.address)  # left out until the statement has its answer
+        self.server = None
         self._moves += 1
         counters = self.mode.counters
         if pins.transaction:
@@ -1284,6 +1320,8 @@ class _Renumbering(Sink):
         self.session.backend_lost(reason)
 
 
+# Answers that carry no server status: they say nothing of an open transaction.
+_NO_STATUS = frozenset((Command.STMT_PREPARE, Command.STATISTICS))
 # Commands that change no data: run again elsewhere like a read.
 _HARMLESS = frozenset(
     (
@@ -1297,10 +1335,23 @@ _HARMLESS = frozenset(
 
 
 def _reads_only(flight: Flight) -> bool:
-    """Whether the command in flight only reads, so that running it twice is harmless."""
-    if flight.command in _HARMLESS:
+    """Whether the command in flight (outside a transaction) only reads, so that running
+    it twice is harmless; BEGIN, COMMIT and ROLLBACK with no transaction open are too."""
+    if flight.command in _HARMLESS or flight.effects.transaction:
         return True
     return flight.plan is not None and flight.plan.reads
+
+
+_MIDDLE_FAILURES = (ER_PROXY_NO_UPSTREAM, ER_PROXY_BACKEND_LOST)
+
+
+def _middle_failed(data: bytes) -> bool:
+    """Whether an answer's first chunk is a whole ERR packet with which a middle says it
+    failed itself (codes of ours: no MySQL server sends them)."""
+    if len(data) < 7 or data[4] != 0xFF:
+        return False
+    whole = len(data) == 4 + int.from_bytes(data[:3], "little")
+    return whole and int.from_bytes(data[5:7], "little") in _MIDDLE_FAILURES
 
 
 _HOLDER_SQL = b"SELECT CONCAT(@@hostname, ':', @@port), CONNECTION_ID()"

@@ -7,7 +7,10 @@ names the middle that ran a statement."""
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -35,7 +38,7 @@ from tests.integration.harness import (
     query,
     wait_until,
 )
-from tests.integration.test_gossip import SLACK_S, signal_family, tier_states, with_gossip
+from tests.integration.test_gossip import SLACK_S, api, signal_family, tier_states, with_gossip
 from tests.integration.test_session_mode import session_doc
 
 pytestmark = pytest.mark.integration
@@ -420,3 +423,91 @@ def test_a_write_transaction_on_a_hung_middle_moves_although_its_locks_are_held_
     run(session, "COMMIT")
     mesh.kill(victim)
     assert query(mesh.edge_port, f"SELECT v FROM {table} WHERE id = 1") == [(11,)]
+
+
+def test_a_read_on_a_middle_that_lost_its_servers_runs_through_another(
+    nodes: NodeFactory,
+    shared_mariadb: mariadb.MariaDB,
+    mariadb_factory: Callable[..., mariadb.MariaDB],
+) -> None:
+    """A middle that can no longer reach its servers answers a statement with its own
+    error (9003 or 9001): the edge does not pass that on but runs the read through another
+    middle, even without gossip to tell it the middle is unhealthy."""
+    doomed = mariadb_factory()
+    ports: list[int] = []
+    for name, server in (("p2", doomed), ("p3", shared_mariadb)):
+        mesh_port = free_port()
+        doc = middle_config(name, mesh_port, servers=[server.port])
+        doc["service"][0]["mode"] = "session"
+        doc["pool"][0]["source_ip"] = f"127.0.0.{name[1]}"
+        doc["user"] = USERS
+        nodes.start(doc)
+        ports.append(mesh_port)
+    edge_port = free_port()
+    edge = edge_config("p1", edge_port, ports, listener={"mode": "session"})
+    edge["user"] = USERS
+    nodes.start(edge)
+    sessions: list[Any] = []
+    try:
+        while not sessions or middle_of(sessions[-1]) != "p2":
+            assert len(sessions) < 30, "no session landed on p2"
+            sessions.append(connect(edge_port, read_timeout=30))
+        session = sessions[-1]
+        doomed.kill()
+        assert run(session, "SELECT 7, USER()")[0][1].endswith(".3")
+    finally:
+        for session in sessions:
+            close_quietly(session)
+
+
+def test_sysbench_survives_a_middle_killed_under_it(
+    mesh: Mesh, shared_mariadb: mariadb.MariaDB
+) -> None:
+    """sysbench oltp_read_only, which prepares even BEGIN and COMMIT and gives up at its
+    first error, completes without one while the middle serving most of its sessions is
+    killed (its transactions are replayed through the others)."""
+    sysbench = shutil.which("sysbench")
+    if sysbench is None:
+        pytest.skip("sysbench is not installed")
+    common = [
+        sysbench,
+        "--db-driver=mysql",
+        f"--mysql-host={HOST}",
+        f"--mysql-user={mariadb.APP_USER}",
+        f"--mysql-password={mariadb.APP_PASSWORD}",
+        "--mysql-db=sbtest",
+        "--tables=1",
+        "--table-size=200",
+    ]
+    for step in ("cleanup", "prepare"):
+        subprocess.run(
+            [*common, f"--mysql-port={shared_mariadb.port}", "oltp_read_only", step],
+            capture_output=True,
+            timeout=60,
+            check=step == "prepare",
+        )
+    run_args = ["--threads=6", "--time=8", "--report-interval=1", "oltp_read_only", "run"]
+    load = subprocess.Popen(
+        [*common, f"--mysql-port={mesh.edge_port}", *run_args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert load.stdout is not None
+        lines: list[str] = []
+        while not any("[ 1s ]" in line for line in lines):  # transactions are flowing
+            line = load.stdout.readline()
+            assert line, "".join(lines)
+            lines.append(line)
+        pools = api(mesh.edge_admin, "/status")["session_mode"]["pools"]["middle"]
+        busiest = max(pools, key=lambda address: pools[address]["open"])
+        mesh.kill(next(n for n, d in mesh.docs.items() if d["node"]["mesh_bind"] == busiest))
+        output = "".join(lines) + load.communicate(timeout=60)[0]
+    finally:
+        if load.poll() is None:
+            load.kill()
+            load.wait()
+    assert load.returncode == 0, output
+    assert "FATAL" not in output
+    assert re.search(r"errors:\s+0 ", output), output

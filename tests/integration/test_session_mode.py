@@ -484,6 +484,44 @@ def test_a_session_without_a_schema_runs_where_connections_selected_one(
     assert one(without, "SELECT 2") == 2
 
 
+def test_a_statement_prepared_inside_a_transaction_keeps_it_pinned(
+    nodes: NodeFactory, shared_mariadb: mariadb.MariaDB
+) -> None:
+    """A prepare's answer carries no server status: a session that prepares a statement
+    inside its transaction keeps its connection (the transaction goes on there), and no
+    other session is given that connection with the transaction open."""
+    node = start_session_node(
+        nodes, [shared_mariadb.port], connections={"max_per_server": 2, "idle": 2}
+    )
+    table = f"prepared_in_tx_{time.monotonic_ns()}"
+    one(session_connect(node), f"CREATE TABLE {table} (id INT PRIMARY KEY, v INT)")
+    one(session_connect(node), f"INSERT INTO {table} VALUES (1, 0)")
+    options = {
+        "host": HOST,
+        "port": node.port,
+        "user": mariadb.APP_USER,
+        "password": mariadb.APP_PASSWORD,
+        "database": mariadb.DATABASE,
+        "use_pure": True,
+    }
+    client = mysql.connector.connect(**options)
+    other = mysql.connector.connect(**options, autocommit=True)
+    try:
+        client.cmd_query("BEGIN")
+        client.cmd_query(f"UPDATE {table} SET v = v + 1 WHERE id = 1")
+        client.cmd_stmt_prepare(f"SELECT v FROM {table} WHERE id = 1".encode())
+        cursor = other.cursor()
+        cursor.execute(f"SELECT @@in_transaction, (SELECT v FROM {table} WHERE id = 1)")
+        assert cursor.fetchall() == [(0, 0)]  # not the client's connection, nor its update
+        cursor = client.cursor()
+        cursor.execute("SELECT @@in_transaction")
+        assert cursor.fetchall() == [(1,)]
+        client.rollback()
+    finally:
+        client.close()
+        other.close()
+
+
 def test_prepared_statements_survive_backend_switches(
     nodes: NodeFactory, shared_mariadb: mariadb.MariaDB
 ) -> None:
