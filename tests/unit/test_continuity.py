@@ -8,8 +8,15 @@ import hashlib
 from meshproxy.dataplane import continuity
 from meshproxy.dataplane.backend import BackendConnection
 from meshproxy.dataplane.continuity import Journal
-from meshproxy.dataplane.session import ClientStatement, Flight, _reads_only, _safe_to_repeat
+from meshproxy.dataplane.session import (
+    ClientStatement,
+    Flight,
+    _middle_failed,
+    _reads_only,
+    _safe_to_repeat,
+)
 from meshproxy.mysql.constants import Command
+from meshproxy.mysql.packets import err_payload, frame
 from meshproxy.mysql.state import Values
 from meshproxy.mysql.statements import classify_bytes
 
@@ -143,3 +150,15 @@ def test_answers_outside_a_transaction_are_not_checksummed_unless_one_may_open()
     journal.answered(True)
     assert not journal.replayable
     assert journal.entries == []
+
+
+def test_a_middles_own_failure_is_told_from_a_servers_error() -> None:
+    """A whole ERR 9001 or 9003 packet is a middle's own failure; a server's ERR, a result
+    set, or an ERR cut short by the read are passed on as they are."""
+    ours = frame(1, err_payload(9001, "no server of pool 'main' is available"))
+    lost = frame(1, err_payload(9003, "lost the backend connection"))
+    assert _middle_failed(ours)
+    assert _middle_failed(lost)
+    assert not _middle_failed(frame(1, err_payload(1146, "Table 't' doesn't exist")))
+    assert not _middle_failed(ours[:-3])
+    assert not _middle_failed(frame(1, b"\x01"))
