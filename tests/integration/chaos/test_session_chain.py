@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -76,10 +77,13 @@ def run(stack: Stack, artifacts: Path) -> Iterator[RunScenario]:
     yield run
     for scenario in runs:
         json_path, _ = scenario.write()
+        # Log lines start with their UTC time (2026-12-06T06:23:22.694Z): this run's only.
+        since_t0 = datetime.fromtimestamp(scenario.t0, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")
         lines = [
             line
             for line in stack.logs(edge(stack.spec), tail=3000).splitlines()
-            if "session_moved" in line or "ERR" in line or "error" in line.lower()
+            if line[:23] >= since_t0[:23]
+            and ("session_moved" in line or "ERR" in line or "error" in line.lower())
         ]
         json_path.with_suffix(".edge.log").write_text("\n".join(lines) + "\n")
 
