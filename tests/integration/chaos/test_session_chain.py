@@ -124,46 +124,6 @@ def session_checks(t: Timeline, fault: float, bound: float) -> list[Check]:
     ]
 
 
-# A core problem these scenarios found (reported, issue 11): a BEGIN in flight outside a
-# transaction on a middle that fails answers 9004 (outcome unknown), where nothing can have
-# been applied (no transaction was open for it to commit) and it could run again elsewhere.
-BEGIN_9004 = (
-    "known core problem (reported): BEGIN in flight outside a transaction answered 9004"
-    " instead of running again through another middle"
-)
-EXPLAINED_BY_BEGIN = frozenset(
-    {"errors between or in read-only transactions", "9004 but on a read-write COMMIT"}
-)
-
-
-def conclude_session(
-    t: Timeline, checks: list[Check], detect: float | None, recover: float | None
-) -> None:
-    """``conclude``; a failure that the BEGIN problem alone explains is an expected failure
-    (xfail, with the count), never a pass: every other check must still hold."""
-    try:
-        conclude(t, checks, detect, recover)
-    except AssertionError:
-        failed = {c.name for c in checks if not c.ok}
-        begins = [
-            e
-            for e in t.client_events
-            if e.kind == "session_error" and e.code == OUTCOME_UNKNOWN and e.statement == "BEGIN"
-        ]
-        other_9004 = analysis.errors_with(t, OUTCOME_UNKNOWN) - analysis.errors_with(
-            t, OUTCOME_UNKNOWN, "COMMIT"
-        )
-        ro_begins = sum(1 for e in begins if e.transaction == "ro")
-        if (
-            begins
-            and failed <= EXPLAINED_BY_BEGIN
-            and other_9004 == len(begins)
-            and analysis.errors_outside_writes(t) == ro_begins
-        ):
-            pytest.xfail(f"{BEGIN_9004}: {len(begins)} time(s)")
-        raise
-
-
 def ruled_out(t: Timeline, p1: str, target: str, fault: float) -> float | None:
     return since(analysis.first_change(t, p1, target, RULED_OUT, fault), fault)
 
@@ -216,7 +176,7 @@ def fault_on_a_middle(
     t = scenario.timeline
     detect = ruled_out(t, p1, target, at)
     out = at + (detect if detect is not None else bound) + 0.2
-    conclude_session(
+    conclude(
         t,
         [
             Check("edge rules the middle out", detect, bound),
@@ -294,7 +254,7 @@ def test_session_drain_middle(stack: Stack, run: RunScenario) -> None:
             stack.start(target)
     t = scenario.timeline
     detect = ruled_out(t, p1, target, at)
-    conclude_session(
+    conclude(
         t,
         [
             Check("edge rules the middle out", detect, bound),
@@ -354,7 +314,7 @@ def test_session_roll_middle_tier(stack: Stack, run: RunScenario) -> None:
     t = scenario.timeline
     assert first is not None
     slowest = None if None in back else max(b for b in back if b is not None)
-    conclude_session(
+    conclude(
         t,
         [
             Check("middles drained and exited by themselves", sum(c != 0 for c in codes), 0, ""),
