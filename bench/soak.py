@@ -10,9 +10,11 @@ when a connection through the killed middle breaks) and a connection storm (PyMy
 connect, ``SELECT 1``, disconnect). Every ``--sample-s`` seconds it reads each node
 process's RSS and open file descriptors from /proc (per process, not per thread).
 
-Growth is judged after the warm-up, on the median of the first and of the last minute of
-samples (open connections make single samples jitter), per process: RSS growth per 100k
-sessions through the edge against ``--rss-target-kib`` (1024), and descriptors against 0.
+Growth is judged after the warm-up, on the first and the last minute of samples, per
+process: RSS growth per 100k sessions through the edge (medians: open connections make
+single samples jitter) against ``--rss-target-kib`` (1024); descriptors other than sockets
+(medians) against 0; and sockets on their floor (the fewest in each minute) against 0, as
+connections open and close around a sample while a leaked socket never goes away.
 Every node process traces its allocations (``meshproxy.runtime.memtrace``); for a process
 over its RSS target the report shows the allocation sites that grew most. It is a report,
 never a gate: the exit status is 0 whatever it finds, 1 only if the soak could not run.
@@ -53,12 +55,13 @@ RESTART_AFTER_S = 5.0  # how long a killed middle stays down
 
 @dataclass
 class Track:
-    """One node process's samples: (seconds since the soak began, RSS bytes, open fds)."""
+    """One node process's samples: (seconds since the soak began, RSS bytes, open fds, of
+    them sockets)."""
 
     node: str
     role: str
     pid: int
-    samples: list[tuple[float, int, int]] = field(default_factory=list)
+    samples: list[tuple[float, int, int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -110,24 +113,44 @@ def role_of(pid: int) -> str:
     return "angel"
 
 
-def sample(pid: int) -> tuple[int, int] | None:
-    """(RSS bytes, open fds) of one process, or None if it is gone."""
+def sample(pid: int) -> tuple[int, int, int] | None:
+    """(RSS bytes, open fds, of them sockets) of one process, or None if it is gone."""
     try:
         status = Path(f"/proc/{pid}/status").read_text()
-        fds = len(os.listdir(f"/proc/{pid}/fd"))
+        fds = os.listdir(f"/proc/{pid}/fd")
+        sockets = sum(_is_socket(f"/proc/{pid}/fd/{fd}") for fd in fds)
     except OSError:
         return None
     for line in status.splitlines():
         if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024, fds
+            return int(line.split()[1]) * 1024, len(fds), sockets
     return None
 
 
-def median_over(samples: list[tuple[float, int, int]], start: float, end: float) -> tuple[int, int]:
-    window = [(rss, fds) for t, rss, fds in samples if start <= t <= end]
-    return (
-        int(statistics.median(r for r, _ in window)),
-        int(statistics.median(f for _, f in window)),
+def _is_socket(path: str) -> bool:
+    try:
+        return os.readlink(path).startswith("socket:")
+    except OSError:  # closed since it was listed
+        return False
+
+
+@dataclass(frozen=True)
+class Window:
+    """One minute of a process's samples, as judged."""
+
+    rss: int  # median
+    fds: int  # median
+    files: int  # median of the descriptors that are not sockets
+    sockets_floor: int  # the fewest sockets
+
+
+def window_of(samples: list[tuple[float, int, int, int]], start: float, end: float) -> Window:
+    window = [(rss, fds, socks) for t, rss, fds, socks in samples if start <= t <= end]
+    return Window(
+        int(statistics.median(r for r, _, _ in window)),
+        int(statistics.median(f for _, f, _ in window)),
+        int(statistics.median(f - k for _, f, k in window)),
+        min(k for _, _, k in window),
     )
 
 
@@ -279,7 +302,14 @@ def soak(args: argparse.Namespace, spec: Spec, kind: MariaDBBackends, trace_dir:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = args.results / f"soak-{stamp}.json"
     out.write_text(
-        json.dumps({"args": vars(args) | {"results": str(args.results)}, "rows": rows}, indent=2)
+        json.dumps(
+            {
+                "args": vars(args) | {"results": str(args.results)},
+                "rows": rows,
+                "samples": {f"{t.node} {t.role} {t.pid}": t.samples for t in tracks.values()},
+            },
+            indent=2,
+        )
     )
     print(f"bench.soak: wrote {out}")
     return 0
@@ -303,8 +333,9 @@ def judge(
         start = born + warmup_s
         if last - start < 2 * WINDOW_S:
             continue
-        rss0, fds0 = median_over(track.samples, start, start + WINDOW_S)
-        rss1, fds1 = median_over(track.samples, last - WINDOW_S, last)
+        first = window_of(track.samples, start, start + WINDOW_S)
+        end = window_of(track.samples, last - WINDOW_S, last)
+        rss0, rss1 = first.rss, end.rss
         sessions = sessions_at(storm, last) - sessions_at(storm, start)
         trace = trace_dir / f"{track.node}-{track.role}-{track.pid}.txt"
         text = trace.read_text() if trace.exists() else ""
@@ -322,9 +353,17 @@ def judge(
             "rss_end_kib": rss1 // 1024,
             "tracemalloc_kib": traced // 1024,
             "rss_growth_kib_per_100k_sessions": round(per_100k, 1),
-            "fds_start": fds0,
-            "fds_end": fds1,
-            "ok": per_100k <= target_kib and fds1 <= fds0,
+            "fds_start": first.fds,
+            "fds_end": end.fds,
+            "files_start": first.files,
+            "files_end": end.files,
+            "sockets_floor_start": first.sockets_floor,
+            "sockets_floor_end": end.sockets_floor,
+            "ok": (
+                per_100k <= target_kib
+                and end.files <= first.files
+                and end.sockets_floor <= first.sockets_floor
+            ),
         }
         if per_100k > target_kib:
             row["top_growth"] = text or "(no trace written)"
@@ -355,14 +394,17 @@ def render(
         f" sysbench restarted {len(restarts)} times",
         "",
         "| node | process | judged | sessions | RSS start -> end | of it tracemalloc's growth"
-        " | growth per 100k sessions, net | fds start -> end | ok |",
-        "|---|---|---:|---:|---|---:|---:|---|---|",
+        " | growth per 100k sessions, net | fds start -> end | non-socket fds |"
+        " socket floor | ok |",
+        "|---|---|---:|---:|---|---:|---:|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['node']} | {r['role']} | {r['judged_s']} s | {r['sessions']} |"
             f" {r['rss_start_kib']} -> {r['rss_end_kib']} KiB | {r['tracemalloc_kib']} KiB |"
             f" {r['rss_growth_kib_per_100k_sessions']} KiB | {r['fds_start']} -> {r['fds_end']} |"
+            f" {r['files_start']} -> {r['files_end']} |"
+            f" {r['sockets_floor_start']} -> {r['sockets_floor_end']} |"
             f" {'yes' if r['ok'] else 'NO'} |"
         )
     for r in rows:
