@@ -101,6 +101,25 @@ def middle_of(user: str, middles: dict[str, str]) -> str:
     return middles.get(address, address)
 
 
+def _connect(
+    settings: Settings, *, autocommit: bool = False, defer_connect: bool = False
+) -> pymysql.connections.Connection:
+    """A connection to the edge with the load's login and timeouts (PyMySQL's defaults
+    for ``autocommit`` and ``defer_connect``)."""
+    return pymysql.connections.Connection(
+        host=settings.host,
+        port=settings.port,
+        user=settings.user,
+        password=settings.password,
+        database=settings.database,
+        connect_timeout=settings.connect_timeout_s,
+        read_timeout=settings.read_timeout_s,
+        write_timeout=settings.read_timeout_s,
+        autocommit=autocommit,
+        defer_connect=defer_connect,
+    )
+
+
 def worker(index: int, settings: Settings, totals: Totals, out: Output, stop: float) -> None:
     failed_at: float | None = None
     # Start out of step with the other workers, so their sessions do not begin in waves.
@@ -108,17 +127,7 @@ def worker(index: int, settings: Settings, totals: Totals, out: Output, stop: fl
     while time.time() < stop:
         middle = ""
         started = time.time()
-        conn = pymysql.connections.Connection(
-            host=settings.host,
-            port=settings.port,
-            user=settings.user,
-            password=settings.password,
-            database=settings.database,
-            connect_timeout=settings.connect_timeout_s,
-            read_timeout=settings.read_timeout_s,
-            write_timeout=settings.read_timeout_s,
-            defer_connect=True,
-        )
+        conn = _connect(settings, defer_connect=True)
         try:
             try:
                 conn.connect()
@@ -205,20 +214,6 @@ class _Failed(Exception):
         self.code, self.stmt, self.detail = code, stmt, detail
 
 
-def _connect(settings: Settings, autocommit: bool = True) -> pymysql.connections.Connection:
-    return pymysql.connections.Connection(
-        host=settings.host,
-        port=settings.port,
-        user=settings.user,
-        password=settings.password,
-        database=settings.database,
-        connect_timeout=settings.connect_timeout_s,
-        read_timeout=settings.read_timeout_s,
-        write_timeout=settings.read_timeout_s,
-        autocommit=autocommit,
-    )
-
-
 def tx_worker(
     index: int,
     settings: Settings,
@@ -268,7 +263,7 @@ def tx_worker(
         while time.time() < stop + settings.read_timeout_s:
             started = time.time()
             try:
-                conn = _connect(settings)
+                conn = _connect(settings, autocommit=True)
             except pymysql.err.MySQLError as exc:
                 with totals.lock:
                     totals.errors += 1
