@@ -1,6 +1,7 @@
 """Chaos on the session-mode chain (A -> P1 -> {P2, P3, P4} -> B1): the edge owns its
 clients' sessions, and they carry on through another middle when one is killed, paused,
-cut off the mesh, drained, or when the whole middle tier is restarted one by one.
+cut off the mesh or from its backends, drained, or when the whole middle tier is
+restarted one by one.
 
 The load (``meshproxy.chaos.load --mode transactions``) keeps one session per worker for
 the whole run and loops read-only and read-write transactions on it; each worker counts
@@ -13,7 +14,8 @@ answers are the same on any middle, so each one may be replayed. The bounds (iss
   transaction of the load is replayable); 9004 only on a read-write COMMIT cut off;
 - no transaction committed twice: each client's counter row equals the commits it saw
   succeed, plus at most one per COMMIT that answered 9004;
-- no statement waits longer than the gossip detection bound plus 1 s.
+- no statement waits longer than the detection bound plus 1 s (the gossip bound; for a
+  middle cut off its backends, its health checks' fall time plus the gossip bound).
 
 Each scenario's timeline (JSON, PNG) and the edge's ``session_moved`` log lines land in
 the artifacts folder.
@@ -34,14 +36,17 @@ from meshproxy.chaos.images import Images
 from meshproxy.chaos.scenario import Scenario
 from meshproxy.chaos.stack import Stack
 from meshproxy.chaos.timeline import Check, Timeline
+from meshproxy.topology.spec import Spec
 from tests.integration.chaos.conftest import REPO, RunScenario, running_stack, wait_healthy
 from tests.integration.chaos.kit import (
     START_ALLOWANCE_S,
+    check_bound_s,
     conclude,
     detection_bound_s,
     edge,
     edge_tier,
     middles,
+    node_settings,
     since,
 )
 
@@ -128,6 +133,23 @@ def ruled_out(t: Timeline, p1: str, target: str, fault: float) -> float | None:
     return since(analysis.first_change(t, p1, target, RULED_OUT, fault), fault)
 
 
+def ruled_out_checks(
+    t: Timeline, target: str, fault: float, detect: float | None, bound: float
+) -> list[Check]:
+    """The edge ruled the middle out within ``bound`` of the fault (``detect``), and the
+    middle had carried transactions before it (else the fault tested nothing)."""
+    return [
+        Check("edge rules the middle out", detect, bound),
+        Check(
+            "transactions through it before",
+            analysis.sessions_on(t, target, 0, fault),
+            20,
+            "",
+            at_least=True,
+        ),
+    ]
+
+
 def busiest_middle(stack: Stack, scenario: Scenario, least: int = 20) -> str:
     """The middle of the edge's tier that has run the most transactions so far (sessions
     are persistent: a middle may carry none, and a fault on it would test nothing); waits
@@ -152,10 +174,12 @@ def fault_on_a_middle(
     fault: tuple[str, Action],
     repair: tuple[str, Action],
     hold_s: float = 1.0,
+    bound_of: Callable[[str], float] | None = None,
 ) -> None:
     """Run the load, inject ``fault`` on the busiest middle, wait until the edge rules it
     out, then ``hold_s``, ``repair`` it, and check the bounds. Actions are named with
-    ``{}`` for the middle."""
+    ``{}`` for the middle. The detection bound is the gossip layer's, or ``bound_of(the
+    middle)``."""
     spec, p1 = stack.spec, edge(stack.spec)
     bound = detection_bound_s(spec)
     target = ""
@@ -164,6 +188,8 @@ def fault_on_a_middle(
         with run(name, duration_s) as scenario:
             scenario.settle(2.5)
             target = busiest_middle(stack, scenario)
+            if bound_of is not None:
+                bound = bound_of(target)
             injected = True
             at = scenario.inject(fault[0].format(target), lambda: fault[1](target))
             scenario.observer.wait_for(p1, target, "route", RULED_OUT, bound + 2)
@@ -179,14 +205,7 @@ def fault_on_a_middle(
     conclude(
         t,
         [
-            Check("edge rules the middle out", detect, bound),
-            Check(
-                "transactions through it before",
-                analysis.sessions_on(t, target, 0, at),
-                20,
-                "",
-                at_least=True,
-            ),
+            *ruled_out_checks(t, target, at, detect, bound),
             Check(
                 "transactions through it while out",
                 analysis.sessions_on(t, target, out, out + hold_s - 0.2),
@@ -236,6 +255,42 @@ def test_session_cut_middle_from_mesh(stack: Stack, run: RunScenario) -> None:
     )
 
 
+def back_network(spec: Spec, middle: str) -> str:
+    """The middle's network to its backends (its one that is not the mesh)."""
+    node = next(n for n in spec.nodes if n.name == middle)
+    return next(n for n in node.networks if n != spec.mesh_network)
+
+
+def test_session_cut_middle_from_backends(stack: Stack, run: RunScenario) -> None:
+    """A middle cut off its backends' network (edge and gossip still reach it) until the
+    edge rules it out, then a second more, then put back. Nothing the edge sees fails
+    at once: the middle's health checks must fail first (``fall`` checks, each ending at
+    its timeout: ``check_bound_s`` of its pool's check), then it gossips that it has no
+    healthy backend, which reaches the edge within the gossip bound; only then does the
+    edge rule it out and, with ``close_sessions_on_down``, drop its connections to it, so
+    that a statement left waiting on the cut middle's server connection moves. The
+    detection bound is therefore fall x (interval + timeout) plus the gossip bound, as in
+    the chain's cut-middle-from-backends (a statement the middle answers with its own
+    9001/9003 before that moves at once). A replay that needs a row the cut middle's
+    transaction locked on the server waits until the middle is back on the network and
+    TCP's next retransmission lets the server end that transaction (as for the pause,
+    until the thaw): the cut is kept short (1 s past detection) so that this stays
+    within the bound; a cut longer than the load's read timeout breaks such sessions."""
+    spec = stack.spec
+    back = back_network(spec, middles(spec, edge_tier(spec))[0])
+    fault_on_a_middle(
+        stack,
+        run,
+        "session-cut-middle-from-backends",
+        18.0,
+        (f"disconnect {{}} from {back}", lambda m: stack.disconnect(m, back_network(spec, m))),
+        (f"connect {{}} to {back}", lambda m: stack.connect(m, back_network(spec, m))),
+        bound_of=lambda m: (
+            check_bound_s(node_settings(spec, m).pool[0].check) + detection_bound_s(spec)
+        ),
+    )
+
+
 def test_session_drain_middle(stack: Stack, run: RunScenario) -> None:
     """A middle stopped with SIGTERM drains: its sessions move at transaction boundaries,
     and it exits by itself; nobody sees anything."""
@@ -257,14 +312,7 @@ def test_session_drain_middle(stack: Stack, run: RunScenario) -> None:
     conclude(
         t,
         [
-            Check("edge rules the middle out", detect, bound),
-            Check(
-                "transactions through it before",
-                analysis.sessions_on(t, target, 0, at),
-                20,
-                "",
-                at_least=True,
-            ),
+            *ruled_out_checks(t, target, at, detect, bound),
             Check("drained and exited by itself", 0 if codes == [0] else 1, 0, ""),
             Check("drain to exit", round(exited - at, 3), DRAIN_TIMEOUT_S),
             *session_checks(t, at, bound),
