@@ -569,7 +569,12 @@ class ClientSession(asyncio.Protocol, Sink):
                     self.values = server.baseline.get(key)
                 if self.values is not None:
                     conn = self.conn = server.take_idle(key, time.monotonic())
-        if conn is not None and self._in_step(conn, effects, statement) and not self._must_wait():
+        if (
+            conn is not None
+            and self._in_step(conn, effects, statement)
+            and not self._must_wait()
+            and not self._holder_first(effects)
+        ):
             data = self._bytes_for(conn, command, payload, statement)
             self._send_command(conn, command, payload, data, effects, statement, stmt_id)
             return
@@ -608,6 +613,8 @@ class ClientSession(asyncio.Protocol, Sink):
             if self._must_wait() and not await self._caught_up(conn):
                 conn = self.conn = await self._checkout()  # now on the writer
             conn = await self._bring_in_step(conn, effects, statement)
+            if self._holder_first(effects):
+                await self._learn_holder(conn, self.mode.exchange_timeout_s)
         except SessionClosed:
             return
         except Refusal as refusal:
@@ -1107,6 +1114,19 @@ class ClientSession(asyncio.Protocol, Sink):
             if await checksum_of(conn, data, timeout_s) != entry.checksum:
                 raise NotReplayed(f"statement {number} of the transaction gave another result")
 
+    def _holder_first(self, effects: Effects) -> bool:
+        """Whether the statement about to run is its open transaction's first that may
+        write: the server connection running it is learned before it takes a lock, so a
+        replay or a give-up can end that connection even if its answer never arrives."""
+        journal, plan = self.journal, self._plan
+        return (
+            journal is not None
+            and self.pins.transaction
+            and journal.holder is None
+            and not (plan is not None and plan.reads)
+            and not effects.transaction
+        )
+
     async def _learn_holder(self, conn: BackendConnection, timeout_s: float) -> None:
         journal = self.journal
         assert journal is not None
@@ -1133,6 +1153,28 @@ class ClientSession(asyncio.Protocol, Sink):
         outcome = "killed" if reply.error() is None else "gone"
         self.mode.counters.inc("transaction_holders_killed", outcome=outcome)
 
+    def _release_holder(self) -> None:
+        """A transaction given up (rolled back, or its outcome unknown) may live on where
+        its middle hangs or is cut off from its server, holding its locks, and even commit
+        late once that middle is back: end its server connection now, through another
+        middle, so that neither can happen (what the server has done by then stands)."""
+        journal, key = self.journal, self.key
+        if journal is None or journal.holder is None or key is None:
+            return
+        server = self.mode.choose_server(self.target_pool, self._failed, Role.ANY)
+        if server is not None:
+            job = self._kill_holder_through(server, key, journal.holder)
+            self.mode.spawn("end a given-up transaction", job)
+
+    async def _kill_holder_through(
+        self, server: ServerPool, key: LoginKey, holder: tuple[bytes, int]
+    ) -> None:
+        conn = await server.acquire(key, self.mode.exchange_timeout_s)
+        try:
+            await self._kill_holder(conn, holder)
+        finally:
+            server.release(conn)
+
     def _internal_error(self, exc: Exception) -> None:
         self._task = None
         self.mode.counters.inc("session_internal_errors")
@@ -1146,6 +1188,7 @@ class ClientSession(asyncio.Protocol, Sink):
             self.server.discard(conn, "transaction not replayed")
         self.pins.transaction = False
         assert self.journal is not None
+        self._release_holder()
         self.journal.clear()
         self.mode.counters.inc("session_moves", outcome="transaction rolled back")
         log.event("session_moved", client=self.client, outcome="rolled back", why=why)
@@ -1160,6 +1203,7 @@ class ClientSession(asyncio.Protocol, Sink):
         in_transaction = self.pins.transaction
         self.pins.transaction = False
         if self.journal is not None:
+            self._release_holder()
             self.journal.clear()
         self.mode.counters.inc("session_moves", outcome="outcome unknown")
         log.event("session_moved", client=self.client, outcome="outcome unknown", reason=reason)

@@ -247,7 +247,9 @@ def test_a_commit_cut_off_by_a_hung_middle_is_reported_as_outcome_unknown(
     mesh: Mesh, sessions: list[Any], table: str
 ) -> None:
     """A COMMIT sent to a middle that hangs is never run again elsewhere: the client gets
-    ERR 9004 (outcome unknown) within the detection bound, and the session stays usable."""
+    ERR 9004 (outcome unknown) within the detection bound and its session stays usable;
+    the hung path's server connection is ended at once, so its locks are free for others
+    and it cannot commit late when the middle resumes."""
     session = open_session(mesh, sessions)
     victim = middle_of(session)
     run(session, "BEGIN")
@@ -257,13 +259,14 @@ def test_a_commit_cut_off_by_a_hung_middle_is_reported_as_outcome_unknown(
     assert code == ER_PROXY_OUTCOME_UNKNOWN
     assert "may or may not have been applied" in message
     assert took < BOUND_S
-    mesh.kill(victim)  # the hung middle never ran the COMMIT: its transaction rolls back
     assert run(session, "SELECT @@in_transaction") == [(0,)]
-    wait_until(
-        lambda: query(mesh.edge_port, f"SELECT v FROM {table} WHERE id = 1") == [(0,)],
-        10,
-        "the killed middle's transaction to be rolled back",
-    )
+    # The row the hung transaction locked is free while its middle still hangs.
+    other = open_session(mesh, sessions)
+    _, took = timed(lambda: run(other, f"UPDATE {table} SET v = v + 10 WHERE id = 1"))
+    assert took < 5.0
+    signal_family(mesh.middles[victim], signal.SIGCONT, children_first=True)
+    wait_until(mesh.online, 20, f"{victim} back in the tier")  # its backlog is long done
+    assert query(mesh.edge_port, f"SELECT v FROM {table} WHERE id = 1") == [(10,)]
 
 
 def test_a_write_in_flight_on_a_hung_middle_gets_outcome_unknown_and_no_retry(
@@ -511,3 +514,39 @@ def test_sysbench_survives_a_middle_killed_under_it(
     assert load.returncode == 0, output
     assert "FATAL" not in output
     assert re.search(r"errors:\s+0 ", output), output
+
+
+def test_a_write_whose_answer_a_hung_middle_keeps_is_replayed_once_its_locks_are_freed(
+    mesh: Mesh, shared_mariadb: mariadb.MariaDB, sessions: list[Any], table: str
+) -> None:
+    """A transaction's first write runs on the server, then its middle hangs before the
+    answer gets back: the edge knew that transaction's server connection before the write
+    went out, so the replay through another middle ends it first, does not wait on its
+    row lock, and the update is applied exactly once."""
+    session = open_session(mesh, sessions)
+    victim = middle_of(session)
+    run(session, "BEGIN")
+    assert run(session, f"SELECT v FROM {table} WHERE id = 1") == [(0,)]
+    update = f"UPDATE {table} SET v = v + 1 WHERE id = 1 AND SLEEP(1) = 0"
+    outcome: list[object] = []
+    writer = threading.Thread(target=lambda: outcome.append(timed(lambda: run(session, update))))
+    writer.start()
+    wait_until(
+        lambda: (
+            query(
+                shared_mariadb.port,
+                "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE INFO LIKE 'UPDATE%SLEEP%'",
+            )
+            == [(1,)]
+        ),
+        10,
+        "the update to run on the server",
+    )
+    mesh.pause(victim)
+    writer.join(BOUND_S + 5)
+    assert outcome, "the update never answered"
+    assert outcome[0][1] < BOUND_S + 1  # type: ignore[index]
+    assert run(session, f"SELECT v FROM {table} WHERE id = 1") == [(1,)]
+    run(session, "COMMIT")
+    mesh.kill(victim)
+    assert query(mesh.edge_port, f"SELECT v FROM {table} WHERE id = 1") == [(1,)]
