@@ -1404,10 +1404,13 @@ _REPEATABLE = frozenset((b"SELECT", b"INSERT", b"UPDATE", b"DELETE", b"REPLACE",
 
 def _safe_to_repeat(flight: Flight) -> bool:
     """Whether the statement in flight may run again after its transaction was replayed:
-    a read or a write that cannot commit on its own. COMMIT, DDL, ``SET autocommit`` and
-    the like may have committed the transaction on the failed path: never twice."""
+    a read, a write that cannot commit on its own, or a command that changes no data.
+    COMMIT, DDL, ``SET autocommit`` and the like may have committed the transaction on the
+    failed path: never twice."""
     if flight.effects.transaction:
         return False
+    if flight.command in _HARMLESS:
+        return True
     if flight.command == Command.QUERY:
         text = flight.payload[1:64]
     elif flight.command == Command.STMT_EXECUTE and flight.statement is not None:

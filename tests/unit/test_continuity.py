@@ -107,6 +107,7 @@ def test_only_statements_that_cannot_commit_run_again_after_a_replay() -> None:
     for sql in (b"COMMIT", b"ROLLBACK", b"CREATE TABLE x (a INT)", b"SET autocommit = 1", b""):
         assert not _safe_to_repeat(flight(sql)), sql
     assert not _safe_to_repeat(flight(b"\x01\x00\x00\x00", Command.STMT_FETCH))
+    assert _safe_to_repeat(flight(b"\x01\x00\x00\x00", Command.STMT_RESET))
     execute = flight(b"\x01\x00\x00\x00", Command.STMT_EXECUTE)
     execute.statement = ClientStatement(b"UPDATE t SET v = ?", "", 1, 0)
     assert _safe_to_repeat(execute)
