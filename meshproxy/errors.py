@@ -31,6 +31,21 @@ class HopHeaderError(ProtocolError):
     """A mesh hop header is malformed, oversized, of an unknown version or over the hop limit."""
 
 
+class SessionClosed(MeshproxyError):
+    """A client session ended while a command of it was being prepared."""
+
+
+class Refusal(MeshproxyError):
+    """A client session's command gets this MySQL error instead of running (the session
+    carries on)."""
+
+    def __init__(self, code: int, message: str, sql_state: str = "HY000") -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.sql_state = sql_state
+
+
 class UpstreamError(MeshproxyError):
     """No upstream could be reached for a client connection."""
 

@@ -26,6 +26,8 @@ from meshproxy.errors import ConnectFailed, MeshproxyError, ProtocolError, descr
 from meshproxy.mysql.constants import Command
 from meshproxy.mysql.state import Values
 
+_T = typing.TypeVar("_T")
+
 # (server, error detail or None on success): feeds the pool's passive ejection.
 Report = Callable[[Address, str | None], None]
 # Opens a transport whose protocol is the factory's connection, from a local address or not.
@@ -244,6 +246,20 @@ class ServerPool:
         conn = await self._open(key, self.settings.checkout_timeout_ms / 1000)
         self.stats.in_use += 1
         return conn
+
+    async def on_helper(
+        self,
+        key: LoginKey,
+        timeout_s: float,
+        job: Callable[[BackendConnection], Awaitable[_T]],
+    ) -> _T:
+        """Run ``job`` on a connection of the pool, not a session's (a KILL, say), and give
+        the connection back afterwards."""
+        helper = await self.acquire(key, timeout_s)
+        try:
+            return await job(helper)
+        finally:
+            self.release(helper)
 
     # ----------------------------------------------------------------- return
 

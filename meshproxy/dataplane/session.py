@@ -15,25 +15,23 @@ import struct
 import time
 import typing
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 from meshproxy import log
 from meshproxy.config import Address
 from meshproxy.dataplane.backend import BackendConnection, LoginKey, Prepared, Sink
 from meshproxy.dataplane.backendpool import PoolTimeout, ServerPool
-from meshproxy.dataplane.continuity import MAX_MOVES, Journal, NotReplayed, checksum_of
+from meshproxy.dataplane.moving import NO_ADDRESSES, Mover, middle_failed
 from meshproxy.dataplane.router import Role
 from meshproxy.dataplane.routing import Plan, SessionRouter
-from meshproxy.errors import ConnectFailed, MeshproxyError, ProtocolError
+from meshproxy.errors import ConnectFailed, ProtocolError, Refusal, SessionClosed
 from meshproxy.mysql import login as logins
 from meshproxy.mysql.constants import (
     ER_MALFORMED_PACKET,
     ER_NET_PACKET_TOO_LARGE,
     ER_PROXY_BACKEND_LOST,
     ER_PROXY_NO_UPSTREAM,
-    ER_PROXY_NOT_REPLAYED,
-    ER_PROXY_OUTCOME_UNKNOWN,
     ER_PROXY_POOL_TIMEOUT,
     ER_UNKNOWN_COM_ERROR,
     ER_UNKNOWN_STMT_HANDLER,
@@ -58,18 +56,6 @@ _NO_EFFECTS = Effects()
 _MAX_PREPARED_PER_CONNECTION = 256
 ER_UNKNOWN_THREAD = 1094
 ER_KILL_DENIED = 1095
-
-
-class SessionClosed(MeshproxyError):
-    """The client session ended while a command of it was being prepared."""
-
-
-class Refusal(MeshproxyError):
-    """A command gets this ERR instead of running (the session carries on)."""
-
-    def __init__(self, code: int, message: str, sql_state: str = "HY000") -> None:
-        super().__init__(message)
-        self.payload = err_payload(code, message, sql_state)
 
 
 @dataclass
@@ -160,7 +146,7 @@ class ClientSession(asyncio.Protocol, Sink):
         self.infile = False  # the client is sending a LOCAL INFILE's contents
         self.statements: dict[int, ClientStatement] = {}
         self._next_stmt_id = 1
-        self._task: asyncio.Task[None] | None = None
+        self.task: asyncio.Task[None] | None = None
         self.started = time.monotonic()
         self.statement_count = 0  # added to the user's counters when the session ends
         self.statement_time_s = 0.0
@@ -168,14 +154,12 @@ class ClientSession(asyncio.Protocol, Sink):
         self.router = SessionRouter(mode)
         self.target_pool = pool  # where the statement being started goes
         self.side = Role.ANY
-        self._plan: Plan | None = None  # the plan of the statement being started
+        self.plan: Plan | None = None  # the plan of the statement being started
         # On a tier of middles (an edge that owns its sessions): what moving needs.
-        self.journal: Journal | None = None
+        self.mover: Mover | None = None
         # A connection from a session-mode edge's pool: its KILLs name server connections
         # (the edge cleaning up after a failed middle), not sessions of ours.
         self.pooled = False
-        self._moves = 0  # how often the statement in flight has moved
-        self._failed: set[Address] = set()  # the middles (or servers) it moved away from
 
     # ----------------------------------------------------------------- client transport
 
@@ -206,24 +190,27 @@ class ClientSession(asyncio.Protocol, Sink):
             self._fail(ER_NET_PACKET_TOO_LARGE, f"Got a packet bigger than {limit} bytes", 1)
             return
         if self._login is not None:
-            for i, packet in enumerate(packets):
-                if self._before_tls is not None:
-                    # After an SSLRequest every byte is TLS: give back what was framed.
-                    rest = b"".join(frame(p.seq, p.payload) for p in packets[i:])
-                    self._tls_early = rest + self._tls_early
-                    break
-                if self._login is None:
-                    self._queue.append(packet)  # sent right behind its login: a command
-                else:
-                    self._login_step(packet)
-            if self._login is None and not self.closed:
-                self._drain()
+            self._login_packets(packets)
             return
         self._queue.extend(packets)
         if len(self._queue) > _QUEUE_MAX and not self._reading_paused and self.transport:
             self._reading_paused = True
             self.transport.pause_reading()
-        self._drain()
+        self.drain()
+
+    def _login_packets(self, packets: list[Packet]) -> None:
+        for i, packet in enumerate(packets):
+            if self._before_tls is not None:
+                # After an SSLRequest every byte is TLS: give back what was framed.
+                rest = b"".join(frame(p.seq, p.payload) for p in packets[i:])
+                self._tls_early = rest + self._tls_early
+                break
+            if self._login is None:
+                self._queue.append(packet)  # sent right behind its login: a command
+            else:
+                self._login_step(packet)
+        if self._login is None and not self.closed:
+            self.drain()
 
     def eof_received(self) -> bool:
         self.close("client closed")
@@ -247,11 +234,12 @@ class ClientSession(asyncio.Protocol, Sink):
         if self.transport is not None:
             flight = self.flight
             if flight is not None:
-                if self.journal is not None:
-                    if not flight.answered and _middle_failed(data):
+                mover = self.mover
+                if mover is not None:
+                    if not flight.answered and middle_failed(data):
                         flight.held = data  # moved, unless it cannot be: see answered()
                         return
-                    self.journal.chunk(data)
+                    mover.journal.chunk(data)
                 flight.answered = True
                 if flight.answer is not None:
                     flight.answer += data
@@ -259,13 +247,13 @@ class ClientSession(asyncio.Protocol, Sink):
                         flight.answer = None  # too large to keep: passed on only
             self.transport.write(data)
 
-    def _send(self, seq: int, payload: bytes) -> None:
+    def send(self, seq: int, payload: bytes) -> None:
         if self.transport is not None:
             self.transport.write(frame(seq, payload))
 
     def _fail(self, code: int, message: str, seq: int, sql_state: str = "08S01") -> None:
         """Tell the client why and end the session (its stream is beyond repair)."""
-        self._send(seq, err_payload(code, message, sql_state))
+        self.send(seq, err_payload(code, message, sql_state))
         self.close(message)
 
     def close(self, reason: str) -> None:
@@ -273,9 +261,9 @@ class ClientSession(asyncio.Protocol, Sink):
             return
         self.closed = True
         busy = self.flight is not None or self.infile
-        if self._task is not None and not self._task.done():
+        if self.task is not None and not self.task.done():
             busy = True  # an exchange of ours may be running on the connection
-            self._task.cancel()
+            self.task.cancel()
         conn, self.conn = self.conn, None
         if conn is not None and self.server is not None:
             if busy or self.pins.holding():
@@ -301,14 +289,14 @@ class ClientSession(asyncio.Protocol, Sink):
         step = login.receive(packet)
         seq = packet.last_seq + 1
         if isinstance(step, logins.Send):
-            self._send(seq, step.payload)
+            self.send(seq, step.payload)
         elif isinstance(step, logins.StartTls):
             # Nothing more may be read in clear: the client's next bytes are its TLS hello.
             assert self.transport is not None
             self.transport.pause_reading()
             self._tls_early = self._framer.take_unread()
             self._before_tls = bytearray()
-            self._task = asyncio.get_running_loop().create_task(self._start_tls())
+            self.task = asyncio.get_running_loop().create_task(self._start_tls())
         else:
             self._login_result(step, seq)
 
@@ -331,7 +319,7 @@ class ClientSession(asyncio.Protocol, Sink):
             log.warning("session_tls_failed", peer=self.peer, error=str(exc))
             self.close("TLS handshake failed")
             return
-        self._task = None
+        self.task = None
         if tls is None:
             self.close("TLS handshake failed")
             return
@@ -349,7 +337,7 @@ class ClientSession(asyncio.Protocol, Sink):
         if isinstance(step, logins.Accepted | logins.Refused):
             self._login_result(step, packet.last_seq + 1)
         elif isinstance(step, logins.Send):
-            self._send(packet.last_seq + 1, step.payload)
+            self.send(packet.last_seq + 1, step.payload)
         else:
             self._fail(ER_MALFORMED_PACKET, "Malformed communication packet", 1)
 
@@ -358,11 +346,11 @@ class ClientSession(asyncio.Protocol, Sink):
         assert login is not None
         if isinstance(step, logins.Refused):
             self.mode.login_refused(self, login, step.reason)
-            self._send(seq, step.err)
+            self.send(seq, step.err)
             self.close(f"login refused: {step.reason}")
             return
         for i, payload in enumerate(step.payloads):
-            self._send(seq + i, payload)
+            self.send(seq + i, payload)
         self._logged_in(step)
 
     def _logged_in(self, step: logins.Accepted) -> None:
@@ -384,12 +372,12 @@ class ClientSession(asyncio.Protocol, Sink):
 
     # ----------------------------------------------------------------- commands
 
-    def _drain(self) -> None:
+    def drain(self) -> None:
         while self._queue and not self.closed:
             if self.infile:
                 self._infile_packet(self._queue.popleft())
                 continue
-            if self.flight is not None or (self._task is not None and not self._task.done()):
+            if self.flight is not None or (self.task is not None and not self.task.done()):
                 return
             self._command(self._queue.popleft())
         if self._reading_paused and self.transport is not None and not self.closed:
@@ -404,19 +392,19 @@ class ClientSession(asyncio.Protocol, Sink):
             return
         command = payload[0]
         self.mode.statements += 1
-        if self._moves:  # the last statement moved: this one starts afresh
-            self._moves = 0
-            self._failed = set()
+        mover = self.mover
+        if mover is not None and mover.moves:  # the last statement moved
+            mover.statement_done()
         if command == Command.QUERY:  # by far the most common: first
             self._query(payload)
         elif command == Command.QUIT:
             self.close("client quit")
         elif command == Command.PING:
-            self._send(1, ok_payload(self._status()))
+            self.send(1, ok_payload(self._status()))
         elif command == Command.STMT_PREPARE:
             if self._plan_for(payload, classify_bytes(payload[1:]).read) is not None:
-                assert self._plan is not None
-                self._run(command, self._plan.payload, _NO_EFFECTS)
+                assert self.plan is not None
+                self.run(command, self.plan.payload, _NO_EFFECTS)
         elif command == Command.INIT_DB:
             self._run_anywhere(command, payload)
         elif command in (
@@ -433,22 +421,22 @@ class ClientSession(asyncio.Protocol, Sink):
             self._change_user(packet)
         elif command == Command.RESET_CONNECTION:
             self._reset_session()
-            self._send(1, ok_payload(self._status()))
+            self.send(1, ok_payload(self._status()))
         elif command == Command.SET_OPTION:
             self._run_anywhere(command, payload, Effects(pins={"set option"}).settle())
         elif command in (Command.FIELD_LIST, Command.STATISTICS, Command.DEBUG):
             self._run_anywhere(command, payload)
         else:
             self.mode.counters.inc("session_commands_refused", command=f"0x{command:02x}")
-            self._send(1, err_payload(ER_UNKNOWN_COM_ERROR, "Unknown command", "08S01"))
+            self.send(1, err_payload(ER_UNKNOWN_COM_ERROR, "Unknown command", "08S01"))
 
     def _status(self) -> int:
-        status = Status.AUTOCOMMIT if self._autocommit() else 0
+        status = Status.AUTOCOMMIT if self.autocommit() else 0
         if self.pins.transaction:
             status |= Status.IN_TRANS
         return int(status)
 
-    def _autocommit(self) -> bool:
+    def autocommit(self) -> bool:
         value = self.values.get("autocommit") if self.values else b"1"
         return value not in (b"0", b"OFF")
 
@@ -459,11 +447,15 @@ class ClientSession(asyncio.Protocol, Sink):
             return
         plan = self._plan_for(payload, effects.read, effects)
         if plan is not None:
-            self._run(Command.QUERY, plan.payload, plan.effects)
+            self.run(Command.QUERY, plan.payload, plan.effects)
 
     def _free_to_move(self) -> bool:
         """Whether a read may go to another server than the last statement's."""
-        return self.conn is None and not self.pins.transaction and self._autocommit()
+        return self.conn is None and not self.pins.transaction and self.autocommit()
+
+    def _left_out(self) -> Collection[Address]:
+        """The middles (or servers) the statement in flight has moved away from."""
+        return self.mover.failed if self.mover is not None else NO_ADDRESSES
 
     def _plan_for(self, payload: bytes, reads: bool, effects: Effects = _NO_EFFECTS) -> Plan | None:
         """Route a statement's text: None when it is answered here (refused by a rule, or
@@ -476,7 +468,7 @@ class ClientSession(asyncio.Protocol, Sink):
         )
         if plan.refusal is not None:
             self.mode.counters.inc("query_rule_refusals", user=self.user)
-            self._send(1, plan.refusal)
+            self.send(1, plan.refusal)
             return None
         if plan.cache_key is not None and free:
             answer = self.mode.cache.get(plan.cache_key, time.monotonic())
@@ -488,7 +480,7 @@ class ClientSession(asyncio.Protocol, Sink):
         if plan.decision.mirror:
             self.mode.mirror(self, plan)
         self.target_pool, self.side = plan.pool, plan.side
-        self._plan = plan
+        self.plan = plan
         return plan
 
     def _answer_state(self) -> tuple[object, ...]:
@@ -498,8 +490,8 @@ class ClientSession(asyncio.Protocol, Sink):
 
     def _run_anywhere(self, command: int, payload: bytes, effects: Effects = _NO_EFFECTS) -> None:
         """A command that is no statement: on the session's server, whichever side."""
-        self.target_pool, self.side, self._plan = self.pool_name, Role.ANY, None
-        self._run(command, payload, effects)
+        self.target_pool, self.side, self.plan = self.pool_name, Role.ANY, None
+        self.run(command, payload, effects)
 
     def _statement_command(self, command: int, payload: bytes) -> None:
         if len(payload) < 5:
@@ -517,13 +509,13 @@ class ClientSession(asyncio.Protocol, Sink):
                 Command.STMT_RESET: "mysqld_stmt_reset",
             }[Command(command)]
             message = f"Unknown prepared statement handler ({stmt_id}) given to {name}"
-            self._send(1, err_payload(ER_UNKNOWN_STMT_HANDLER, message))
+            self.send(1, err_payload(ER_UNKNOWN_STMT_HANDLER, message))
             return
         effects = statement.control if command == Command.STMT_EXECUTE else _NO_EFFECTS
         if command == Command.STMT_SEND_LONG_DATA:
             effects = Effects(pins={"long data"}).settle()
         elif command == Command.STMT_RESET and self.conn is None:
-            self._send(1, ok_payload(self._status()))  # nothing of it lives on a backend
+            self.send(1, ok_payload(self._status()))  # nothing of it lives on a backend
             return
         elif command == Command.STMT_EXECUTE and len(payload) > 5 and payload[5] & 0x07:
             effects = Effects(pins={"cursor"}).settle()
@@ -533,16 +525,16 @@ class ClientSession(asyncio.Protocol, Sink):
                 effects = Effects(pins={"query rule"}).settle()
             reads = statement.reads and effects.inert
             self.side = self.router.side_of(pool, reads, statement.decision, self._free_to_move())
-            self._plan = Plan(
+            self.plan = Plan(
                 payload, effects, pool, self.side, reads, statement.digest_text, statement.decision
             )
         else:
-            self.side, self._plan = Role.ANY, None
-        self._run(command, payload, effects, statement, stmt_id)
+            self.side, self.plan = Role.ANY, None
+        self.run(command, payload, effects, statement, stmt_id)
 
     # ----------------------------------------------------------------- running one
 
-    def _run(
+    def run(
         self,
         command: int,
         payload: bytes,
@@ -560,7 +552,7 @@ class ClientSession(asyncio.Protocol, Sink):
                 or server.pool != self.target_pool
                 or (self.side and server.role != self.side)
             ):
-                server = self.mode.choose_server(self.target_pool, self._failed, self.side)
+                server = self.mode.choose_server(self.target_pool, self._left_out(), self.side)
                 self.server = server
             if server is not None:
                 key = self.key
@@ -573,12 +565,12 @@ class ClientSession(asyncio.Protocol, Sink):
             conn is not None
             and self._in_step(conn, effects, statement)
             and not self._must_wait()
-            and not self._holder_first(effects)
+            and not (self.mover is not None and self.mover.holder_first(effects))
         ):
-            data = self._bytes_for(conn, command, payload, statement)
+            data = self.bytes_for(conn, command, payload, statement)
             self._send_command(conn, command, payload, data, effects, statement, stmt_id)
             return
-        self._task = asyncio.get_running_loop().create_task(
+        self.task = asyncio.get_running_loop().create_task(
             self._run_slowly(command, payload, effects, statement, stmt_id)
         )
 
@@ -608,42 +600,42 @@ class ClientSession(asyncio.Protocol, Sink):
         stmt_id: int,
     ) -> None:
         try:
-            conn = self.conn or await self._checkout()
+            conn = self.conn or await self.checkout()
             self.conn = conn
             if self._must_wait() and not await self._caught_up(conn):
-                conn = self.conn = await self._checkout()  # now on the writer
-            conn = await self._bring_in_step(conn, effects, statement)
-            if self._holder_first(effects):
-                await self._learn_holder(conn, self.mode.exchange_timeout_s)
+                conn = self.conn = await self.checkout()  # now on the writer
+            conn = await self.bring_in_step(conn, effects, statement)
+            if self.mover is not None and self.mover.holder_first(effects):
+                await self.mover.learn_holder(conn)
         except SessionClosed:
             return
         except Refusal as refusal:
-            self._task = None
-            self._plan = None
-            self._send(1, refusal.payload)
+            self.task = None
+            self.plan = None
+            self.send(1, err_payload(refusal.code, refusal.message, refusal.sql_state))
             self._release_if_free()
-            self._drain()
+            self.drain()
             return
         except (ConnectFailed, ProtocolError) as exc:
-            self._task = None
-            self._backend_failed(str(exc), answered=False, seq=1)
+            self.task = None
+            self.backend_failed(str(exc), answered=False, seq=1)
             return
         except Exception as exc:  # a bug: this client hears why; everyone else carries on
-            self._internal_error(exc)
+            self.internal_error(exc)
             return
-        self._task = None
+        self.task = None
         if self.closed:
             return
-        data = self._bytes_for(conn, command, payload, statement)
+        data = self.bytes_for(conn, command, payload, statement)
         self._send_command(conn, command, payload, data, effects, statement, stmt_id)
 
-    async def _checkout(self) -> BackendConnection:
+    async def checkout(self) -> BackendConnection:
         """A connection from this session's server (chosen at its first statement). A
         server that cannot be reached is left for another of the pool: between statements
         the session holds nothing that ties it to one."""
         key = self.key
         assert key is not None
-        tried: set[Address] = set(self._failed)
+        tried: set[Address] = set(self._left_out())
         pool, side = self.target_pool, self.side
         settings = self.mode.settings.get(pool)
         wait_s = settings.checkout_timeout_ms / 1000 if settings is not None else 3.0
@@ -725,7 +717,7 @@ class ClientSession(asyncio.Protocol, Sink):
         self.conn, self.server, self.side = None, None, Role.WRITER
         return False
 
-    async def _bring_in_step(
+    async def bring_in_step(
         self, conn: BackendConnection, effects: Effects, statement: ClientStatement | None
     ) -> BackendConnection:
         """Make the connection's state the session's (raises Refusal with the server's
@@ -759,10 +751,10 @@ class ClientSession(asyncio.Protocol, Sink):
             # FOUND_ROWS() and ROW_COUNT() must not tell another client's counts.
             await conn.query(b"SELECT 1 FROM DUAL WHERE 0", timeout_s)
         if statement is not None and (statement.schema, statement.sql) not in conn.statements:
-            await self._prepare_on(conn, statement)
+            await self.prepare_on(conn, statement)
         return conn
 
-    async def _prepare_on(self, conn: BackendConnection, statement: ClientStatement) -> None:
+    async def prepare_on(self, conn: BackendConnection, statement: ClientStatement) -> None:
         reply = await conn.exchange(
             Command.STMT_PREPARE, statement.sql, self.mode.exchange_timeout_s
         )
@@ -778,7 +770,7 @@ class ClientSession(asyncio.Protocol, Sink):
             )
         conn.statements[statement.schema, statement.sql] = Prepared(backend_id, params, columns)
 
-    def _bytes_for(
+    def bytes_for(
         self,
         conn: BackendConnection,
         command: int,
@@ -823,7 +815,7 @@ class ClientSession(asyncio.Protocol, Sink):
         stmt_id: int,
     ) -> None:
         conn.last_owner = self
-        plan, self._plan = self._plan, None
+        plan, self.plan = self.plan, None
         if command in NO_RESPONSE:
             conn.send_more(data)
             self._apply_effects(effects)
@@ -832,20 +824,8 @@ class ClientSession(asyncio.Protocol, Sink):
         flight = Flight(
             command, effects, conn, payload, statement, client_stmt_id=stmt_id, plan=plan
         )
-        if self.journal is not None:
-            writes = not (plan is not None and plan.reads) and not effects.transaction
-            opens = effects.transaction == "start" or not self._autocommit()
-            self.journal.sending(
-                command,
-                payload,
-                statement,
-                writes,
-                self.pins.transaction,
-                opens,
-                self.values,
-                self.schema,
-            )
-            flight.sent = not conn.closed
+        if self.mover is not None:
+            self.mover.sending(flight)
         if plan is not None:
             if plan.cache_key is not None:
                 flight.answer = bytearray()
@@ -866,7 +846,9 @@ class ClientSession(asyncio.Protocol, Sink):
     def answered(self, response: Response) -> None:
         flight = self.flight
         assert flight is not None
-        if flight.held is not None and self._held_error_moves(flight, response):
+        mover = self.mover
+        moved = flight.held is not None and mover is not None
+        if moved and mover is not None and mover.held_error_moves(flight, response):
             return
         self.flight = None
         self.statement_count += 1
@@ -891,17 +873,14 @@ class ClientSession(asyncio.Protocol, Sink):
                 self.schema = conn.state.schema = flight.argument.decode("utf-8", "replace")
             elif flight.command == Command.STMT_PREPARE and response.prepared is not None:
                 self._prepared(flight, response)
-        holder = False
-        if self.journal is not None:
-            self.journal.answered(self.pins.transaction)
-            holder = self.journal.needs_holder()
+        holder = mover is not None and mover.answered()
         if effects.read_back or learn or holder:
-            self._task = asyncio.get_running_loop().create_task(
+            self.task = asyncio.get_running_loop().create_task(
                 self._follow_up(conn, effects.read_back, learn, holder)
             )
             return
         self._release_if_free()
-        self._drain()
+        self.drain()
 
     def _routed_answer(self, flight: Flight, plan: Plan, response: Response) -> bool:
         """Account for a planned statement's answer: digest, cache, timeout, the session's
@@ -964,8 +943,8 @@ class ClientSession(asyncio.Protocol, Sink):
         GTID of the write it committed (for read-your-writes), and learn which server
         connection holds the transaction's locks (for a replay elsewhere)."""
         timeout_s = self.mode.exchange_timeout_s
-        if holder:
-            await self._learn_holder(conn, timeout_s)
+        if holder and self.mover is not None:
+            await self.mover.learn_holder(conn)
         try:
             if learn:
                 rows = (await conn.query(b"SELECT @@last_gtid", timeout_s)).rows()
@@ -977,13 +956,13 @@ class ClientSession(asyncio.Protocol, Sink):
                 self.values = self.mode.intern(state.values)
                 conn.state.values = self.values
         except (ConnectFailed, ProtocolError) as exc:
-            self._task = None
+            self.task = None
             log.warning("session_follow_up_failed", server=str(conn.address), error=str(exc))
             self.close("state read-back failed")
             return
-        self._task = None
+        self.task = None
         self._release_if_free()
-        self._drain()
+        self.drain()
 
     def backend_lost(self, reason: str) -> None:
         flight = self.flight
@@ -991,231 +970,21 @@ class ClientSession(asyncio.Protocol, Sink):
         if flight is not None and flight.timer is not None:
             flight.timer.cancel()
         answered = flight is not None and flight.answered
-        if flight is not None and not answered and self.journal is not None:
-            self._move(flight, reason)
+        if flight is not None and not answered and self.mover is not None:
+            self.mover.move(flight, reason)
             return
         seq = 1
         if flight is not None and answered:
             seq = -1  # mid-answer: no ERR can follow in good order
-        self._backend_failed(reason, answered=answered, seq=seq)
+        self.backend_failed(reason, answered=answered, seq=seq)
 
-    # ----------------------------------------------------------------- moving a session
-
-    def _held_error_moves(self, flight: Flight, response: Response) -> bool:
-        """A middle answered with its own failure: no server available (9001: nothing
-        ran) or its server connection lost (9003: it may have run). The session moves as
-        if that middle had failed; when it cannot, the client gets the middle's ERR."""
-        held, flight.held = flight.held, None
-        assert held is not None
-        code, message = response.error or (0, "")
-        if self._moves < MAX_MOVES and not (self.pins.reasons or self.pins.lock):
-            self.flight = None
-            if code == ER_PROXY_NO_UPSTREAM and self.server is not None:
-                self.server.report(self.server.address, message)  # feeds passive ejection
-            flight.sent = code == ER_PROXY_BACKEND_LOST
-            self._move(flight, f"its middle answered {code}: {message}")
-            return True
-        flight.answered = True
-        self.write(held)
-        return False
-
-    def _move(self, flight: Flight, reason: str) -> None:
-        """The middle running the statement in flight failed before a byte of its answer
-        reached the client: carry the session on through another middle where that is
-        provably safe, else give the statement an ERR that says why; the session stays."""
-        journal = self.journal
-        assert journal is not None
-        pins = self.pins
-        if pins.reasons or pins.lock or self.infile or self._moves >= MAX_MOVES:
-            self._backend_failed(reason, answered=False, seq=1)  # state only it had
-            return
-        conn, self.conn = self.conn, None
-        if conn is not None and self.server is not None:
-            self.server.discard(conn, reason)
-            self._failed.add(conn.address)  # left out until the statement has its answer
-        self.server = None
-        self._moves += 1
-        counters = self.mode.counters
-        if pins.transaction:
-            if not journal.replayable:
-                self._roll_back(f"it cannot be replayed ({journal.why_not})", reason)
-            elif flight.sent and journal.wrote and not _safe_to_repeat(flight):
-                # COMMIT (or a statement that commits) may have run: never apply it twice.
-                # (A transaction that wrote nothing may commit again: it changes nothing.)
-                self._outcome_unknown(flight, reason)
-            else:
-                self._task = asyncio.get_running_loop().create_task(self._replay(flight, reason))
-            return
-        if not flight.sent or _reads_only(flight):
-            outcome = "read again" if flight.sent else "sent elsewhere"
-            counters.inc("session_moves", outcome=outcome)
-            log.event("session_moved", client=self.client, outcome=outcome, reason=reason)
-            self._plan = flight.plan
-            self._run(
-                flight.command,
-                flight.payload,
-                flight.effects,
-                flight.statement,
-                flight.client_stmt_id,
-            )
-            return
-        self._outcome_unknown(flight, reason)
-
-    async def _replay(self, flight: Flight, reason: str) -> None:
-        """Run the open transaction again through another middle, then the statement that
-        was in flight; if any answer differs, roll back and tell the client."""
-        journal = self.journal
-        assert journal is not None
-        values, schema = self.values, self.schema
-        try:
-            conn = self.conn = await self._checkout()
-            if journal.holder is not None:
-                await self._kill_holder(conn, journal.holder)
-            # The state the transaction began in, then its statements bring it to now.
-            self.values, self.schema = journal.start_values, journal.start_schema
-            conn = await self._bring_in_step(conn, _NO_EFFECTS, None)
-            await self._run_journal(conn, journal)
-        except SessionClosed:
-            return
-        except (Refusal, ConnectFailed, ProtocolError, PoolTimeout, NotReplayed) as exc:
-            self._task = None
-            self.values, self.schema = values, schema
-            self._roll_back(str(exc), reason)
-            return
-        except Exception as exc:  # a bug: this client hears why; everyone else carries on
-            self._internal_error(exc)
-            return
-        self._task = None
-        self.values, self.schema = values, schema
-        assert values is not None  # a transaction began after the first connection
-        conn.state.values, conn.state.schema = values, schema
-        self.mode.counters.inc("session_moves", outcome="transaction replayed")
-        log.event(
-            "session_moved",
-            client=self.client,
-            outcome="transaction replayed",
-            statements=len(journal.entries),
-            reason=reason,
-        )
-        self._plan = flight.plan
-        self._run(
-            flight.command, flight.payload, flight.effects, flight.statement, flight.client_stmt_id
-        )
-
-    async def _run_journal(self, conn: BackendConnection, journal: Journal) -> None:
-        """Run the transaction's statements on ``conn``; raises NotReplayed at the first
-        answer that is not the one the client received."""
-        timeout_s = self.mode.exchange_timeout_s
-        for number, entry in enumerate(journal.entries, 1):
-            statement = entry.statement
-            if statement is not None and (statement.schema, statement.sql) not in conn.statements:
-                await self._prepare_on(conn, statement)
-            data = self._bytes_for(conn, entry.command, entry.payload, statement)
-            if await checksum_of(conn, data, timeout_s) != entry.checksum:
-                raise NotReplayed(f"statement {number} of the transaction gave another result")
-
-    def _holder_first(self, effects: Effects) -> bool:
-        """Whether the statement about to run is its open transaction's first that may
-        write: the server connection running it is learned before it takes a lock, so a
-        replay or a give-up can end that connection even if its answer never arrives."""
-        journal, plan = self.journal, self._plan
-        return (
-            journal is not None
-            and self.pins.transaction
-            and journal.holder is None
-            and not (plan is not None and plan.reads)
-            and not effects.transaction
-        )
-
-    async def _learn_holder(self, conn: BackendConnection, timeout_s: float) -> None:
-        journal = self.journal
-        assert journal is not None
-        try:
-            rows = (await conn.query(_HOLDER_SQL, timeout_s)).rows()
-        except (ConnectFailed, ProtocolError) as exc:
-            # Its connection broke: the next statement moves the session (without a kill).
-            log.debug("session_holder_unknown", client=self.client, error=str(exc))
-            return
-        if rows and rows[0][0] is not None and rows[0][1] is not None:
-            journal.holder = (rows[0][0], int(rows[0][1]))
-
-    async def _kill_holder(self, conn: BackendConnection, holder: tuple[bytes, int]) -> None:
-        """Before a replay: end the failed path's server connection, which a hung middle
-        keeps open with the transaction's locks, when the new path reaches that server.
-        (A pooled session on the middle passes the KILL to its server, which allows it
-        for connections of the same user only.)"""
-        timeout_s = self.mode.exchange_timeout_s
-        server, thread_id = holder
-        rows = (await conn.query(_HOLDER_SQL, timeout_s)).rows()
-        if not rows or rows[0][0] != server:
-            return  # another server: it holds no lock of that transaction
-        reply = await conn.exchange(Command.QUERY, b"KILL %d" % thread_id, timeout_s)
-        outcome = "killed" if reply.error() is None else "gone"
-        self.mode.counters.inc("transaction_holders_killed", outcome=outcome)
-
-    def _release_holder(self) -> None:
-        """A transaction given up (rolled back, or its outcome unknown) may live on where
-        its middle hangs or is cut off from its server, holding its locks, and even commit
-        late once that middle is back: end its server connection now, through another
-        middle, so that neither can happen (what the server has done by then stands)."""
-        journal, key = self.journal, self.key
-        if journal is None or journal.holder is None or key is None:
-            return
-        server = self.mode.choose_server(self.target_pool, self._failed, Role.ANY)
-        if server is not None:
-            job = self._kill_holder_through(server, key, journal.holder)
-            self.mode.spawn("end a given-up transaction", job)
-
-    async def _kill_holder_through(
-        self, server: ServerPool, key: LoginKey, holder: tuple[bytes, int]
-    ) -> None:
-        conn = await server.acquire(key, self.mode.exchange_timeout_s)
-        try:
-            await self._kill_holder(conn, holder)
-        finally:
-            server.release(conn)
-
-    def _internal_error(self, exc: Exception) -> None:
-        self._task = None
+    def internal_error(self, exc: Exception) -> None:
+        self.task = None
         self.mode.counters.inc("session_internal_errors")
         log.warning("session_internal_error", client=self.client, error=repr(exc))
         self._fail(ER_PROXY_BACKEND_LOST, f"meshproxy: internal error ({exc!r})", 1)
 
-    def _roll_back(self, why: str, reason: str) -> None:
-        """The transaction is gone (its connection's server rolls it back): say so."""
-        conn, self.conn = self.conn, None
-        if conn is not None and self.server is not None:
-            self.server.discard(conn, "transaction not replayed")
-        self.pins.transaction = False
-        assert self.journal is not None
-        self._release_holder()
-        self.journal.clear()
-        self.mode.counters.inc("session_moves", outcome="transaction rolled back")
-        log.event("session_moved", client=self.client, outcome="rolled back", why=why)
-        message = (
-            f"meshproxy: the transaction was rolled back: its middle failed ({reason}) and {why}"
-        )
-        self._send(1, err_payload(ER_PROXY_NOT_REPLAYED, message, "40001"))
-        self._drain()
-
-    def _outcome_unknown(self, flight: Flight, reason: str) -> None:
-        """A write (or COMMIT) reached a middle that then failed: it may have run."""
-        in_transaction = self.pins.transaction
-        self.pins.transaction = False
-        if self.journal is not None:
-            self._release_holder()
-            self.journal.clear()
-        self.mode.counters.inc("session_moves", outcome="outcome unknown")
-        log.event("session_moved", client=self.client, outcome="outcome unknown", reason=reason)
-        what = "the transaction" if in_transaction else "the statement"
-        message = (
-            f"meshproxy: outcome unknown: the middle running {what} failed ({reason}) before"
-            f" it answered; {what} may or may not have been applied"
-        )
-        self._send(1, err_payload(ER_PROXY_OUTCOME_UNKNOWN, message, "08S01"))
-        self._drain()
-
-    def _backend_failed(self, reason: str, answered: bool, seq: int) -> None:
+    def backend_failed(self, reason: str, answered: bool, seq: int) -> None:
         """The backend connection broke: the statement errs; the session carries on
         unless it had state only that connection held (a transaction, a pin)."""
         conn, self.conn = self.conn, None
@@ -1225,11 +994,11 @@ class ClientSession(asyncio.Protocol, Sink):
         message = f"meshproxy: lost the backend connection during the statement ({reason})"
         if seq < 0 or self.pins.holding() or self.infile:
             if seq > 0:
-                self._send(seq, err_payload(ER_PROXY_BACKEND_LOST, message, "08S01"))
+                self.send(seq, err_payload(ER_PROXY_BACKEND_LOST, message, "08S01"))
             self.close(f"backend lost: {reason}")
             return
-        self._send(seq, err_payload(ER_PROXY_BACKEND_LOST, message, "08S01"))
-        self._drain()
+        self.send(seq, err_payload(ER_PROXY_BACKEND_LOST, message, "08S01"))
+        self.drain()
 
     def _apply_effects(self, effects: Effects) -> None:
         pins = self.pins
@@ -1260,7 +1029,7 @@ class ClientSession(asyncio.Protocol, Sink):
 
     def infile_requested(self) -> None:
         self.infile = True
-        self._drain()  # the file's first packets may be queued already
+        self.drain()  # the file's first packets may be queued already
 
     # ----------------------------------------------------------------- resets and KILL
 
@@ -1282,15 +1051,13 @@ class ClientSession(asyncio.Protocol, Sink):
     def _kill(self, query_only: bool, connection_id: int) -> None:
         target = self.mode.session_by_id(connection_id)
         if target is None:
-            self._send(1, err_payload(ER_UNKNOWN_THREAD, f"Unknown thread id: {connection_id}"))
+            self.send(1, err_payload(ER_UNKNOWN_THREAD, f"Unknown thread id: {connection_id}"))
             return
         if target is not self and target.user != self.user:
             message = f"You are not owner of thread {connection_id}"
-            self._send(1, err_payload(ER_KILL_DENIED, message))
+            self.send(1, err_payload(ER_KILL_DENIED, message))
             return
-        self._task = asyncio.get_running_loop().create_task(
-            self._kill_on_server(target, query_only)
-        )
+        self.task = asyncio.get_running_loop().create_task(self._kill_on_server(target, query_only))
 
     async def _kill_on_server(self, target: ClientSession, query_only: bool) -> None:
         conn, server = target.conn, target.server
@@ -1299,18 +1066,18 @@ class ClientSession(asyncio.Protocol, Sink):
                 assert self.key is not None
                 await kill_on(server, self.key, conn.thread_id, query_only)
         except (ConnectFailed, ProtocolError, PoolTimeout) as exc:
-            self._task = None
-            self._send(1, err_payload(ER_PROXY_BACKEND_LOST, f"meshproxy: KILL failed: {exc}"))
-            self._drain()
+            self.task = None
+            self.send(1, err_payload(ER_PROXY_BACKEND_LOST, f"meshproxy: KILL failed: {exc}"))
+            self.drain()
             return
-        self._task = None
+        self.task = None
         if not query_only and target is not self:
             target.close("killed")
-        self._send(1, ok_payload(self._status()))
+        self.send(1, ok_payload(self._status()))
         if not query_only and target is self:
             self.close("killed itself")
             return
-        self._drain()
+        self.drain()
 
     def _timed_out(self, flight: Flight) -> None:
         """A query rule's statement timeout: the server interrupts the statement, and the
@@ -1326,12 +1093,8 @@ async def kill_on(
     server: ServerPool, key: LoginKey, thread_id: int, query_only: bool = True
 ) -> None:
     """KILL [QUERY] a backend connection's thread, through another connection of its server."""
-    helper = await server.acquire(key, 2.0)
-    try:
-        what = "QUERY " if query_only else ""
-        await helper.query(f"KILL {what}{thread_id}".encode(), 2.0)
-    finally:
-        server.release(helper)
+    sql = f"KILL {'QUERY ' if query_only else ''}{thread_id}".encode()
+    await server.on_helper(key, 2.0, lambda helper: helper.query(sql, 2.0))
 
 
 class _Renumbering(Sink):
@@ -1366,59 +1129,6 @@ class _Renumbering(Sink):
 
 # Answers that carry no server status: they say nothing of an open transaction.
 _NO_STATUS = frozenset((Command.STMT_PREPARE, Command.STATISTICS))
-# Commands that change no data: run again elsewhere like a read.
-_HARMLESS = frozenset(
-    (
-        Command.INIT_DB,
-        Command.FIELD_LIST,
-        Command.STATISTICS,
-        Command.STMT_PREPARE,
-        Command.STMT_RESET,
-    )
-)
-
-
-def _reads_only(flight: Flight) -> bool:
-    """Whether the command in flight (outside a transaction) only reads, so that running
-    it twice is harmless; BEGIN, COMMIT and ROLLBACK with no transaction open are too."""
-    if flight.command in _HARMLESS or flight.effects.transaction:
-        return True
-    return flight.plan is not None and flight.plan.reads
-
-
-_MIDDLE_FAILURES = (ER_PROXY_NO_UPSTREAM, ER_PROXY_BACKEND_LOST)
-
-
-def _middle_failed(data: bytes) -> bool:
-    """Whether an answer's first chunk is a whole ERR packet with which a middle says it
-    failed itself (codes of ours: no MySQL server sends them)."""
-    if len(data) < 7 or data[4] != 0xFF:
-        return False
-    whole = len(data) == 4 + int.from_bytes(data[:3], "little")
-    return whole and int.from_bytes(data[5:7], "little") in _MIDDLE_FAILURES
-
-
-_HOLDER_SQL = b"SELECT CONCAT(@@hostname, ':', @@port), CONNECTION_ID()"
-_REPEATABLE = frozenset((b"SELECT", b"INSERT", b"UPDATE", b"DELETE", b"REPLACE", b"WITH"))
-
-
-def _safe_to_repeat(flight: Flight) -> bool:
-    """Whether the statement in flight may run again after its transaction was replayed:
-    a read, a write that cannot commit on its own, or a command that changes no data.
-    COMMIT, DDL, ``SET autocommit`` and the like may have committed the transaction on the
-    failed path: never twice."""
-    if flight.effects.transaction:
-        return False
-    if flight.command in _HARMLESS:
-        return True
-    if flight.command == Command.QUERY:
-        text = flight.payload[1:64]
-    elif flight.command == Command.STMT_EXECUTE and flight.statement is not None:
-        text = flight.statement.sql[:64]
-    else:
-        return False
-    words = text.lstrip(b" \t\r\n(").split(None, 1)
-    return bool(words) and words[0].upper() in _REPEATABLE
 
 
 def _hand_over(transport: asyncio.Transport, session: ClientSession, data: bytes) -> None:

@@ -32,9 +32,9 @@ from meshproxy.counters import Counters
 from meshproxy.dataplane import upstream
 from meshproxy.dataplane.backend import BackendConnection
 from meshproxy.dataplane.backendpool import Credentials, Dial, Report, ServerPool
-from meshproxy.dataplane.continuity import Journal
 from meshproxy.dataplane.hop import HopHeader
 from meshproxy.dataplane.mirror import mirror
+from meshproxy.dataplane.moving import Mover
 from meshproxy.dataplane.router import Member, Role, choose
 from meshproxy.dataplane.routing import Plan
 from meshproxy.dataplane.session import ClientSession
@@ -365,8 +365,8 @@ class SessionMode:
         user = self.users[session.user]
         if user.pool:
             session.pool_name = user.pool
-        if session.pool_name in self.movable and session.journal is None:
-            session.journal = Journal()  # it may move to another middle or server
+        if session.pool_name in self.movable and session.mover is None:
+            session.mover = Mover(session)  # it may move to another middle or server
         count = self.per_user.get(session.user, 0)
         if count >= user.max_connections:
             self.counters.inc("logins_refused", user=session.user, reason="max_connections")

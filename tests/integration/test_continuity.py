@@ -531,14 +531,9 @@ def test_a_write_whose_answer_a_hung_middle_keeps_is_replayed_once_its_locks_are
     outcome: list[object] = []
     writer = threading.Thread(target=lambda: outcome.append(timed(lambda: run(session, update))))
     writer.start()
+    running = "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE INFO LIKE 'UPDATE%SLEEP%'"
     wait_until(
-        lambda: (
-            query(
-                shared_mariadb.port,
-                "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE INFO LIKE 'UPDATE%SLEEP%'",
-            )
-            == [(1,)]
-        ),
+        lambda: query(shared_mariadb.port, running) == [(1,)],
         10,
         "the update to run on the server",
     )

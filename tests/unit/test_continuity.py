@@ -5,16 +5,12 @@ from __future__ import annotations
 
 import hashlib
 
+from meshproxy.config import Address
 from meshproxy.dataplane import continuity
-from meshproxy.dataplane.backend import BackendConnection
+from meshproxy.dataplane.backend import BackendConnection, LoginKey
 from meshproxy.dataplane.continuity import Journal
-from meshproxy.dataplane.session import (
-    ClientStatement,
-    Flight,
-    _middle_failed,
-    _reads_only,
-    _safe_to_repeat,
-)
+from meshproxy.dataplane.moving import may_run_again, middle_failed
+from meshproxy.dataplane.session import ClientStatement, Flight
 from meshproxy.mysql.constants import Command
 from meshproxy.mysql.packets import err_payload, frame
 from meshproxy.mysql.state import Values
@@ -95,7 +91,7 @@ def test_a_transaction_too_long_to_keep_is_unreplayable() -> None:
 
 
 def flight(sql: bytes, command: int = Command.QUERY) -> Flight:
-    conn = BackendConnection.__new__(BackendConnection)
+    conn = BackendConnection(Address("127.0.0.1", 3306), LoginKey("app", 0, 33))
     return Flight(command, classify_bytes(sql), conn, bytes((command,)) + sql)
 
 
@@ -103,16 +99,16 @@ def test_only_statements_that_cannot_commit_run_again_after_a_replay() -> None:
     """Reads and DML may run again in a replayed transaction; COMMIT, DDL and anything else
     that may have committed it on the failed path never do."""
     for sql in (b"SELECT 1", b"  update t set v = 1", b"(SELECT 1)", b"INSERT INTO t VALUES (1)"):
-        assert _safe_to_repeat(flight(sql)), sql
+        assert may_run_again(flight(sql), True), sql
     for sql in (b"COMMIT", b"ROLLBACK", b"CREATE TABLE x (a INT)", b"SET autocommit = 1", b""):
-        assert not _safe_to_repeat(flight(sql)), sql
-    assert not _safe_to_repeat(flight(b"\x01\x00\x00\x00", Command.STMT_FETCH))
-    assert _safe_to_repeat(flight(b"\x01\x00\x00\x00", Command.STMT_RESET))
+        assert not may_run_again(flight(sql), True), sql
+    assert not may_run_again(flight(b"\x01\x00\x00\x00", Command.STMT_FETCH), True)
+    assert may_run_again(flight(b"\x01\x00\x00\x00", Command.STMT_RESET), True)
     execute = flight(b"\x01\x00\x00\x00", Command.STMT_EXECUTE)
     execute.statement = ClientStatement(b"UPDATE t SET v = ?", "", 1, 0)
-    assert _safe_to_repeat(execute)
+    assert may_run_again(execute, True)
     execute.statement = ClientStatement(b"CREATE TABLE t2 (a INT)", "", 0, 0)
-    assert not _safe_to_repeat(execute)
+    assert not may_run_again(execute, True)
 
 
 def test_a_transaction_remembers_whether_it_may_have_written() -> None:
@@ -134,9 +130,9 @@ def test_a_transaction_remembers_whether_it_may_have_written() -> None:
 def test_reads_and_commands_that_change_no_data_may_run_twice() -> None:
     """A read, a schema change, a prepare or a field list may run again elsewhere; a write
     or a command of unknown effect may not."""
-    assert _reads_only(flight(b"mydb", Command.INIT_DB))
-    assert _reads_only(flight(b"SELECT ?", Command.STMT_PREPARE))
-    assert not _reads_only(flight(b"UPDATE t SET v = 1"))  # no plan: not known as a read
+    assert may_run_again(flight(b"mydb", Command.INIT_DB), False)
+    assert may_run_again(flight(b"SELECT ?", Command.STMT_PREPARE), False)
+    assert not may_run_again(flight(b"UPDATE t SET v = 1"), False)  # no plan: not known as a read
 
 
 def test_answers_outside_a_transaction_are_not_checksummed_unless_one_may_open() -> None:
@@ -158,8 +154,8 @@ def test_a_middles_own_failure_is_told_from_a_servers_error() -> None:
     set, or an ERR cut short by the read are passed on as they are."""
     ours = frame(1, err_payload(9001, "no server of pool 'main' is available"))
     lost = frame(1, err_payload(9003, "lost the backend connection"))
-    assert _middle_failed(ours)
-    assert _middle_failed(lost)
-    assert not _middle_failed(frame(1, err_payload(1146, "Table 't' doesn't exist")))
-    assert not _middle_failed(ours[:-3])
-    assert not _middle_failed(frame(1, b"\x01"))
+    assert middle_failed(ours)
+    assert middle_failed(lost)
+    assert not middle_failed(frame(1, err_payload(1146, "Table 't' doesn't exist")))
+    assert not middle_failed(ours[:-3])
+    assert not middle_failed(frame(1, b"\x01"))
