@@ -82,12 +82,17 @@ def build_debian(client: docker.DockerClient) -> None:
 
 
 def build_wheelhouse(repo: Path, wheels: Path) -> None:
-    """Wheels of meshproxy and everything it needs, for an image with no network."""
+    """Wheels of meshproxy and everything it needs, for an image with no network.
+
+    meshproxy's own wheel is pure Python (MESHPROXY_PURE): a module compiled here, against
+    this host's CPython, need not load in the image's.
+    """
     for old in wheels.glob("meshproxy-*.whl"):
         old.unlink()
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--wheel-dir", str(wheels), str(repo)],
         check=True,
+        env={**os.environ, "MESHPROXY_PURE": "1"},
     )
 
 

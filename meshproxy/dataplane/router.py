@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
+from typing import Final
 
 from meshproxy.config import Address
 from meshproxy.health.state import ServerState
@@ -19,9 +20,9 @@ from meshproxy.health.state import ServerState
 class Role:
     """A server's side of a replication pool, as its last check saw it."""
 
-    ANY = ""  # not a replication pool, or not checked yet: either side may try it
-    WRITER = "writer"  # read_only is off
-    READER = "reader"  # read_only is on
+    ANY: Final = ""  # not a replication pool, or not checked yet: either side may try it
+    WRITER: Final = "writer"  # read_only is off
+    READER: Final = "reader"  # read_only is on
 
 
 @dataclass(frozen=True, slots=True)
