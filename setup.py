@@ -9,8 +9,8 @@ import os
 
 from setuptools import setup
 
-# The per-statement path of session mode, the per-connection path of the byte pump, and
-# the protocol core they share.
+# The per-statement path of session mode, the per-connection path of the byte pump, mesh
+# TLS's per-record layer, and the protocol core they share.
 NATIVE = [
     "meshproxy/counters.py",
     "meshproxy/mysql/auth.py",
@@ -27,11 +27,13 @@ NATIVE = [
     "meshproxy/dataplane/hop.py",
     "meshproxy/dataplane/listener.py",
     "meshproxy/dataplane/moving.py",
+    "meshproxy/dataplane/plane.py",
     "meshproxy/dataplane/pump.py",
     "meshproxy/dataplane/router.py",
     "meshproxy/dataplane/routing.py",
     "meshproxy/dataplane/session.py",
     "meshproxy/dataplane/sessionmode.py",
+    "meshproxy/dataplane/tlslayer.py",
     "meshproxy/dataplane/upstream.py",
     "meshproxy/routing/digests.py",
     "meshproxy/routing/querycache.py",

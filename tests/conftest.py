@@ -10,10 +10,10 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "meshproxy"
 
 
-def stale_native_modules() -> list[Path]:
+def stale_native_modules(package: Path = PACKAGE) -> list[Path]:
     """Sources edited after the extension module compiled from them."""
     stale = []
-    for extension in PACKAGE.rglob("*.cpython-*.so"):
+    for extension in sorted(package.rglob("*.cpython-*.so")):
         source = extension.with_name(extension.name.split(".", 1)[0] + ".py")
         if source.exists() and source.stat().st_mtime > extension.stat().st_mtime:
             stale.append(source)

@@ -37,7 +37,8 @@ class Entrance:
     servers: list[asyncio.Server] = field(default_factory=list, repr=False)
 
 
-Serve = Callable[["Inbound", HopHeader | None], Coroutine[Any, Any, None]]
+# Takes a new client: at once, or by returning the job that connects it (run as a task).
+Serve = Callable[["Inbound", HopHeader | None], Coroutine[Any, Any, None] | None]
 
 
 class Inbound(asyncio.Protocol):
@@ -99,7 +100,9 @@ class Inbound(asyncio.Protocol):
             self.transport.abort()
 
     def _start(self, header: HopHeader | None) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._serve(self, header))
+        job = self._serve(self, header)
+        if job is not None:
+            self._task = asyncio.get_running_loop().create_task(job)
 
     def data_received(self, data: bytes) -> None:
         if self._decoder is not None:

@@ -10,8 +10,9 @@ import asyncio
 import functools
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from meshproxy import log
 from meshproxy.config import Address, UpstreamKind, UpstreamRef
@@ -108,24 +109,35 @@ class DataPlane:
 
     # ----------------------------------------------------------------- sessions
 
-    async def serve(self, inbound: Inbound, header: HopHeader | None) -> None:
-        """Find the route for a new client, connect its upstream, and start the pump."""
+    def serve(self, inbound: Inbound, header: HopHeader | None) -> Coroutine[Any, Any, None] | None:
+        """Find the route for a new client. A session-mode route takes the client at once;
+        a passthrough route returns the job that connects its upstream and starts the pump
+        (the caller runs it as a task)."""
         entrance = inbound.entrance
         if header is None:
             route = self.routes.get(entrance.name)
             if route is None:
-                return self._refuse(inbound, f"listener {entrance.name!r} was removed")
+                self._refuse(inbound, f"listener {entrance.name!r} was removed")
+                return None
             client, hops = inbound.peer, 0
         else:
-            found = self.routes.get(f"service:{header.service}")
-            if found is None:
-                return self._refuse(inbound, f"unknown service {header.service!r}")
-            if header.hops > self.max_hops:
-                return self._refuse(inbound, f"hop limit exceeded ({header.hops} hops)")
-            route, client, hops = found, header.client, header.hops
+            route = self.routes.get(f"service:{header.service}")
+            if route is None or header.hops > self.max_hops:
+                why = (
+                    f"unknown service {header.service!r}"
+                    if route is None
+                    else f"hop limit exceeded ({header.hops} hops)"
+                )
+                self._refuse(inbound, why)
+                return None
+            client, hops = header.client, header.hops
         if route.session:
             self._start_session(inbound, route, client, header is not None and header.pooled)
             return None
+        return self._connect(inbound, route, client, hops)
+
+    async def _connect(self, inbound: Inbound, route: Route, client: str, hops: int) -> None:
+        entrance = inbound.entrance
         next_header = (
             HopHeader(route.service, client, hops + 1)
             if route.ref.kind is UpstreamKind.TIER
