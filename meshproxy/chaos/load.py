@@ -80,6 +80,12 @@ class Output:
             sys.stdout.write(line + "\n")
             sys.stdout.flush()
 
+    def stalled(self, asked: float, waited: float, worker: int, middle: str, **more: str) -> None:
+        """A statement served in the end after hanging: a paused middle that woke up."""
+        if waited >= STALL_S:
+            record = {"ev": "stalled", "t": asked, "w": worker, "m": middle, "d": f"{waited:.3f}"}
+            self.emit({**record, **more})
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -154,18 +160,7 @@ def worker(index: int, settings: Settings, totals: Totals, out: Output, stop: fl
                         asked = time.time()
                         cur.execute("SELECT 1")
                         cur.fetchall()
-                        waited = time.time() - asked
-                        if waited >= STALL_S:
-                            # Served in the end, but it hung: a paused middle that woke up.
-                            out.emit(
-                                {
-                                    "ev": "stalled",
-                                    "t": asked,
-                                    "w": index,
-                                    "m": middle,
-                                    "d": f"{waited:.3f}",
-                                }
-                            )
+                        out.stalled(asked, time.time() - asked, index, middle)
                         with totals.lock:
                             totals.queries += 1
                         time.sleep(settings.pause_s)
@@ -242,18 +237,7 @@ def tx_worker(
         finally:
             waited = time.time() - asked
             tally.longest_wait = max(tally.longest_wait, waited)
-            if waited >= STALL_S:
-                out.emit(
-                    {
-                        "ev": "stalled",
-                        "t": asked,
-                        "w": index,
-                        "m": middle,
-                        "d": f"{waited:.3f}",
-                        "stmt": stmt,
-                        "tx": tx,
-                    }
-                )
+            out.stalled(asked, waited, index, middle, stmt=stmt, tx=tx)
         with totals.lock:
             totals.queries += 1
         return rows

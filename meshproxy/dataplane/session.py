@@ -272,6 +272,7 @@ class ClientSession(asyncio.Protocol, Sink):
             else:
                 self.server.release(conn)
         self.flight = None
+        self.mover = None  # it refers back to us: part now, so both go with the last reference
         if self.transport is not None:
             self.transport.close()
         self.mode.session_closed(self)

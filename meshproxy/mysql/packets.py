@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from meshproxy.mysql.constants import MAX_PAYLOAD
 
@@ -30,9 +31,10 @@ def frame(seq: int, payload: bytes) -> bytes:
             return b"".join(parts)
 
 
-@dataclass(frozen=True, slots=True)
-class Packet:
-    """One logical packet: the sequence id of its first part and the joined payload."""
+class Packet(NamedTuple):
+    """One logical packet: the sequence id of its first part and the joined payload.
+    (A tuple: one is made per packet, and a tuple is built in C where a frozen dataclass
+    runs its generated __init__.)"""
 
     seq: int
     payload: bytes

@@ -3,7 +3,10 @@ timelines, and the new fields' round trip through JSON."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+import pytest
 
 from meshproxy.chaos import analysis, load
 from meshproxy.chaos.analysis import NOT_REPLAYED, OUTCOME_UNKNOWN
@@ -86,3 +89,15 @@ def test_error_code_of_pymysql_errors() -> None:
 
     assert load.error_code(pymysql.err.OperationalError(9004, "outcome unknown")) == 9004
     assert load.error_code(pymysql.err.InterfaceError("closed")) == 0
+
+
+def test_only_a_statement_that_hung_is_reported_stalled(capsys: pytest.CaptureFixture[str]) -> None:
+    """A statement answered within STALL_S makes no line; one that hung makes one "stalled"
+    line with its wait and whatever the caller adds."""
+    out = load.Output()
+    out.stalled(100.0, load.STALL_S / 2, 3, "p2")
+    out.stalled(100.0, 0.75, 3, "p2", stmt="commit", tx="rw")
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert lines == [
+        {"ev": "stalled", "t": 100.0, "w": 3, "m": "p2", "d": "0.750", "stmt": "commit", "tx": "rw"}
+    ]
