@@ -146,9 +146,15 @@ class DataPlane:
         session = Session(functools.partial(self._closed, entrance))
         transport = inbound.transport
         assert transport is not None
+        # Counted from now, not from the link: a drain (an upgrade) must wait for a client
+        # whose upstream is still being connected, not end its process under it.
+        self._session_opened()
         try:
             await self.connector.open(route.ref, session, transport, next_header, route.greeting)
-        except UpstreamError as exc:
+        except BaseException as exc:
+            self._session_ended()
+            if not isinstance(exc, UpstreamError):
+                raise  # cancelled (the client went away), or a bug
             self.counters.inc("connect_failures", upstream=str(route.ref))
             log.warning("upstream_unavailable", client=client, upstream=str(route.ref), error=exc)
             if entrance.speaks_mysql:
@@ -164,6 +170,7 @@ class DataPlane:
         upstream = session.upstream
         assert upstream is not None
         if inbound.lost:  # the client went away while we were connecting
+            self._session_ended()
             session.closed = True
             if session.spliced is not None:
                 session.spliced.forget()
@@ -175,8 +182,6 @@ class DataPlane:
         assert member is not None
         self.active[member] = self.active.get(member, 0) + 1
         self.sessions.setdefault(member, set()).add(session)
-        self.open_sessions += 1
-        self.no_sessions.clear()
         session.idle_since = time.monotonic()
         link(session, transport, bytes(inbound.pending), inbound.eof)
         return None
@@ -186,8 +191,7 @@ class DataPlane:
         transport = inbound.transport
         assert transport is not None
         inbound.linked = True  # from here on the session accounts for the entrance's slot
-        self.open_sessions += 1
-        self.no_sessions.clear()
+        self._session_opened()
         self.session_mode.accept(
             transport,
             bytes(inbound.pending),
@@ -201,10 +205,17 @@ class DataPlane:
 
     def _session_closed(self, entrance: Entrance, session: object) -> None:
         entrance.active -= 1
+        self._session_ended()
+        self.counters.inc("connections_closed", entrance=entrance.name)
+
+    def _session_opened(self) -> None:
+        self.open_sessions += 1
+        self.no_sessions.clear()
+
+    def _session_ended(self) -> None:
         self.open_sessions -= 1
         if not self.open_sessions:
             self.no_sessions.set()
-        self.counters.inc("connections_closed", entrance=entrance.name)
 
     def _refuse(self, inbound: Inbound, reason: str) -> None:
         self.counters.inc("hops_refused", reason=reason.split(" (", maxsplit=1)[0])
@@ -218,9 +229,7 @@ class DataPlane:
         if member is not None:
             self.active[member] -= 1
             self.sessions[member].discard(session)
-            self.open_sessions -= 1
-            if not self.open_sessions:
-                self.no_sessions.set()
+            self._session_ended()
         self.count_bytes(session)
         if session.spliced is not None:
             session.spliced.forget()
