@@ -10,6 +10,7 @@ pinned on it, or it has been reset.
 from __future__ import annotations
 
 import asyncio
+import math
 import ssl
 import time
 import typing
@@ -38,6 +39,50 @@ Dial = Callable[
 
 class PoolTimeout(MeshproxyError):
     """No backend connection became free before the checkout deadline."""
+
+
+class Waiter:
+    """A checkout waiting for a connection to come free. The pool takes it out of its
+    queue and calls ``hand`` once, with a connection, or with None (room to open one, or
+    the server stopped taking checkouts: look again); or ``expire`` at its deadline."""
+
+    def __init__(self, key: LoginKey, deadline: float) -> None:
+        self.key = key
+        self.deadline = deadline  # time.monotonic()
+        self.waiting = True
+
+    def hand(self, conn: BackendConnection | None) -> None:
+        raise NotImplementedError
+
+    def expire(self, error: PoolTimeout) -> None:
+        raise NotImplementedError
+
+
+class _Awaiting(Waiter):
+    """A coroutine's checkout, awaiting a future."""
+
+    def __init__(
+        self,
+        server: ServerPool,
+        key: LoginKey,
+        deadline: float,
+        future: asyncio.Future[BackendConnection | None],
+    ) -> None:
+        super().__init__(key, deadline)
+        self.server = server
+        self.future = future
+
+    def hand(self, conn: BackendConnection | None) -> None:
+        if not self.future.done():
+            self.future.set_result(conn)
+        elif conn is not None:  # cancelled, and its coroutine not yet told: pass it on
+            self.server.give(conn)
+        else:
+            self.server.wake_one()
+
+    def expire(self, error: PoolTimeout) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)
 
 
 @dataclass
@@ -96,11 +141,11 @@ class ServerPool:
         # The session state a new connection starts with, per login: a new client session
         # expects exactly that, whichever connection serves it.
         self.baseline: dict[LoginKey, Values] = {}
-        # Checkouts waiting for a connection, first come first served, per login. A waiter
-        # that gives up cancels its future and stays behind until it is reached: removing it
-        # from the middle would cost a scan of every waiter (1000 clients, 32 connections).
-        self._waiters: dict[LoginKey, deque[asyncio.Future[BackendConnection | None]]] = {}
-        self._waiting = 0
+        # Checkouts waiting for a connection, first come first served, per login.
+        self._waiters: dict[LoginKey, Waiters] = {}
+        self.waiting = 0  # of them, still waiting
+        self._timer: asyncio.TimerHandle | None = None  # at the earliest waiter's deadline
+        self._timer_at = 0.0
 
     # ----------------------------------------------------------------- checkout
 
@@ -164,36 +209,98 @@ class ServerPool:
         future: asyncio.Future[BackendConnection | None] = (
             asyncio.get_running_loop().create_future()
         )
-        queue = self._waiters.setdefault(key, deque())
-        queue.append(future)
-        self._waiting += 1
-        self.stats.waits += 1
+        waiter = _Awaiting(self, key, deadline, future)
+        self.wait(waiter)
         try:
-            async with asyncio.timeout(max(deadline - time.monotonic(), 0)):
-                return await future
-        except TimeoutError:
-            if future.done() and not future.cancelled() and future.result() is not None:
-                return future.result()  # handed one just as the deadline passed
-            self.stats.timeouts += 1
-            self.counters.inc("backend_checkout_timeouts", pool=self.pool, server=str(self.address))
-            raise PoolTimeout(
-                f"no connection to {self.address} became free within "
-                f"{self.settings.checkout_timeout_ms} ms ({self.settings.max_per_server} in use)"
-            ) from None
+            return await future
         except asyncio.CancelledError:
-            if future.done() and not future.cancelled():
+            if waiter.waiting:
+                self.abandon(waiter)
+            elif future.done() and not future.cancelled() and future.exception() is None:
                 handed = future.result()
                 if handed is not None:  # the client left as a connection came: keep it
-                    self._give(handed)
+                    self.give(handed)
             raise
-        finally:
-            self._waiting -= 1
-            if not future.done():
-                future.cancel()
-            if len(queue) > 64 and len(queue) > 4 * self._waiting:
-                live = [f for f in queue if not f.done()]
-                queue.clear()
-                queue.extend(live)
+
+    def must_wait(self, key: LoginKey) -> bool:
+        """Whether a checkout for ``key`` can only wait: the server is at its cap and has
+        no idle connection at all (one to ping, or another login's to close, is the slow
+        path's job)."""
+        return (
+            self.accepting
+            and self.total >= self.settings.max_per_server
+            and not any(self.idle.values())
+        )
+
+    def wait(self, waiter: Waiter) -> None:
+        """Queue a checkout until a connection comes free, room opens, or its deadline."""
+        self._waiters.setdefault(waiter.key, deque()).append(waiter)
+        self.waiting += 1
+        self.stats.waits += 1
+        if self._timer is None or waiter.deadline < self._timer_at:
+            self._expire_at(waiter.deadline)
+
+    def abandon(self, waiter: Waiter) -> None:
+        """A waiter that no longer wants a connection (its client left). It stays in its
+        queue until reached: removing it from the middle would cost a scan of every waiter
+        (1000 clients, 32 connections); crowded queues are compacted instead."""
+        if not waiter.waiting:
+            return
+        waiter.waiting = False
+        self.waiting -= 1
+        queue = self._waiters.get(waiter.key)
+        if queue is not None and len(queue) > 64 and len(queue) > 4 * self.waiting:
+            live = [w for w in queue if w.waiting]
+            queue.clear()
+            queue.extend(live)
+
+    def _next(self, queue: Waiters | None) -> Waiter | None:
+        """The first waiter still waiting, now taken out (those that left are dropped)."""
+        while queue:
+            waiter = queue.popleft()
+            if waiter.waiting:
+                waiter.waiting = False
+                self.waiting -= 1
+                return waiter
+        return None
+
+    def _expire_at(self, deadline: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = deadline
+        self._timer = asyncio.get_running_loop().call_later(
+            max(deadline - time.monotonic(), 0), self._expire
+        )
+
+    def _expire(self) -> None:
+        """Refuse the waiters whose deadline passed; one timer serves every waiter."""
+        self._timer = None
+        now = time.monotonic()
+        due: list[Waiter] = []
+        later = math.inf
+        for queue in self._waiters.values():
+            live = [w for w in queue if w.waiting]
+            queue.clear()
+            for waiter in live:
+                if waiter.deadline <= now:
+                    due.append(waiter)
+                else:
+                    queue.append(waiter)
+                    later = min(later, waiter.deadline)
+        if later < math.inf:
+            self._expire_at(later)
+        for waiter in due:
+            waiter.waiting = False
+            self.waiting -= 1
+            self.stats.timeouts += 1
+            self.counters.inc("backend_checkout_timeouts", pool=self.pool, server=str(self.address))
+            waiter.expire(
+                PoolTimeout(
+                    f"no connection to {self.address} became free within "
+                    f"{self.settings.checkout_timeout_ms} ms "
+                    f"({self.settings.max_per_server} in use)"
+                )
+            )
 
     async def _open(self, key: LoginKey, timeout_s: float) -> BackendConnection:
         sha1 = self.credentials.sha1.get(key.user)
@@ -219,11 +326,11 @@ class ServerPool:
             detail = exc.reason if isinstance(exc, ConnectFailed) else describe(exc)
             self.counters.inc("backend_connect_failures", pool=self.pool, server=str(self.address))
             self.report(self.address, detail)
-            self._wake_one()
+            self.wake_one()
             raise ConnectFailed(str(self.address), detail) from None
         except BaseException:
             self.total -= 1
-            self._wake_one()
+            self.wake_one()
             raise
         conn.on_lost = self._lost
         self.server_version = conn.server_version
@@ -266,20 +373,20 @@ class ServerPool:
     def release(self, conn: BackendConnection) -> None:
         """A connection back from a session, in a known state."""
         self.stats.in_use -= 1
-        self._give(conn)
+        self.give(conn)
 
-    def _give(self, conn: BackendConnection) -> None:
+    def give(self, conn: BackendConnection) -> None:
         if conn.closed:
             return  # _lost has accounted for it
         if not self.accepting:
             self._forget(conn, "server not taking new connections")
             return
-        if not self._waiting:  # the common case: straight back to the idle list
+        if not self.waiting:  # the common case: straight back to the idle list
             self.idle.setdefault(conn.key, deque()).append(conn)
             return
-        future = _next_live(self._waiters.get(conn.key))
-        if future is not None:
-            future.set_result(conn)
+        waiter = self._next(self._waiters.get(conn.key))
+        if waiter is not None:
+            waiter.hand(conn)
             return
         self.idle.setdefault(conn.key, deque()).append(conn)
         other = next((k for k, q in self._waiters.items() if _has_live(q)), None)
@@ -300,21 +407,21 @@ class ServerPool:
             conn.close()
             self.total -= 1
         log.debug("backend_connection_closed", server=str(self.address), reason=reason)
-        self._wake_one()
+        self.wake_one()
 
     def _lost(self, conn: BackendConnection) -> None:
         conns = self.idle.get(conn.key)
         if conns is not None and conn in conns:
             conns.remove(conn)
         self.total -= 1
-        self._wake_one()
+        self.wake_one()
 
-    def _wake_one(self) -> None:
+    def wake_one(self) -> None:
         """Room for one more connection: a waiter of another login may open it."""
-        for queue in self._waiters.values():
-            future = _next_live(queue)
-            if future is not None:
-                future.set_result(None)  # None: try again (open one, or take an idle one)
+        for queue in list(self._waiters.values()):
+            waiter = self._next(queue)
+            if waiter is not None:
+                waiter.hand(None)  # None: try again (open one, or take an idle one)
                 return
 
     def _close_idle_of_other_logins(self, key: LoginKey) -> None:
@@ -366,24 +473,19 @@ class ServerPool:
     def close(self) -> None:
         self.accepting = False
         self.empty("shutting down")
-        for queue in self._waiters.values():
-            for future in queue:
-                if not future.done():
-                    future.set_result(None)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        waiters = [w for queue in self._waiters.values() for w in queue if w.waiting]
         self._waiters.clear()
+        for waiter in waiters:
+            waiter.waiting = False
+            self.waiting -= 1
+            waiter.hand(None)  # the server is gone: they look elsewhere
 
 
-Waiters = deque[asyncio.Future[BackendConnection | None]]
-
-
-def _next_live(queue: Waiters | None) -> asyncio.Future[BackendConnection | None] | None:
-    """The first waiter still waiting (those that gave up are dropped on the way)."""
-    while queue:
-        future = queue.popleft()
-        if not future.done():
-            return future
-    return None
+Waiters = deque[Waiter]
 
 
 def _has_live(queue: Waiters) -> bool:
-    return any(not future.done() for future in queue)
+    return any(waiter.waiting for waiter in queue)

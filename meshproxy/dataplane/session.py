@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from meshproxy import log
 from meshproxy.config import Address
 from meshproxy.dataplane.backend import BackendConnection, LoginKey, Prepared, Sink
-from meshproxy.dataplane.backendpool import PoolTimeout, ServerPool
+from meshproxy.dataplane.backendpool import PoolTimeout, ServerPool, Waiter
 from meshproxy.dataplane.moving import NO_ADDRESSES, Mover, middle_failed
 from meshproxy.dataplane.router import Role
 from meshproxy.dataplane.routing import Plan, SessionRouter
@@ -147,6 +147,7 @@ class ClientSession(asyncio.Protocol, Sink):
         self.statements: dict[int, ClientStatement] = {}
         self._next_stmt_id = 1
         self.task: asyncio.Task[None] | None = None
+        self.queued: _Queued | None = None  # a statement waiting for a free connection
         self.started = time.monotonic()
         self.statement_count = 0  # added to the user's counters when the session ends
         self.statement_time_s = 0.0
@@ -264,6 +265,9 @@ class ClientSession(asyncio.Protocol, Sink):
         if self.task is not None and not self.task.done():
             busy = True  # an exchange of ours may be running on the connection
             self.task.cancel()
+        queued, self.queued = self.queued, None
+        if queued is not None:
+            queued.server.abandon(queued)
         conn, self.conn = self.conn, None
         if conn is not None and self.server is not None:
             if busy or self.pins.holding():
@@ -378,7 +382,11 @@ class ClientSession(asyncio.Protocol, Sink):
             if self.infile:
                 self._infile_packet(self._queue.popleft())
                 continue
-            if self.flight is not None or (self.task is not None and not self.task.done()):
+            if (
+                self.flight is not None
+                or self.queued is not None
+                or (self.task is not None and not self.task.done())
+            ):
                 return
             self._command(self._queue.popleft())
         if self._reading_paused and self.transport is not None and not self.closed:
@@ -562,6 +570,27 @@ class ClientSession(asyncio.Protocol, Sink):
                     self.values = server.baseline.get(key)
                 if self.values is not None:
                     conn = self.conn = server.take_idle(key, time.monotonic())
+                    if conn is None and server.must_wait(key):
+                        # 1000 clients on 32 connections: the statement waits in the
+                        # server's queue and runs from the call that frees a connection.
+                        self.queued = _Queued(
+                            self, server, key, command, payload, effects, statement, stmt_id
+                        )
+                        server.wait(self.queued)
+                        return
+        self.run_on(conn, command, payload, effects, statement, stmt_id)
+
+    def run_on(
+        self,
+        conn: BackendConnection | None,
+        command: int,
+        payload: bytes,
+        effects: Effects,
+        statement: ClientStatement | None,
+        stmt_id: int,
+    ) -> None:
+        """Send the command now when ``conn`` is in the right state; otherwise start a
+        task that checks one out (when None) and brings it into that state."""
         if (
             conn is not None
             and self._in_step(conn, effects, statement)
@@ -612,10 +641,7 @@ class ClientSession(asyncio.Protocol, Sink):
             return
         except Refusal as refusal:
             self.task = None
-            self.plan = None
-            self.send(1, err_payload(refusal.code, refusal.message, refusal.sql_state))
-            self._release_if_free()
-            self.drain()
+            self.refuse(refusal)
             return
         except (ConnectFailed, ProtocolError) as exc:
             self.task = None
@@ -629,6 +655,13 @@ class ClientSession(asyncio.Protocol, Sink):
             return
         data = self.bytes_for(conn, command, payload, statement)
         self._send_command(conn, command, payload, data, effects, statement, stmt_id)
+
+    def refuse(self, refusal: Refusal) -> None:
+        """The statement cannot run: the client hears why, and the session goes on."""
+        self.plan = None
+        self.send(1, err_payload(refusal.code, refusal.message, refusal.sql_state))
+        self._release_if_free()
+        self.drain()
 
     async def checkout(self) -> BackendConnection:
         """A connection from this session's server (chosen at its first statement). A
@@ -1096,6 +1129,45 @@ async def kill_on(
     """KILL [QUERY] a backend connection's thread, through another connection of its server."""
     sql = f"KILL {'QUERY ' if query_only else ''}{thread_id}".encode()
     await server.on_helper(key, 2.0, lambda helper: helper.query(sql, 2.0))
+
+
+class _Queued(Waiter):
+    """A statement waiting for its server's next free connection. It runs from the call
+    that frees one: no task and no future per waiting statement."""
+
+    def __init__(
+        self,
+        session: ClientSession,
+        server: ServerPool,
+        key: LoginKey,
+        command: int,
+        payload: bytes,
+        effects: Effects,
+        statement: ClientStatement | None,
+        stmt_id: int,
+    ) -> None:
+        super().__init__(key, time.monotonic() + server.settings.checkout_timeout_ms / 1000)
+        self.session = session
+        self.server = server
+        self.command = command
+        self.payload = payload
+        self.effects = effects
+        self.statement = statement
+        self.stmt_id = stmt_id
+
+    def hand(self, conn: BackendConnection | None) -> None:
+        session = self.session
+        session.queued = None
+        if conn is not None:
+            self.server.stats.in_use += 1
+            self.server.stats.reused += 1
+            session.conn = conn
+        # None: room to open one, or the server went away; the slow path sorts it out.
+        session.run_on(conn, self.command, self.payload, self.effects, self.statement, self.stmt_id)
+
+    def expire(self, error: PoolTimeout) -> None:
+        self.session.queued = None
+        self.session.refuse(Refusal(ER_PROXY_POOL_TIMEOUT, f"meshproxy: {error}"))
 
 
 class _Renumbering(Sink):

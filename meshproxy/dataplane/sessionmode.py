@@ -534,6 +534,7 @@ class SessionMode:
                     "failed": server.stats.failed,
                     "reused": server.stats.reused,
                     "waits": server.stats.waits,
+                    "waiting": server.waiting,
                     "timeouts": server.stats.timeouts,
                 }
                 for address, server in servers.items()

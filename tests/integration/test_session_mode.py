@@ -734,6 +734,71 @@ def test_a_full_pool_answers_with_an_error_after_the_checkout_timeout(
     waiter.close()
 
 
+def _waiting(node: SessionNode) -> int:
+    return sum(int(s["waiting"]) for s in node.servers().values())
+
+
+def test_statements_queued_at_the_cap_run_in_arrival_order_and_leavers_cost_nothing(
+    nodes: NodeFactory, shared_mariadb: mariadb.MariaDB
+) -> None:
+    """Statements queued for the only backend connection run on it in the order they
+    came once it is free, and a client that leaves while its statement waits neither runs
+    it nor costs the pool its connection."""
+    node = start_session_node(
+        nodes, [shared_mariadb.port], connections={"max_per_server": 1, "idle": 1}
+    )
+    holder, first, last = (session_connect(node) for _ in range(3))
+    one(holder, "CREATE TABLE IF NOT EXISTS sbtest.arrivals (n INT, seq INT AUTO_INCREMENT KEY)")
+    one(holder, "DELETE FROM sbtest.arrivals")
+    one(holder, "BEGIN")
+    one(holder, "SELECT 1")  # the connection is pinned by the open transaction
+    runs = [in_thread(first, "INSERT INTO sbtest.arrivals (n) VALUES (1)")]
+    wait_until(lambda: _waiting(node) == 1, 10, "the first statement queued")
+    with socket.create_connection((HOST, node.port), timeout=10) as leaver:
+        raw_login(leaver, mariadb.APP_USER, mariadb.APP_PASSWORD)
+        write_packet(leaver, 0, b"\x03INSERT INTO sbtest.arrivals (n) VALUES (2)")
+        wait_until(lambda: _waiting(node) == 2, 10, "the leaver's statement queued")
+    wait_until(lambda: _waiting(node) == 1, 10, "the leaver's statement left the queue")
+    runs.append(in_thread(last, "INSERT INTO sbtest.arrivals (n) VALUES (3)"))
+    wait_until(lambda: _waiting(node) == 2, 10, "the last statement queued")
+    one(holder, "COMMIT")
+    for thread, outcome in runs:
+        thread.join(15)
+        assert outcome == [None]
+    with holder.cursor() as cursor:
+        cursor.execute("SELECT n FROM sbtest.arrivals ORDER BY seq")
+        assert [row[0] for row in cursor.fetchall()] == [1, 3]
+    server = next(iter(node.servers().values()))
+    assert (server["open"], server["waiting"]) == (1, 0)
+
+
+def test_every_queued_statement_gets_its_own_error_at_its_deadline(
+    nodes: NodeFactory, shared_mariadb: mariadb.MariaDB
+) -> None:
+    """Five statements queued behind a pinned connection each end in ERR 9002 once the
+    checkout timeout passes, and each of those sessions runs its next statement once the
+    connection is free."""
+    node = start_session_node(
+        nodes,
+        [shared_mariadb.port],
+        connections={"max_per_server": 1, "idle": 1, "checkout_timeout_ms": 400},
+    )
+    holder = session_connect(node)
+    waiters = [session_connect(node) for _ in range(5)]
+    one(holder, "BEGIN")
+    one(holder, "SELECT 1")
+    runs = [in_thread(conn, "SELECT 2") for conn in waiters]
+    for thread, outcome in runs:
+        thread.join(15)
+        assert len(outcome) == 1
+        error = outcome[0]
+        assert isinstance(error, pymysql.err.OperationalError)
+        assert error.args[0] == 9002
+    assert node.counter("backend_checkout_timeouts") == 5
+    one(holder, "COMMIT")
+    assert [one(conn, "SELECT 3") for conn in waiters] == [3] * 5
+
+
 def test_the_per_server_cap_holds_under_500_clients(
     nodes: NodeFactory, mariadb_factory: MariaDBFactory
 ) -> None:
