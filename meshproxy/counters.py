@@ -19,12 +19,14 @@ class Counters:
         self._values: Counter[tuple[str, Labels]] = Counter()
 
     def inc(self, name: str, amount: int = 1, **labels: str) -> None:
-        self._values[name, tuple(sorted(labels.items()))] += amount
+        key = name, _labels(labels)
+        values = self._values
+        values[key] = values.get(key, 0) + amount
 
     def get(self, name: str, **labels: str) -> int:
         """The value of one counter; with no labels given, the sum over all its labels."""
         if labels:
-            return self._values[name, tuple(sorted(labels.items()))]
+            return self._values[name, _labels(labels)]
         return sum(v for (n, _), v in self._values.items() if n == name)
 
     def items(self) -> Iterator[tuple[str, dict[str, str], int]]:
@@ -36,3 +38,9 @@ class Counters:
         for name, labels, value in self.items():
             out.setdefault(name, []).append({"labels": labels, "value": value})
         return out
+
+
+def _labels(labels: dict[str, str]) -> Labels:
+    # Most counters have one label, some run per session: skip the sort for them.
+    items = tuple(labels.items())
+    return items if len(items) < 2 else tuple(sorted(items))

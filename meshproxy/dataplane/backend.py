@@ -14,6 +14,7 @@ import typing
 from dataclasses import dataclass
 
 from meshproxy.config import Address
+from meshproxy.dataplane.callbacks import for_loop
 from meshproxy.errors import ConnectFailed, ProtocolError, describe
 from meshproxy.mysql import auth
 from meshproxy.mysql.constants import BACKEND_CAPS, Cap, Command
@@ -99,7 +100,7 @@ class Reply:
         return out
 
 
-class BackendConnection(asyncio.Protocol):
+class BackendConnection:  # an asyncio protocol; see dataplane/callbacks.py
     def __init__(self, address: Address, key: LoginKey) -> None:
         self.address = address
         self.key = key
@@ -131,6 +132,12 @@ class BackendConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = typing.cast(asyncio.Transport, transport)
+
+    def pause_writing(self) -> None:
+        pass  # our commands are small: the server's buffer is never the bound
+
+    def resume_writing(self) -> None:
+        pass
 
     def data_received(self, data: bytes) -> None:
         sink = self._sink
@@ -280,7 +287,7 @@ class BackendConnection(asyncio.Protocol):
         hostname = self.address.host if context.check_hostname else None
         try:
             transport = await loop.start_tls(
-                self.transport, self, context, server_hostname=hostname
+                self.transport, for_loop(self), context, server_hostname=hostname
             )
         except (ssl.SSLError, ConnectionError) as exc:
             raise ConnectFailed(str(self.address), f"TLS failed: {describe(exc)}") from None

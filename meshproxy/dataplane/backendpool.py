@@ -22,6 +22,7 @@ from meshproxy import log
 from meshproxy.config import Address, ConnectionsConfig
 from meshproxy.counters import Counters
 from meshproxy.dataplane.backend import BackendConnection, LoginKey
+from meshproxy.dataplane.callbacks import factory_for_loop
 from meshproxy.dataplane.router import Role
 from meshproxy.errors import ConnectFailed, MeshproxyError, ProtocolError, describe
 from meshproxy.mysql.constants import Command
@@ -307,18 +308,18 @@ class ServerPool:
         self.total += 1
         loop = asyncio.get_running_loop()
         local = (self.source_ip, 0) if self.source_ip else None
+        conn = BackendConnection(self.address, key)
         try:
             async with asyncio.timeout(min(self.connect_s, timeout_s)):
                 if self.dial is None:
-                    _, conn = await loop.create_connection(
-                        lambda: BackendConnection(self.address, key),
+                    await loop.create_connection(
+                        factory_for_loop(lambda: conn),
                         self.address.host,
                         self.address.port,
                         local_addr=local,
                     )
                 else:
-                    transport = await self.dial(lambda: BackendConnection(self.address, key), local)
-                    conn = typing.cast(BackendConnection, transport.get_protocol())
+                    await self.dial(lambda: conn, local)
             await conn.login(key.user, sha1, max(timeout_s, self.connect_s), self.tls)
         except (OSError, TimeoutError, ConnectFailed, ProtocolError) as exc:
             self.total -= 1

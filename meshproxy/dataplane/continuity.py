@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import typing
-from dataclasses import dataclass
 
 from meshproxy.dataplane.backend import BackendConnection
 from meshproxy.errors import MeshproxyError
@@ -47,9 +46,11 @@ class NotReplayed(MeshproxyError):
 # replayed execute prepares its statement on the new connection first.
 _REPLAYABLE = frozenset((Command.QUERY, Command.STMT_EXECUTE, Command.STMT_RESET))
 
+# Copied for each answer: hashlib.sha1() would look the algorithm up in OpenSSL each time.
+_SHA1 = hashlib.sha1(usedforsecurity=False)
 
-@dataclass(frozen=True, slots=True)
-class Entry:
+
+class Entry(typing.NamedTuple):  # not a frozen dataclass: its __init__ is slow, one per statement
     command: int
     payload: bytes  # as the client sent it
     statement: ClientStatement | None  # what an execute runs (prepared anew elsewhere)
@@ -116,7 +117,7 @@ class Journal:
         if command == Command.STMT_PREPARE or not (in_transaction or may_open):
             self._hash = None
             return
-        self._hash = hashlib.sha1(usedforsecurity=False)
+        self._hash = _SHA1.copy()
         if command not in _REPLAYABLE and self.replayable:
             self._refuse(f"command 0x{command:02x} in the transaction")
 
@@ -164,7 +165,7 @@ class _Checksum:
     """The sink of a replayed statement: its answer is checksummed, never shown."""
 
     def __init__(self) -> None:
-        self.hash = hashlib.sha1(usedforsecurity=False)
+        self.hash = _SHA1.copy()
         self.done: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
 
     def write(self, data: bytes) -> None:

@@ -41,8 +41,9 @@ class Entrance:
 Serve = Callable[["Inbound", HopHeader | None], Coroutine[Any, Any, None] | None]
 
 
-class Inbound(asyncio.Protocol):
-    """A client connection from accept until the pump takes it over."""
+class Inbound:
+    """A client connection from accept until the pump takes it over. (An asyncio protocol
+    without the base class: see dataplane/callbacks.py.)"""
 
     def __init__(self, entrance: Entrance, serve: Serve, counters: Counters) -> None:
         self.entrance = entrance
@@ -134,6 +135,12 @@ class Inbound(asyncio.Protocol):
         # Keep the transport open: the upstream's answer may still come (TLS, which has no
         # half-close, closes whatever we answer).
         return self.entrance.tls is None
+
+    def pause_writing(self) -> None:
+        pass  # it writes only an error packet
+
+    def resume_writing(self) -> None:
+        pass
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.lost:

@@ -18,6 +18,7 @@ from meshproxy import log
 from meshproxy.config import Address, UpstreamKind, UpstreamRef
 from meshproxy.counters import Counters
 from meshproxy.dataplane import tlslayer
+from meshproxy.dataplane.callbacks import StreamProtocol, factory_for_loop
 from meshproxy.dataplane.hop import HopHeader
 from meshproxy.dataplane.listener import Entrance, Inbound
 from meshproxy.dataplane.mysql import ER_PROXY_NO_UPSTREAM, error_packet
@@ -82,13 +83,16 @@ class DataPlane:
         tls = entrance.tls
         servers = []
         try:
-            factory: Callable[[], asyncio.Protocol] = functools.partial(
+            factory: Callable[[], StreamProtocol] = functools.partial(
                 Inbound, entrance, self.serve, self.counters
             )
             if tls is not None:
                 factory = tlslayer.accepting(factory, tls, HANDSHAKE_TIMEOUT_S)
             for sock in sockets:
-                servers.append(await loop.create_server(factory, sock=sock, backlog=backlog))
+                server = await loop.create_server(
+                    factory_for_loop(factory), sock=sock, backlog=backlog
+                )
+                servers.append(server)
         except OSError:
             for server in servers:
                 server.close()

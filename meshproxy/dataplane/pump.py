@@ -14,15 +14,15 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from meshproxy.config import Address
+from meshproxy.dataplane.callbacks import for_loop
 
 if TYPE_CHECKING:
     from meshproxy.dataplane.sockmap import Spliced
 
 
-class Half(asyncio.Protocol):
-    """One direction's reader: what arrives on our transport is written to ``peer``."""
-
-    __slots__ = ("eof", "nbytes", "peer", "session", "transport")
+class Half:
+    """One direction's reader: what arrives on our transport is written to ``peer``. (An
+    asyncio protocol without the base class: see dataplane/callbacks.py.)"""
 
     def __init__(self, session: Session, peer: asyncio.Transport | None) -> None:
         self.session = session
@@ -160,7 +160,7 @@ def link(session: Session, client: asyncio.Transport, pending: bytes, eof: bool)
     half = Half(session, upstream.transport)
     session.client = half
     half.transport = client
-    client.set_protocol(half)
+    client.set_protocol(for_loop(half))
     if pending:
         half.nbytes += len(pending)
         upstream.transport.write(pending)

@@ -28,19 +28,31 @@ ER_NOT_ALLOWED_COMMAND = 1148  # what ProxySQL answers a refusing rule with
 DIGEST_MAX_BYTES = 65536
 
 
-@dataclass(slots=True)
 class Plan:
-    """One statement, ready to run: its bytes (maybe rewritten) and where they go."""
+    """One statement, ready to run: its bytes (maybe rewritten) and where they go. (A
+    plain class, not a dataclass: mypyc compiles its ``__init__``; one runs per
+    statement.)"""
 
-    payload: bytes
-    effects: Effects
-    pool: str
-    side: str = Role.ANY
-    reads: bool = False
-    digest_text: str = ""
-    decision: Decision = NO_DECISION
-    cache_key: tuple[object, ...] | None = None
-    refusal: bytes | None = None  # an ERR payload to answer with instead of running it
+    def __init__(
+        self,
+        payload: bytes,
+        effects: Effects,
+        pool: str,
+        side: str = Role.ANY,
+        reads: bool = False,
+        digest_text: str = "",
+        decision: Decision = NO_DECISION,
+    ) -> None:
+        self.payload = payload
+        self.effects = effects
+        self.pool = pool
+        self.side = side
+        self.reads = reads
+        self.digest_text = digest_text
+        self.decision = decision
+        self.cache_key: tuple[object, ...] | None = None
+        # An ERR payload to answer with instead of running it.
+        self.refusal: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 
 from meshproxy import log
 from meshproxy.config import Address
-from meshproxy.dataplane.backend import BackendConnection, LoginKey, Prepared, Sink
+from meshproxy.dataplane.backend import BackendConnection, LoginKey, Prepared
 from meshproxy.dataplane.backendpool import PoolTimeout, ServerPool, Waiter
+from meshproxy.dataplane.callbacks import for_loop
 from meshproxy.dataplane.moving import NO_ADDRESSES, Mover, middle_failed
 from meshproxy.dataplane.router import Role
 from meshproxy.dataplane.routing import Plan, SessionRouter
@@ -75,38 +76,50 @@ class ClientStatement:
     control: Effects = field(default_factory=lambda: _NO_EFFECTS)
 
 
-@dataclass(slots=True)
 class Flight:
-    """The command on its way: what it was, and what it does to the session when it ends."""
+    """The command on its way: what it was, and what it does to the session when it ends.
+    (A plain class, not a dataclass: mypyc compiles its ``__init__``; one runs per
+    statement.)"""
 
-    command: int
-    effects: Effects
-    conn: BackendConnection
-    payload: bytes  # as the client sent it: what runs again if the flight moves
-    statement: ClientStatement | None = None
-    argument: bytes = b""  # COM_INIT_DB's schema, COM_STMT_PREPARE's text
-    client_stmt_id: int = 0
-    answered: bool = False  # a byte of the answer has reached the client
-    sent: bool = True  # False: its connection had broken already; it never left us
-    plan: Plan | None = None  # how routing sent it (digest, cache, timeout)
-    answer: bytearray | None = None  # the answer so far, for the query cache
-    timer: asyncio.TimerHandle | None = None  # a query rule's statement timeout
-    held: bytes | None = None  # a middle's own failure (ERR 9001, 9003), not yet passed on
+    def __init__(
+        self,
+        command: int,
+        effects: Effects,
+        conn: BackendConnection,
+        payload: bytes,  # as the client sent it: what runs again if the flight moves
+        statement: ClientStatement | None = None,
+        client_stmt_id: int = 0,
+        plan: Plan | None = None,  # how routing sent it (digest, cache, timeout)
+    ) -> None:
+        self.command = command
+        self.effects = effects
+        self.conn = conn
+        self.payload = payload
+        self.statement = statement
+        self.client_stmt_id = client_stmt_id
+        self.plan = plan
+        self.argument = b""  # COM_INIT_DB's schema, COM_STMT_PREPARE's text
+        self.answered = False  # a byte of the answer has reached the client
+        self.sent = True  # False: its connection had broken already; it never left us
+        self.answer: bytearray | None = None  # the answer so far, for the query cache
+        self.timer: asyncio.TimerHandle | None = None  # a query rule's statement timeout
+        # A middle's own failure (ERR 9001, 9003), not yet passed on.
+        self.held: bytes | None = None
 
 
-@dataclass
 class Pins:
     """Why the session keeps its backend connection between statements."""
 
-    reasons: set[str] = field(default_factory=set)
-    lock: bool = False  # LOCK TABLES / FLUSH TABLES WITH READ LOCK, until UNLOCK TABLES
-    transaction: bool = False
+    def __init__(self) -> None:
+        self.reasons: set[str] = set()
+        self.lock = False  # LOCK TABLES / FLUSH TABLES WITH READ LOCK, until UNLOCK TABLES
+        self.transaction = False
 
     def holding(self) -> bool:
         return bool(self.reasons) or self.lock or self.transaction
 
 
-class ClientSession(asyncio.Protocol, Sink):
+class ClientSession:  # an asyncio protocol (dataplane/callbacks.py), and a Sink
     def __init__(
         self,
         mode: SessionMode,
@@ -167,7 +180,7 @@ class ClientSession(asyncio.Protocol, Sink):
     def start(self, transport: asyncio.Transport, pending: bytes) -> None:
         """Take over an accepted client connection: greet it and read its login."""
         self.transport = transport
-        transport.set_protocol(self)
+        transport.set_protocol(for_loop(self))
         self._login = self.mode.new_login(self)
         transport.write(frame(0, self._login.greeting()))
         if pending:
@@ -212,6 +225,9 @@ class ClientSession(asyncio.Protocol, Sink):
                 self._login_step(packet)
         if self._login is None and not self.closed:
             self.drain()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        pass  # start() took the transport; start_tls's TLS transport is its result
 
     def eof_received(self) -> bool:
         self.close("client closed")
@@ -318,7 +334,7 @@ class ClientSession(asyncio.Protocol, Sink):
             loop.call_soon(_hand_over, transport, self, early)
         try:
             async with asyncio.timeout(10):
-                tls = await loop.start_tls(transport, self, context, server_side=True)
+                tls = await loop.start_tls(transport, for_loop(self), context, server_side=True)
         except (OSError, TimeoutError) as exc:
             self.mode.counters.inc("session_tls_failures")
             log.warning("session_tls_failed", peer=self.peer, error=str(exc))
@@ -1170,7 +1186,7 @@ class _Queued(Waiter):
         self.session.refuse(Refusal(ER_PROXY_POOL_TIMEOUT, f"meshproxy: {error}"))
 
 
-class _Renumbering(Sink):
+class _Renumbering:  # a Sink
     """Forwards a prepare's answer, with the backend's statement id replaced by the one the
     client is given (the id is in the first packet, at the start of the first chunk)."""
 
@@ -1211,7 +1227,7 @@ def _hand_over(transport: asyncio.Transport, session: ClientSession, data: bytes
     in one step; feeding from a callback queued after we see the swap runs after it, and
     before the transport (paused until then) reads anything new.
     """
-    protocol = transport.get_protocol()
+    protocol: object = transport.get_protocol()
     loop = asyncio.get_running_loop()
     if protocol is session:
         loop.call_soon(_hand_over, transport, session, data)

@@ -24,11 +24,12 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from meshproxy import log
+from meshproxy.dataplane.callbacks import StreamProtocol
 from meshproxy.security.meshtls import MeshTls
 
 READ_SIZE = 64 * 1024  # more than a record holds: one read empties a whole record
 
-P = TypeVar("P", bound=asyncio.Protocol)
+P = TypeVar("P", bound=StreamProtocol)
 Done = Callable[["TlsTransport", BaseException | None], None]
 
 
@@ -63,7 +64,7 @@ class TlsTransport(asyncio.Transport, asyncio.Protocol):
         self._ssl = context.wrap_bio(self._in, self._out, server_side=server_side)
         self._done: Done | None = done  # told once, when the handshake ends either way
         self._raw: asyncio.Transport | None = None
-        self._protocol: asyncio.Protocol | None = None
+        self._protocol: StreamProtocol | None = None
         self._started = False  # the protocol above has had connection_made
         self._reading = True
         self._closing = False
@@ -138,7 +139,7 @@ class TlsTransport(asyncio.Transport, asyncio.Protocol):
         if done is not None:
             done(self, exc)
 
-    def start(self, protocol: asyncio.Protocol) -> None:
+    def start(self, protocol: StreamProtocol) -> None:
         """Hand the verified connection to ``protocol``, with whatever already arrived."""
         self._protocol = protocol
         self._started = True
@@ -307,7 +308,7 @@ async def connect(
 
 
 def accepting(
-    factory: Callable[[], asyncio.Protocol], tls: MeshTls, timeout_s: float
+    factory: Callable[[], StreamProtocol], tls: MeshTls, timeout_s: float
 ) -> Callable[[], TlsTransport]:
     """A protocol factory for ``loop.create_server``: each connection shakes hands within
     ``timeout_s``, then runs ``factory()``; a failed handshake is reported to ``tls``

@@ -21,6 +21,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, sto
 from meshproxy.config import Address, UpstreamKind, UpstreamRef
 from meshproxy.counters import Counters
 from meshproxy.dataplane import tlslayer
+from meshproxy.dataplane.callbacks import StreamProtocol, factory_for_loop, for_loop
 from meshproxy.dataplane.hop import HopHeader
 from meshproxy.dataplane.pump import Half, Session
 from meshproxy.dataplane.router import Member, choose
@@ -32,8 +33,9 @@ from meshproxy.security.meshtls import MeshTls, peer_of
 ConnectReport = Callable[[UpstreamRef, Address, str | None], None]
 
 
-class Dialing(asyncio.Protocol):
-    """An upstream connection that is not linked yet: waits for the server's first bytes."""
+class Dialing:
+    """An upstream connection that is not linked yet: waits for the server's first bytes.
+    (An asyncio protocol without the base class: see dataplane/callbacks.py.)"""
 
     def __init__(self, ready: asyncio.Future[None], address: Address) -> None:
         self.ready = ready
@@ -74,6 +76,12 @@ class Dialing(asyncio.Protocol):
         self._fail("closed before the server greeting")
         return False
 
+    def pause_writing(self) -> None:
+        pass  # it writes only a hop header
+
+    def resume_writing(self) -> None:
+        pass
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         self._fail(f"connection lost: {exc}" if exc else "connection closed")
@@ -88,8 +96,9 @@ class Dialing(asyncio.Protocol):
             self.ready.set_exception(ConnectFailed(str(self.address), reason))
 
 
-class _Idle(asyncio.Protocol):
-    """A warm socket waiting in the pool; any event on it means it is no longer usable."""
+class _Idle:
+    """A warm socket waiting in the pool; any event on it means it is no longer usable.
+    (An asyncio protocol without the base class: see dataplane/callbacks.py.)"""
 
     def __init__(self, pool: WarmPool, address: Address) -> None:
         self.pool = pool
@@ -106,6 +115,12 @@ class _Idle(asyncio.Protocol):
     def eof_received(self) -> bool:
         self.discard()
         return False
+
+    def pause_writing(self) -> None:
+        pass  # it writes nothing
+
+    def resume_writing(self) -> None:
+        pass
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.pool.forget(self)
@@ -165,7 +180,7 @@ class WarmPool:
 
 
 async def dial(
-    factory: Callable[[], asyncio.Protocol],
+    factory: Callable[[], StreamProtocol],
     address: Address,
     tls: MeshTls | None,
     local: tuple[str, int] | None = None,
@@ -173,7 +188,7 @@ async def dial(
     """Connect to ``address``; with ``tls``, over mutual TLS to a peer proven a middle."""
     if tls is None:
         transport, _ = await asyncio.get_running_loop().create_connection(
-            factory, address.host, address.port, local_addr=local
+            factory_for_loop(factory), address.host, address.port, local_addr=local
         )
         return transport
     transport, _ = await tlslayer.connect(factory, address.host, address.port, tls.client, local)
@@ -308,7 +323,7 @@ class Connector:
             transport = pool.take(address) if pool is not None else None
             if transport is not None:
                 dialing.transport = transport
-                transport.set_protocol(dialing)
+                transport.set_protocol(for_loop(dialing))
             else:
                 connect_s = max(min(self.connect_s, remaining_s), 0.001)
                 tls = self.tls if ref.kind is UpstreamKind.TIER else None
@@ -348,7 +363,7 @@ class Connector:
         upstream.transport = transport
         session.upstream = upstream
         session.member = address
-        transport.set_protocol(upstream)
+        transport.set_protocol(for_loop(upstream))
         if await_greeting and self.sockmap is not None:
             # The quiet point: the greeting is here and not passed on, so neither side
             # sends until the client has it.
