@@ -15,6 +15,7 @@ from setuptools import setup
 NATIVE = [
     "meshproxy/counters.py",
     "meshproxy/mysql/auth.py",
+    "meshproxy/mysql/constants.py",
     "meshproxy/mysql/digest.py",
     "meshproxy/mysql/handshake.py",
     "meshproxy/mysql/login.py",

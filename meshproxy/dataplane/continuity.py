@@ -50,11 +50,17 @@ _REPLAYABLE = frozenset((Command.QUERY, Command.STMT_EXECUTE, Command.STMT_RESET
 _SHA1 = hashlib.sha1(usedforsecurity=False)
 
 
-class Entry(typing.NamedTuple):  # not a frozen dataclass: its __init__ is slow, one per statement
-    command: int
-    payload: bytes  # as the client sent it
-    statement: ClientStatement | None  # what an execute runs (prepared anew elsewhere)
-    checksum: bytes  # of the whole answer, as the client received it
+class Entry:
+    """One statement of the transaction (a plain class: mypyc builds it in C; one is
+    kept per statement)."""
+
+    def __init__(
+        self, command: int, payload: bytes, statement: ClientStatement | None, checksum: bytes
+    ) -> None:
+        self.command = command
+        self.payload = payload  # as the client sent it
+        self.statement = statement  # what an execute runs (prepared anew elsewhere)
+        self.checksum = checksum  # of the whole answer, as the client received it
 
 
 class Journal:

@@ -532,7 +532,7 @@ class ClientSession:  # an asyncio protocol (dataplane/callbacks.py), and a Sink
                 Command.STMT_EXECUTE: "mysqld_stmt_execute",
                 Command.STMT_FETCH: "mysqld_stmt_fetch",
                 Command.STMT_RESET: "mysqld_stmt_reset",
-            }[Command(command)]
+            }[command]
             message = f"Unknown prepared statement handler ({stmt_id}) given to {name}"
             self.send(1, err_payload(ER_UNKNOWN_STMT_HANDLER, message))
             return

@@ -2,39 +2,41 @@
 
 from __future__ import annotations
 
-import enum
+from typing import Final
 
 MAX_PAYLOAD = 0xFFFFFF  # a payload this long continues in the next packet
 
 
-# Capability and status flags are plain ints, not enum.IntFlag: they are tested for every
-# login and every answer, and an IntFlag operand turns each ``&`` into a Python-level call.
+# Capability and status flags and commands are Final plain ints, not enum.IntFlag or
+# IntEnum: they are tested for every login, command and answer. An IntFlag operand turns
+# each ``&`` into a Python-level call, an IntEnum member read is a call to the enum's
+# metaclass, and mypyc compiles a Final int into the code that reads it.
 class Cap:
-    LONG_PASSWORD = 1
-    FOUND_ROWS = 1 << 1
-    LONG_FLAG = 1 << 2
-    CONNECT_WITH_DB = 1 << 3
-    NO_SCHEMA = 1 << 4
-    COMPRESS = 1 << 5
-    ODBC = 1 << 6
-    LOCAL_FILES = 1 << 7
-    IGNORE_SPACE = 1 << 8
-    PROTOCOL_41 = 1 << 9
-    INTERACTIVE = 1 << 10
-    SSL = 1 << 11
-    IGNORE_SIGPIPE = 1 << 12
-    TRANSACTIONS = 1 << 13
-    RESERVED = 1 << 14
-    SECURE_CONNECTION = 1 << 15
-    MULTI_STATEMENTS = 1 << 16
-    MULTI_RESULTS = 1 << 17
-    PS_MULTI_RESULTS = 1 << 18
-    PLUGIN_AUTH = 1 << 19
-    CONNECT_ATTRS = 1 << 20
-    PLUGIN_AUTH_LENENC_DATA = 1 << 21
-    CAN_HANDLE_EXPIRED_PASSWORDS = 1 << 22
-    SESSION_TRACK = 1 << 23
-    DEPRECATE_EOF = 1 << 24
+    LONG_PASSWORD: Final = 1
+    FOUND_ROWS: Final = 1 << 1
+    LONG_FLAG: Final = 1 << 2
+    CONNECT_WITH_DB: Final = 1 << 3
+    NO_SCHEMA: Final = 1 << 4
+    COMPRESS: Final = 1 << 5
+    ODBC: Final = 1 << 6
+    LOCAL_FILES: Final = 1 << 7
+    IGNORE_SPACE: Final = 1 << 8
+    PROTOCOL_41: Final = 1 << 9
+    INTERACTIVE: Final = 1 << 10
+    SSL: Final = 1 << 11
+    IGNORE_SIGPIPE: Final = 1 << 12
+    TRANSACTIONS: Final = 1 << 13
+    RESERVED: Final = 1 << 14
+    SECURE_CONNECTION: Final = 1 << 15
+    MULTI_STATEMENTS: Final = 1 << 16
+    MULTI_RESULTS: Final = 1 << 17
+    PS_MULTI_RESULTS: Final = 1 << 18
+    PLUGIN_AUTH: Final = 1 << 19
+    CONNECT_ATTRS: Final = 1 << 20
+    PLUGIN_AUTH_LENENC_DATA: Final = 1 << 21
+    CAN_HANDLE_EXPIRED_PASSWORDS: Final = 1 << 22
+    SESSION_TRACK: Final = 1 << 23
+    DEPRECATE_EOF: Final = 1 << 24
 
 
 # What meshproxy offers clients. Not COMPRESS (clients fall back to plain packets) and not
@@ -91,55 +93,55 @@ BACKEND_CAPS = (
 
 
 class Status:
-    IN_TRANS = 1
-    AUTOCOMMIT = 1 << 1
-    MORE_RESULTS_EXISTS = 1 << 3
-    NO_GOOD_INDEX_USED = 1 << 4
-    NO_INDEX_USED = 1 << 5
-    CURSOR_EXISTS = 1 << 6
-    LAST_ROW_SENT = 1 << 7
-    DB_DROPPED = 1 << 8
-    NO_BACKSLASH_ESCAPES = 1 << 9
-    METADATA_CHANGED = 1 << 10
-    QUERY_WAS_SLOW = 1 << 11
-    PS_OUT_PARAMS = 1 << 12
-    IN_TRANS_READONLY = 1 << 13
-    SESSION_STATE_CHANGED = 1 << 14
+    IN_TRANS: Final = 1
+    AUTOCOMMIT: Final = 1 << 1
+    MORE_RESULTS_EXISTS: Final = 1 << 3
+    NO_GOOD_INDEX_USED: Final = 1 << 4
+    NO_INDEX_USED: Final = 1 << 5
+    CURSOR_EXISTS: Final = 1 << 6
+    LAST_ROW_SENT: Final = 1 << 7
+    DB_DROPPED: Final = 1 << 8
+    NO_BACKSLASH_ESCAPES: Final = 1 << 9
+    METADATA_CHANGED: Final = 1 << 10
+    QUERY_WAS_SLOW: Final = 1 << 11
+    PS_OUT_PARAMS: Final = 1 << 12
+    IN_TRANS_READONLY: Final = 1 << 13
+    SESSION_STATE_CHANGED: Final = 1 << 14
 
 
-class Command(enum.IntEnum):
-    SLEEP = 0x00
-    QUIT = 0x01
-    INIT_DB = 0x02
-    QUERY = 0x03
-    FIELD_LIST = 0x04
-    CREATE_DB = 0x05
-    DROP_DB = 0x06
-    REFRESH = 0x07
-    SHUTDOWN = 0x08
-    STATISTICS = 0x09
-    PROCESS_INFO = 0x0A
-    CONNECT = 0x0B
-    PROCESS_KILL = 0x0C
-    DEBUG = 0x0D
-    PING = 0x0E
-    TIME = 0x0F
-    DELAYED_INSERT = 0x10
-    CHANGE_USER = 0x11
-    BINLOG_DUMP = 0x12
-    TABLE_DUMP = 0x13
-    CONNECT_OUT = 0x14
-    REGISTER_SLAVE = 0x15
-    STMT_PREPARE = 0x16
-    STMT_EXECUTE = 0x17
-    STMT_SEND_LONG_DATA = 0x18
-    STMT_CLOSE = 0x19
-    STMT_RESET = 0x1A
-    SET_OPTION = 0x1B
-    STMT_FETCH = 0x1C
-    DAEMON = 0x1D
-    BINLOG_DUMP_GTID = 0x1E
-    RESET_CONNECTION = 0x1F
+class Command:
+    SLEEP: Final = 0x00
+    QUIT: Final = 0x01
+    INIT_DB: Final = 0x02
+    QUERY: Final = 0x03
+    FIELD_LIST: Final = 0x04
+    CREATE_DB: Final = 0x05
+    DROP_DB: Final = 0x06
+    REFRESH: Final = 0x07
+    SHUTDOWN: Final = 0x08
+    STATISTICS: Final = 0x09
+    PROCESS_INFO: Final = 0x0A
+    CONNECT: Final = 0x0B
+    PROCESS_KILL: Final = 0x0C
+    DEBUG: Final = 0x0D
+    PING: Final = 0x0E
+    TIME: Final = 0x0F
+    DELAYED_INSERT: Final = 0x10
+    CHANGE_USER: Final = 0x11
+    BINLOG_DUMP: Final = 0x12
+    TABLE_DUMP: Final = 0x13
+    CONNECT_OUT: Final = 0x14
+    REGISTER_SLAVE: Final = 0x15
+    STMT_PREPARE: Final = 0x16
+    STMT_EXECUTE: Final = 0x17
+    STMT_SEND_LONG_DATA: Final = 0x18
+    STMT_CLOSE: Final = 0x19
+    STMT_RESET: Final = 0x1A
+    SET_OPTION: Final = 0x1B
+    STMT_FETCH: Final = 0x1C
+    DAEMON: Final = 0x1D
+    BINLOG_DUMP_GTID: Final = 0x1E
+    RESET_CONNECTION: Final = 0x1F
 
 
 # Error codes meshproxy itself answers with, worded as a MySQL server words them.

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import NamedTuple
 
 from meshproxy.mysql.constants import MAX_PAYLOAD
 
@@ -31,14 +30,26 @@ def frame(seq: int, payload: bytes) -> bytes:
             return b"".join(parts)
 
 
-class Packet(NamedTuple):
+class Packet:
     """One logical packet: the sequence id of its first part and the joined payload.
-    (A tuple: one is made per packet, and a tuple is built in C where a frozen dataclass
-    runs its generated __init__.)"""
 
-    seq: int
-    payload: bytes
-    last_seq: int  # sequence id of its last part (the next packet of the exchange is +1)
+    A plain class, and never changed once made: one is made per packet, and mypyc builds
+    this one in C, where a frozen dataclass or a NamedTuple runs Python code to build it.
+    """
+
+    def __init__(self, seq: int, payload: bytes, last_seq: int) -> None:
+        self.seq = seq
+        self.payload = payload
+        self.last_seq = last_seq  # of its last part (the exchange's next packet is +1)
+
+    def _fields(self) -> tuple[int, bytes, int]:
+        return self.seq, self.payload, self.last_seq
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Packet) and self._fields() == other._fields()
+
+    def __repr__(self) -> str:
+        return f"Packet{self._fields()}"
 
 
 class PacketTooLarge(Exception):
@@ -165,12 +176,23 @@ def read_nul(data: bytes, pos: int) -> tuple[bytes | None, int]:
 # ----------------------------------------------------------------- OK, ERR, EOF
 
 
-@dataclass(frozen=True, slots=True)
 class Ok:
-    affected_rows: int
-    last_insert_id: int
-    status: int
-    warnings: int
+    """An OK packet's numbers (a plain class, as ``Packet``: one is read per statement)."""
+
+    def __init__(self, affected_rows: int, last_insert_id: int, status: int, warnings: int) -> None:
+        self.affected_rows = affected_rows
+        self.last_insert_id = last_insert_id
+        self.status = status
+        self.warnings = warnings
+
+    def _fields(self) -> tuple[int, int, int, int]:
+        return self.affected_rows, self.last_insert_id, self.status, self.warnings
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Ok) and self._fields() == other._fields()
+
+    def __repr__(self) -> str:
+        return f"Ok{self._fields()}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -260,7 +260,7 @@ def test_err_in_the_middle_of_rows(deprecate_eof: bool) -> None:
 
 
 @pytest.mark.parametrize("command", [Command.QUERY, Command.STMT_EXECUTE])
-def test_plain_ok_and_err(command: Command) -> None:
+def test_plain_ok_and_err(command: int) -> None:
     """An OK or an ERR is the whole answer to a query or an execute."""
     answer = Answer(command, False, Wire())
     answer.wire.add(ok_payload(AC, 42, 9))
@@ -359,7 +359,7 @@ def test_cursor_execute_ends_after_the_column_eof() -> None:
         (Command.STMT_RESET, b"", Expected()),
     ],
 )
-def test_single_packet_answers(command: Command, payload: bytes, expected: Expected) -> None:
+def test_single_packet_answers(command: int, payload: bytes, expected: Expected) -> None:
     """Other commands are answered by one packet, whatever it holds."""
     check_every_split(Answer(command, False, Wire().add(payload), expected))
 
@@ -439,9 +439,7 @@ def test_local_infile_refused() -> None:
         (Command.STMT_PREPARE, b"\x05" + b"\x00" * 11),  # not a prepare OK
     ],
 )
-def test_malformed_first_packets_end_the_answer_with_an_error(
-    command: Command, payload: bytes
-) -> None:
+def test_malformed_first_packets_end_the_answer_with_an_error(command: int, payload: bytes) -> None:
     """A first packet that makes no sense ends the answer there, as an error."""
     wire = frame(1, payload)
     response = Response(command, False)
@@ -648,7 +646,7 @@ PAYLOADS = st.lists(
     cuts=CUTS,
 )
 def test_arbitrary_bytes_never_raise(
-    command: Command, deprecate_eof: bool, data: bytes, cuts: list[int]
+    command: int, deprecate_eof: bool, data: bytes, cuts: list[int]
 ) -> None:
     """Any bytes, for any command, are fed without raising."""
     events(command, deprecate_eof, data, cuts)
@@ -662,7 +660,7 @@ def test_arbitrary_bytes_never_raise(
     cuts=st.lists(st.integers(0, 400), max_size=20),
 )
 def test_arbitrary_packets_end_where_they_end_however_cut(
-    command: Command, deprecate_eof: bool, payloads: list[bytes], cuts: list[int]
+    command: int, deprecate_eof: bool, payloads: list[bytes], cuts: list[int]
 ) -> None:
     """Well-framed packets of any content give the same ends and values however chunked."""
     data = framed(payloads)
