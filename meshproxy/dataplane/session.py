@@ -40,7 +40,15 @@ from meshproxy.mysql.constants import (
     Command,
     Status,
 )
-from meshproxy.mysql.packets import Framer, Packet, PacketTooLarge, err_payload, frame, ok_payload
+from meshproxy.mysql.packets import (
+    Framer,
+    Packet,
+    PacketTooLarge,
+    err_payload,
+    frame,
+    ok_payload,
+    u32,
+)
 from meshproxy.mysql.response import NO_RESPONSE, Response
 from meshproxy.mysql.state import Values, restore_sql
 from meshproxy.mysql.statements import Effects, classify_bytes
@@ -441,7 +449,7 @@ class ClientSession:  # an asyncio protocol (dataplane/callbacks.py), and a Sink
             self._statement_command(command, payload)
         elif command == Command.STMT_CLOSE:
             if len(payload) >= 5:
-                self.statements.pop(struct.unpack_from("<I", payload, 1)[0], None)
+                self.statements.pop(u32(payload, 1), None)
         elif command == Command.CHANGE_USER:
             self._change_user(packet)
         elif command == Command.RESET_CONNECTION:
@@ -523,7 +531,7 @@ class ClientSession:  # an asyncio protocol (dataplane/callbacks.py), and a Sink
             self.mode.counters.inc("session_protocol_errors", reason="short statement command")
             self._fail(ER_MALFORMED_PACKET, "Malformed communication packet", 1)
             return
-        stmt_id = struct.unpack_from("<I", payload, 1)[0]
+        stmt_id = u32(payload, 1)
         statement = self.statements.get(stmt_id)
         if statement is None:
             if command == Command.STMT_SEND_LONG_DATA:
@@ -834,7 +842,7 @@ class ClientSession:  # an asyncio protocol (dataplane/callbacks.py), and a Sink
         body = payload[5:]
         if command == Command.STMT_EXECUTE and statement.params:
             body = self._bind_types(body, statement, prepared)
-        return frame(0, bytes((command,)) + struct.pack("<I", prepared.backend_id) + body)
+        return frame(0, bytes((command,)) + prepared.backend_id.to_bytes(4, "little") + body)
 
     @staticmethod
     def _bind_types(body: bytes, statement: ClientStatement, prepared: Prepared) -> bytes:

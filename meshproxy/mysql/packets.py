@@ -14,6 +14,17 @@ from dataclasses import dataclass
 from meshproxy.mysql.constants import MAX_PAYLOAD
 
 
+def u16(data: bytes, pos: int) -> int:
+    """The little-endian 2-byte int at ``pos`` (byte arithmetic: mypyc compiles it to C,
+    where ``struct.unpack_from`` is a module lookup and a call per field)."""
+    return data[pos] | data[pos + 1] << 8
+
+
+def u32(data: bytes, pos: int) -> int:
+    """The little-endian 4-byte int at ``pos`` (see ``u16``)."""
+    return data[pos] | data[pos + 1] << 8 | data[pos + 2] << 16 | data[pos + 3] << 24
+
+
 def frame(seq: int, payload: bytes) -> bytes:
     """``payload`` as one or more packets starting at sequence id ``seq``."""
     if len(payload) < MAX_PAYLOAD:
@@ -210,14 +221,13 @@ def parse_ok(payload: bytes) -> Ok | None:
     insert_id, pos = read_lenenc(payload, pos)
     if affected is None or insert_id is None or pos + 4 > len(payload):
         return None
-    status, warnings = struct.unpack_from("<HH", payload, pos)
-    return Ok(affected, insert_id, status, warnings)
+    return Ok(affected, insert_id, u16(payload, pos), u16(payload, pos + 2))
 
 
 def parse_eof_status(payload: bytes) -> int | None:
     """The status flags of an EOF packet, or None if it is not one."""
     if len(payload) == 5 and payload[0] == 0xFE:
-        return int(struct.unpack_from("<H", payload, 3)[0])
+        return u16(payload, 3)
     return None
 
 
