@@ -126,13 +126,11 @@ class DataPlane:
             client, hops = inbound.peer, 0
         else:
             route = self.routes.get(f"service:{header.service}")
-            if route is None or header.hops > self.max_hops:
-                why = (
-                    f"unknown service {header.service!r}"
-                    if route is None
-                    else f"hop limit exceeded ({header.hops} hops)"
-                )
-                self._refuse(inbound, why)
+            if route is None:
+                self._refuse(inbound, f"unknown service {header.service!r}")
+                return None
+            if header.hops > self.max_hops:
+                self._refuse(inbound, f"hop limit exceeded ({header.hops} hops)")
                 return None
             client, hops = header.client, header.hops
         if route.session:
@@ -155,10 +153,8 @@ class DataPlane:
         self._session_opened()
         try:
             await self.connector.open(route.ref, session, transport, next_header, route.greeting)
-        except BaseException as exc:
+        except UpstreamError as exc:
             self._session_ended()
-            if not isinstance(exc, UpstreamError):
-                raise  # cancelled (the client went away), or a bug
             self.counters.inc("connect_failures", upstream=str(route.ref))
             log.warning("upstream_unavailable", client=client, upstream=str(route.ref), error=exc)
             if entrance.speaks_mysql:
@@ -171,6 +167,9 @@ class DataPlane:
                 transport.write(error_packet(ER_PROXY_NO_UPSTREAM, message))
             transport.close()
             return None
+        except BaseException:  # cancelled (the client went away), or a bug
+            self._session_ended()
+            raise
         upstream = session.upstream
         assert upstream is not None
         if inbound.lost:  # the client went away while we were connecting

@@ -905,8 +905,12 @@ class ClientSession:  # an asyncio protocol (dataplane/callbacks.py), and a Sink
         flight = self.flight
         assert flight is not None
         mover = self.mover
-        moved = flight.held is not None and mover is not None
-        if moved and mover is not None and mover.held_error_moves(flight, response):
+        # A middle's own failure, held back: the statement moves instead, when it may.
+        if (
+            flight.held is not None
+            and mover is not None
+            and mover.held_error_moves(flight, response)
+        ):
             return
         self.flight = None
         self.statement_count += 1
