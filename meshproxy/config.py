@@ -303,7 +303,9 @@ class QueryCacheConfig:
 
 @dataclass(frozen=True)
 class DigestsConfig:
-    enabled: bool = True
+    # Unset: counted where statements run on servers. An edge whose session-mode entrances
+    # all lead to tiers leaves them to its middles, which count every statement it sends.
+    enabled: bool | None = None
     max_tracked: int = 1000  # digests kept apart; beyond, the least costly fold into "other"
     top_n: int = 50  # shown by the admin API's default and Prometheus
 

@@ -173,7 +173,10 @@ def _dispatch(client: Client, args: argparse.Namespace) -> Any:
         return client.call("DELETE", f"{path}/{address}")
     if action == "top":
         query = urllib.parse.urlencode({"by": args.by, "limit": args.limit})
-        table = top_table(client.call("GET", f"/digests?{query}")["digests"])
+        answer = client.call("GET", f"/digests?{query}")
+        table = top_table(answer["digests"])
+        if answer.get("counted_here") is False:
+            table += "\n(this edge leaves digests to its middles: run top there)"
         if args.reset:  # as reading ProxySQL's stats_mysql_query_digest_reset does
             client.call("DELETE", "/digests")
         return table

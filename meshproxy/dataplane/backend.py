@@ -29,7 +29,7 @@ from meshproxy.mysql.response import Response
 from meshproxy.mysql.state import Flavor, SessionState, from_row, read_back_sql
 
 # Answers to meshproxy's own commands are small; anything bigger is a broken server.
-_INTERNAL_MAX = 4 * 1024 * 1024
+_INTERNAL_MAX: typing.Final = 4 * 1024 * 1024
 
 
 class LoginKey(typing.NamedTuple):
@@ -41,14 +41,16 @@ class LoginKey(typing.NamedTuple):
     collation: int
 
 
-@dataclass
 class Prepared:
     """A statement prepared on one backend connection."""
 
-    backend_id: int
-    params: int
-    columns: int
-    types_sent: bool = False  # an execute has bound parameter types on this connection
+    def __init__(self, backend_id: int, params: int, columns: int) -> None:
+        self.backend_id = backend_id
+        self.params = params
+        self.columns = columns
+        self.types_sent = False  # an execute has bound parameter types on this connection
+        # COM_STMT_EXECUTE and this connection's statement id: the head of every execute.
+        self.execute_head = bytes((Command.STMT_EXECUTE,)) + backend_id.to_bytes(4, "little")
 
 
 class Sink(typing.Protocol):

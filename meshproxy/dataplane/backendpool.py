@@ -383,16 +383,22 @@ class ServerPool:
             self._forget(conn, "server not taking new connections")
             return
         if not self.waiting:  # the common case: straight back to the idle list
-            self.idle.setdefault(conn.key, deque()).append(conn)
+            self._idle_again(conn)
             return
         waiter = self._next(self._waiters.get(conn.key))
         if waiter is not None:
             waiter.hand(conn)
             return
-        self.idle.setdefault(conn.key, deque()).append(conn)
+        self._idle_again(conn)
         other = next((k for k, q in self._waiters.items() if _has_live(q)), None)
         if other is not None:  # someone waits for another login: make room for it
             self._close_idle_of_other_logins(other)
+
+    def _idle_again(self, conn: BackendConnection) -> None:
+        conns = self.idle.get(conn.key)  # not setdefault: that builds a deque every call
+        if conns is None:
+            conns = self.idle[conn.key] = deque()
+        conns.append(conn)
 
     def discard(self, conn: BackendConnection, reason: str) -> None:
         """A connection a session cannot hand back in a known state."""

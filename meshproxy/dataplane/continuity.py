@@ -6,11 +6,12 @@ so a middle that dies costs it nothing. A statement in flight and an open transa
 another matter, and this module holds what they need:
 
 * the **journal** of the open transaction: every statement sent in it (a query's text, or
-  a prepared statement's execute) with a checksum of the answer the client received. When the middle
-  fails, the transaction runs again through another one, and it continues there only if
-  every answer is the same as before (MaxScale's transaction replay, across a mesh);
-* the **checksum** of one statement run again on a connection: its answer is never shown
-  to the client.
+  a prepared statement's execute), the length of the answer the client received, and one
+  running checksum of all those answers. When the middle fails, the transaction runs again
+  through another one, and it continues there only if every answer is the same as before
+  (MaxScale's transaction replay, across a mesh);
+* the **replay** of one statement on a connection: its answer goes into the replay's own
+  running checksum, never to the client.
 
 What may be run again and what must fail is decided by the session (``session.py``): a
 read may; a write or a ``COMMIT`` whose fate is unknown may not.
@@ -32,9 +33,10 @@ if typing.TYPE_CHECKING:
     from meshproxy.dataplane.session import ClientStatement
 
 # A transaction longer than this is not kept: it could not be moved, only rolled back.
-MAX_ENTRIES = 1000
-MAX_BYTES = 4 * 1024 * 1024  # of statements kept
-MAX_MOVES = 3  # a statement is sent again at most this often (each time to another middle)
+MAX_ENTRIES: typing.Final = 1000
+MAX_BYTES: typing.Final = 4 * 1024 * 1024  # of statements kept
+# A statement is sent again at most this often (each time to another middle).
+MAX_MOVES: typing.Final = 3
 
 
 class NotReplayed(MeshproxyError):
@@ -44,10 +46,12 @@ class NotReplayed(MeshproxyError):
 # The commands a transaction may hold and still be replayed: the others leave state on
 # their connection (a cursor, long data) that pins it anyway. A prepare is not kept: a
 # replayed execute prepares its statement on the new connection first.
-_REPLAYABLE = frozenset((Command.QUERY, Command.STMT_EXECUTE, Command.STMT_RESET))
+_REPLAYABLE: typing.Final = frozenset((Command.QUERY, Command.STMT_EXECUTE, Command.STMT_RESET))
 
-# Copied for each answer: hashlib.sha1() would look the algorithm up in OpenSSL each time.
-_SHA1 = hashlib.sha1(usedforsecurity=False)
+# Copied for each transaction: hashlib.sha1() would look the algorithm up in OpenSSL each
+# time. One running hash per transaction, not one per answer: with OpenSSL 3 the copy,
+# final and free of a hash cost more than hashing a short answer.
+_SHA1: typing.Final = hashlib.sha1(usedforsecurity=False)
 
 
 class Entry:
@@ -55,16 +59,16 @@ class Entry:
     kept per statement)."""
 
     def __init__(
-        self, command: int, payload: bytes, statement: ClientStatement | None, checksum: bytes
+        self, command: int, payload: bytes, statement: ClientStatement | None, answered_to: int
     ) -> None:
         self.command = command
         self.payload = payload  # as the client sent it
         self.statement = statement  # what an execute runs (prepared anew elsewhere)
-        self.checksum = checksum  # of the whole answer, as the client received it
+        self.answered_to = answered_to  # answer bytes of the transaction up to this one's end
 
 
 class Journal:
-    """The statements of a session's open transaction and the checksums of their answers.
+    """The statements of a session's open transaction and a checksum of their answers.
 
     ``sending`` is told of every command before it goes out, ``chunk`` of every answer byte
     the client is sent, ``answered`` whether a transaction is open once the answer ended.
@@ -73,8 +77,10 @@ class Journal:
     """
 
     __slots__ = (
+        "_answered",
         "_bytes",
         "_hash",
+        "_hashing",
         "_sending",
         "entries",
         "holder",
@@ -98,7 +104,9 @@ class Journal:
         self.start_schema = ""
         self._bytes = 0
         self._sending: tuple[int, bytes, ClientStatement | None] = (0, b"", None)
-        self._hash: hashlib._Hash | None = None
+        self._hash: hashlib._Hash | None = None  # of the transaction's answers so far
+        self._answered = 0  # their bytes
+        self._hashing = False  # the answer on its way goes into the hash
 
     def sending(
         self,
@@ -120,33 +128,39 @@ class Journal:
             self.start_values, self.start_schema = values, schema
         self.wrote = self.wrote or writes
         self._sending = (command, payload, statement)
-        if command == Command.STMT_PREPARE or not (in_transaction or may_open):
-            self._hash = None
-            return
-        self._hash = _SHA1.copy()
-        if command not in _REPLAYABLE and self.replayable:
+        kept = command != Command.STMT_PREPARE and (in_transaction or may_open)
+        if kept and command not in _REPLAYABLE and self.replayable:
             self._refuse(f"command 0x{command:02x} in the transaction")
+        self._hashing = kept and self.replayable
+        if self._hashing and self._hash is None:
+            self._hash = _SHA1.copy()
 
     def chunk(self, data: bytes) -> None:
-        if self._hash is not None:
-            self._hash.update(data)
+        if self._hashing:
+            self._hash.update(data)  # type: ignore[union-attr]
+            self._answered += len(data)
 
     def answered(self, in_transaction: bool) -> None:
-        digest, self._hash = self._hash, None
+        hashed, self._hashing = self._hashing, False
         if not in_transaction:
             self.clear()
             return
         command, payload, statement = self._sending
         if not self.replayable or command == Command.STMT_PREPARE:
             return
-        if digest is None:  # opened a transaction where none was expected: not kept
+        if not hashed:  # opened a transaction where none was expected: not kept
             self._refuse("it began where no transaction was expected")
             return
         self._bytes += len(payload)
         if len(self.entries) >= MAX_ENTRIES or self._bytes > MAX_BYTES:
             self._refuse("the transaction is too long to keep")
             return
-        self.entries.append(Entry(command, payload, statement, digest.digest()))
+        self.entries.append(Entry(command, payload, statement, self._answered))
+
+    def checksum(self) -> bytes:
+        """Of every answer the transaction's statements got, in order, as the client
+        received them."""
+        return (self._hash or _SHA1).copy().digest()
 
     def needs_holder(self) -> bool:
         """Whether the transaction has written (so it may hold locks) and its server
@@ -160,6 +174,9 @@ class Journal:
         self.wrote = False
         self.holder = None
         self._bytes = 0
+        self._hash = None
+        self._answered = 0
+        self._hashing = False
 
     def _refuse(self, why: str) -> None:
         self.replayable = False
@@ -167,15 +184,18 @@ class Journal:
         self.entries.clear()
 
 
-class _Checksum:
-    """The sink of a replayed statement: its answer is checksummed, never shown."""
+class _Replayed:
+    """The sink of a replayed statement: its answer goes into the replay's running hash,
+    never to the client."""
 
-    def __init__(self) -> None:
-        self.hash = _SHA1.copy()
+    def __init__(self, into: hashlib._Hash) -> None:
+        self.hash = into
+        self.length = 0
         self.done: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
 
     def write(self, data: bytes) -> None:
         self.hash.update(data)
+        self.length += len(data)
 
     def answered(self, response: Response) -> None:
         if not self.done.done():
@@ -190,10 +210,18 @@ class _Checksum:
             self.done.set_exception(NotReplayed(f"the new path failed too ({reason})"))
 
 
-async def checksum_of(conn: BackendConnection, data: bytes, timeout_s: float) -> bytes:
-    """Run a framed command on ``conn`` and checksum its answer as a client would have
-    received it (raises NotReplayed when it cannot be run)."""
-    sink = _Checksum()
+def replay_hash() -> hashlib._Hash:
+    """A running hash for the answers of a replay, to end equal to ``Journal.checksum``."""
+    return _SHA1.copy()
+
+
+async def replay(
+    conn: BackendConnection, data: bytes, into: hashlib._Hash, timeout_s: float
+) -> int:
+    """Run a framed command on ``conn``, its answer hashed ``into`` the replay's hash as a
+    client would have received it; returns the answer's length (raises NotReplayed when it
+    cannot be run)."""
+    sink = _Replayed(into)
     conn.forward(data, data[4], sink)
     try:
         async with asyncio.timeout(timeout_s):
@@ -201,4 +229,4 @@ async def checksum_of(conn: BackendConnection, data: bytes, timeout_s: float) ->
     except TimeoutError:
         conn.abort("a replayed statement did not answer in time")
         raise NotReplayed(f"a replayed statement did not answer within {timeout_s:g} s") from None
-    return sink.hash.digest()
+    return sink.length

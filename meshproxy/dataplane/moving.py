@@ -18,7 +18,7 @@ from meshproxy import log
 from meshproxy.config import Address
 from meshproxy.dataplane.backend import BackendConnection
 from meshproxy.dataplane.backendpool import PoolTimeout
-from meshproxy.dataplane.continuity import MAX_MOVES, Journal, NotReplayed, checksum_of
+from meshproxy.dataplane.continuity import MAX_MOVES, Journal, NotReplayed, replay, replay_hash
 from meshproxy.dataplane.router import Role
 from meshproxy.dataplane.routing import Plan
 from meshproxy.errors import ConnectFailed, ProtocolError, Refusal, SessionClosed
@@ -37,9 +37,9 @@ if typing.TYPE_CHECKING:
     from meshproxy.dataplane.session import ClientSession, Flight
 
 # The server connection a transaction runs on (learned before its first write).
-HOLDER_SQL = b"SELECT CONCAT(@@hostname, ':', @@port), CONNECTION_ID()"
+HOLDER_SQL: typing.Final = b"SELECT CONCAT(@@hostname, ':', @@port), CONNECTION_ID()"
 # Commands that change no data: run again elsewhere like a read.
-HARMLESS = frozenset(
+HARMLESS: typing.Final = frozenset(
     (
         Command.INIT_DB,
         Command.FIELD_LIST,
@@ -49,9 +49,11 @@ HARMLESS = frozenset(
     )
 )
 # Statements that cannot commit a transaction on their own.
-_REPEATABLE = frozenset((b"SELECT", b"INSERT", b"UPDATE", b"DELETE", b"REPLACE", b"WITH"))
-_MIDDLE_FAILURES = (ER_PROXY_NO_UPSTREAM, ER_PROXY_BACKEND_LOST)
-_NO_EFFECTS = Effects()
+_REPEATABLE: typing.Final = frozenset(
+    (b"SELECT", b"INSERT", b"UPDATE", b"DELETE", b"REPLACE", b"WITH")
+)
+_MIDDLE_FAILURES: typing.Final = (ER_PROXY_NO_UPSTREAM, ER_PROXY_BACKEND_LOST)
+_NO_EFFECTS: typing.Final = Effects()
 NO_ADDRESSES: frozenset[Address] = frozenset()
 
 
@@ -250,16 +252,21 @@ class Mover:
 
     async def _run_journal(self, conn: BackendConnection) -> None:
         """Run the transaction's statements on ``conn``; raises NotReplayed at the first
-        answer that is not the one the client received."""
+        answer whose length is not the one the client received, or after the last when the
+        answers' checksum differs (nothing of the replay commits before it is compared)."""
         session = self.session
         timeout_s = session.mode.exchange_timeout_s
+        answers, length = replay_hash(), 0
         for number, entry in enumerate(self.journal.entries, 1):
             statement = entry.statement
             if statement is not None and (statement.schema, statement.sql) not in conn.statements:
                 await session.prepare_on(conn, statement)
             data = session.bytes_for(conn, entry.command, entry.payload, statement)
-            if await checksum_of(conn, data, timeout_s) != entry.checksum:
+            length += await replay(conn, data, answers, timeout_s)
+            if length != entry.answered_to:
                 raise NotReplayed(f"statement {number} of the transaction gave another result")
+        if answers.digest() != self.journal.checksum():
+            raise NotReplayed("a statement of the transaction gave another result")
 
     # ----------------------------------------------------------------- giving up
 

@@ -24,8 +24,8 @@ from meshproxy.routing.rules import NO_DECISION, Decision, SessionRules
 if typing.TYPE_CHECKING:
     from meshproxy.dataplane.sessionmode import SessionMode
 
-ER_NOT_ALLOWED_COMMAND = 1148  # what ProxySQL answers a refusing rule with
-DIGEST_MAX_BYTES = 65536
+ER_NOT_ALLOWED_COMMAND: typing.Final = 1148  # what ProxySQL answers a refusing rule with
+DIGEST_MAX_BYTES: typing.Final = 65536
 
 
 class Plan:
@@ -49,6 +49,7 @@ class Plan:
         self.side = side
         self.reads = reads
         self.digest_text = digest_text
+        self.digest_id = ""  # of digest_text: known from a prepared statement, else worked out
         self.decision = decision
         self.cache_key: tuple[object, ...] | None = None
         # An ERR payload to answer with instead of running it.

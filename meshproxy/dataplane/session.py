@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import sys
 import time
 import typing
 from collections import deque
@@ -40,6 +41,7 @@ from meshproxy.mysql.constants import (
     Command,
     Status,
 )
+from meshproxy.mysql.digest import digest
 from meshproxy.mysql.packets import (
     Framer,
     Packet,
@@ -59,12 +61,12 @@ if typing.TYPE_CHECKING:
 
 # A login is small, but this bound must also hold the start of a TLS hello read together
 # with its SSLRequest: read as a packet header, a hello claims 66 KiB to 263 KiB.
-_LOGIN_MAX = 1024 * 1024
-_QUEUE_MAX = 64  # client packets held while a command runs (clients rarely pipeline)
-_NO_EFFECTS = Effects()
-_MAX_PREPARED_PER_CONNECTION = 256
-ER_UNKNOWN_THREAD = 1094
-ER_KILL_DENIED = 1095
+_LOGIN_MAX: typing.Final = 1024 * 1024
+_QUEUE_MAX: typing.Final = 64  # client packets held while a command runs (clients rarely pipeline)
+_NO_EFFECTS: typing.Final = Effects()
+_MAX_PREPARED_PER_CONNECTION: typing.Final = 256
+ER_UNKNOWN_THREAD: typing.Final = 1094
+ER_KILL_DENIED: typing.Final = 1095
 
 
 @dataclass
@@ -79,6 +81,7 @@ class ClientStatement:
     reads: bool = False  # only reads: a replica may run it
     decision: Decision = NO_DECISION  # what the query rules said of its text
     digest_text: str = ""
+    digest_id: str = ""  # of digest_text, worked out once
     # BEGIN, COMMIT, ROLLBACK prepared (sysbench prepares them): their executes start or
     # end a transaction as the text would.
     control: Effects = field(default_factory=lambda: _NO_EFFECTS)
@@ -393,8 +396,10 @@ class ClientSession:  # an asyncio protocol (dataplane/callbacks.py), and a Sink
         self.user = account.name
         self.account = account
         backend_user = self.mode.backend_user_of(account.name, step.sha1_password)
-        self.key = LoginKey(backend_user, login.capabilities & WIRE_CAPS, login.collation)
-        self.schema = login.database or self.mode.default_schema(account.name)
+        key = LoginKey(backend_user, login.capabilities & WIRE_CAPS, login.collation)
+        self.key = self.mode.login_key(key)
+        # Interned, as INIT_DB's: compared with a connection's schema at every statement.
+        self.schema = sys.intern(login.database or self.mode.default_schema(account.name))
         self._framer.max_payload = self.mode.max_packet(self.pool_name)
         self.mode.login_accepted(self)
         self.target_pool = self.pool_name
@@ -558,9 +563,10 @@ class ClientSession:  # an asyncio protocol (dataplane/callbacks.py), and a Sink
                 effects = Effects(pins={"query rule"}).settle()
             reads = statement.reads and effects.inert
             self.side = self.router.side_of(pool, reads, statement.decision, self._free_to_move())
-            self.plan = Plan(
+            plan = self.plan = Plan(
                 payload, effects, pool, self.side, reads, statement.digest_text, statement.decision
             )
+            plan.digest_id = statement.digest_id
         else:
             self.side, self.plan = Role.ANY, None
         self.run(command, payload, effects, statement, stmt_id)
@@ -840,8 +846,10 @@ class ClientSession:  # an asyncio protocol (dataplane/callbacks.py), and a Sink
             return frame(0, payload)
         prepared = conn.statements[statement.schema, statement.sql]
         body = payload[5:]
-        if command == Command.STMT_EXECUTE and statement.params:
-            body = self._bind_types(body, statement, prepared)
+        if command == Command.STMT_EXECUTE:
+            if statement.params:
+                body = self._bind_types(body, statement, prepared)
+            return frame(0, prepared.execute_head + body)
         return frame(0, bytes((command,)) + prepared.backend_id.to_bytes(4, "little") + body)
 
     @staticmethod
@@ -914,10 +922,13 @@ class ClientSession:  # an asyncio protocol (dataplane/callbacks.py), and a Sink
             return
         self.flight = None
         self.statement_count += 1
-        self.statement_time_s += time.monotonic() - self._sent_at
+        elapsed_s = time.monotonic() - self._sent_at
+        self.statement_time_s += elapsed_s
         conn = flight.conn
         effects = flight.effects
-        learn = flight.plan is not None and self._routed_answer(flight, flight.plan, response)
+        learn = flight.plan is not None and self._routed_answer(
+            flight, flight.plan, response, elapsed_s
+        )
         if not effects.inert:
             # Pins hold even when the statement failed: part of a multi-statement may have run.
             self._apply_effects(effects)
@@ -932,7 +943,8 @@ class ClientSession:  # an asyncio protocol (dataplane/callbacks.py), and a Sink
                 self.last_insert_id = response.last_insert_id
                 conn.insert_owner = self
             if flight.command == Command.INIT_DB:
-                self.schema = conn.state.schema = flight.argument.decode("utf-8", "replace")
+                schema = sys.intern(flight.argument.decode("utf-8", "replace"))
+                self.schema = conn.state.schema = schema
             elif flight.command == Command.STMT_PREPARE and response.prepared is not None:
                 self._prepared(flight, response)
         holder = mover is not None and mover.answered()
@@ -944,14 +956,16 @@ class ClientSession:  # an asyncio protocol (dataplane/callbacks.py), and a Sink
         self._release_if_free()
         self.drain()
 
-    def _routed_answer(self, flight: Flight, plan: Plan, response: Response) -> bool:
+    def _routed_answer(
+        self, flight: Flight, plan: Plan, response: Response, elapsed_s: float
+    ) -> bool:
         """Account for a planned statement's answer: digest, cache, timeout, the session's
         writes. True: the writer's GTID of this write must be learned before release."""
         mode = self.mode
         if flight.timer is not None:
             flight.timer.cancel()
         if flight.command != Command.STMT_PREPARE:  # its executes count, not the prepare
-            mode.record_digest(self, plan, time.monotonic() - self._sent_at, response)
+            mode.record_digest(self, plan, elapsed_s, response)
         ok = response.error is None
         if flight.answer is not None and ok and plan.cache_key is not None:
             mode.cache.put(
@@ -995,7 +1009,8 @@ class ClientSession:  # an asyncio protocol (dataplane/callbacks.py), and a Sink
         if flight.plan is not None:
             statement.reads = flight.plan.reads
             statement.decision = flight.plan.decision
-            statement.digest_text = flight.plan.digest_text
+            statement.digest_text = text = flight.plan.digest_text
+            statement.digest_id = digest(text) if text else ""
         self.statements[flight.client_stmt_id] = statement
 
     async def _follow_up(
@@ -1229,7 +1244,7 @@ class _Renumbering:  # a Sink
 
 
 # Answers that carry no server status: they say nothing of an open transaction.
-_NO_STATUS = frozenset((Command.STMT_PREPARE, Command.STATISTICS))
+_NO_STATUS: typing.Final = frozenset((Command.STMT_PREPARE, Command.STATISTICS))
 
 
 def _hand_over(transport: asyncio.Transport, session: ClientSession, data: bytes) -> None:

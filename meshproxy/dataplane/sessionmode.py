@@ -15,7 +15,7 @@ import ssl
 import time
 from collections.abc import Callable, Collection, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from meshproxy import log
 from meshproxy.config import (
@@ -30,7 +30,7 @@ from meshproxy.config import (
 )
 from meshproxy.counters import Counters
 from meshproxy.dataplane import upstream
-from meshproxy.dataplane.backend import BackendConnection
+from meshproxy.dataplane.backend import BackendConnection, LoginKey
 from meshproxy.dataplane.backendpool import Credentials, Dial, Report, ServerPool
 from meshproxy.dataplane.hop import HopHeader
 from meshproxy.dataplane.mirror import mirror
@@ -52,11 +52,23 @@ from meshproxy.routing.querycache import QueryCache
 from meshproxy.routing.rules import RuleSet
 from meshproxy.security.meshtls import MeshTls
 
-UNKNOWN_USER = "(unknown)"  # the counter label of a login refused for a name we do not have
+UNKNOWN_USER: Final = "(unknown)"  # the counter label of a login refused for a name we do not have
 
-_INTERNED_MAX = 4096
-_BACKGROUND_MAX = 256  # mirrors and statement kills in flight; more are dropped, counted
-ER_TOO_MANY_USER_CONNECTIONS = 1203
+_INTERNED_MAX: Final = 4096
+_BACKGROUND_MAX: Final = 256  # mirrors and statement kills in flight; more are dropped, counted
+ER_TOO_MANY_USER_CONNECTIONS: Final = 1203
+
+
+def counts_digests(config: Config) -> bool:
+    """Whether this node keeps digest statistics: ``[digests] enabled``, or when unset,
+    whether any of its session-mode entrances runs statements on servers. An edge whose
+    statements all go to middles leaves the counting to them: each statement is counted
+    once, where it runs, and the edge saves the work on every statement."""
+    enabled = config.digests.enabled
+    if enabled is not None:
+        return enabled
+    entrances: tuple[ListenerConfig | ServiceConfig, ...] = (*config.listener, *config.service)
+    return any(e.mode == "session" and e.upstream.kind != UpstreamKind.TIER for e in entrances)
 
 
 @dataclass(frozen=True)
@@ -88,6 +100,7 @@ class SessionMode:
         self._rsa: auth.RsaKey | None = None
         self._sha2_cached: set[str] = set()
         self._interned: dict[tuple[tuple[str, bytes | None], ...], Values] = {}
+        self._keys: dict[LoginKey, LoginKey] = {}
         self._prefix = (os.getpid() & 0x7F) << 24
         self._next_id = 1
         self._rng = random.Random()
@@ -181,7 +194,7 @@ class SessionMode:
         cache = config.query_cache
         self.cache.resize(cache.max_mib << 20, cache.max_entry_kib << 10)
         digests = config.digests
-        if not digests.enabled:
+        if not counts_digests(config):
             self.digests = None
         elif self.digests is None or self.digests.max_tracked != digests.max_tracked:
             self.digests = DigestStats(digests.top_n, digests.max_tracked)
@@ -426,8 +439,9 @@ class SessionMode:
         text = plan.digest_text
         error = response is not None and response.error is not None
         rows = response.rows if response is not None else 0
+        digest_id = plan.digest_id or digest(text)
         digests.record(
-            digest(text), text, session.user, session.schema, elapsed_s, rows, error, time.time()
+            digest_id, text, session.user, session.schema, elapsed_s, rows, error, time.time()
         )
 
     def reset_digests(self, epoch: int = 0) -> None:
@@ -489,6 +503,16 @@ class SessionMode:
         if len(self._interned) < _INTERNED_MAX:
             self._interned[key] = values
         return values
+
+    def login_key(self, key: LoginKey) -> LoginKey:
+        """One object per distinct login key: the pools' dict lookups, at every checkout
+        and return, then find their key by identity instead of comparing it field by field."""
+        found = self._keys.get(key)
+        if found is not None:
+            return found
+        if len(self._keys) < _INTERNED_MAX:
+            self._keys[key] = key
+        return key
 
     def count_pins(self, effects: Effects) -> None:
         for reason in effects.pins:

@@ -38,6 +38,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
+from typing import Final
 
 # What a match becomes: ``?``, a space, the negated or subtracted number, itself, or a
 # mark that takes the letter before it along (``X'0A'``: see _PREFIXED).
@@ -140,7 +141,7 @@ _BEFORE_OPERAND = frozenset(
 )
 _LONGEST = max(map(len, _BEFORE_OPERAND))
 # Long statements (bulk inserts) are not kept in the caches: each would pin its text.
-_CACHE_MAX_TEXT = 4096
+_CACHE_MAX_TEXT: Final = 4096
 
 
 def _is_name(c: str) -> bool:
@@ -191,7 +192,7 @@ def _normalize(sql: str) -> str:
     return text.rstrip("; ")
 
 
-_normalize_cached = functools.lru_cache(maxsize=4096)(_normalize)
+_normalize_cached: Final = functools.lru_cache(maxsize=4096)(_normalize)
 
 
 def normalize(sql: str) -> str:
@@ -206,7 +207,7 @@ def _digest(text: str) -> str:
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
 
 
-_digest_cached = functools.lru_cache(maxsize=4096)(_digest)
+_digest_cached: Final = functools.lru_cache(maxsize=4096)(_digest)
 
 
 def digest(text: str) -> str:

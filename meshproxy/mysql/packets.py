@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import Final
 
 from meshproxy.mysql.constants import MAX_PAYLOAD
 
@@ -25,10 +26,15 @@ def u32(data: bytes, pos: int) -> int:
     return data[pos] | data[pos + 1] << 8 | data[pos + 2] << 16 | data[pos + 3] << 24
 
 
+# A packet header as one little-endian int: the length below, the sequence id on top. (One
+# pack, where to_bytes and bytes((seq,)) are a call and an object each.)
+_HEADER: Final = struct.Struct("<I")
+
+
 def frame(seq: int, payload: bytes) -> bytes:
     """``payload`` as one or more packets starting at sequence id ``seq``."""
     if len(payload) < MAX_PAYLOAD:
-        return len(payload).to_bytes(3, "little") + bytes((seq & 0xFF,)) + payload
+        return _HEADER.pack(len(payload) | (seq & 0xFF) << 24) + payload
     parts = []
     view = memoryview(payload)
     while True:

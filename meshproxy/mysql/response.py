@@ -18,26 +18,28 @@ small. One table of states covers every kind of answer:
 
 from __future__ import annotations
 
-import enum
 import struct
+from typing import Final
 
 from meshproxy.mysql.constants import MAX_PAYLOAD, Command, Status
 from meshproxy.mysql.packets import parse_eof_status, parse_err, parse_ok, read_lenenc
 
 # Commands a server does not answer at all.
-NO_RESPONSE = frozenset({Command.STMT_CLOSE, Command.STMT_SEND_LONG_DATA, Command.QUIT})
+NO_RESPONSE: Final = frozenset({Command.STMT_CLOSE, Command.STMT_SEND_LONG_DATA, Command.QUIT})
 
 
-class Kind(enum.Enum):
-    RESULT = "result"  # OK, ERR, LOCAL INFILE or result sets (COM_QUERY, COM_STMT_EXECUTE)
-    PREPARE = "prepare"
-    ROWS = "rows"  # COM_STMT_FETCH
-    FIELDS = "fields"  # COM_FIELD_LIST
-    SINGLE = "single"
+# Kinds and states are Final plain ints, not enums: they are read for every packet, and an
+# enum member read is a Python-level call (see constants.py).
+class Kind:
+    RESULT: Final = 0  # OK, ERR, LOCAL INFILE or result sets (COM_QUERY, COM_STMT_EXECUTE)
+    PREPARE: Final = 1
+    ROWS: Final = 2  # COM_STMT_FETCH
+    FIELDS: Final = 3  # COM_FIELD_LIST
+    SINGLE: Final = 4
 
 
-def kind_of(command: int) -> Kind:
-    if command in (Command.QUERY, Command.STMT_EXECUTE):
+def kind_of(command: int) -> int:
+    if command == Command.QUERY or command == Command.STMT_EXECUTE:
         return Kind.RESULT
     if command == Command.STMT_PREPARE:
         return Kind.PREPARE
@@ -48,32 +50,31 @@ def kind_of(command: int) -> Kind:
     return Kind.SINGLE
 
 
-class _S(enum.IntEnum):
-    FIRST = 0  # the first packet of a result
-    COLUMNS = 1  # column definitions still to come: ``_count``
-    COLUMNS_EOF = 2  # the EOF after column definitions (without DEPRECATE_EOF)
-    ROWS = 3
-    PREPARE_OK = 4
-    PARAMS = 5
-    PARAMS_EOF = 6
-    PREPARE_COLUMNS = 7
-    PREPARE_COLUMNS_EOF = 8
-    SINGLE = 9
-    DONE = 10
+class _S:
+    FIRST: Final = 0  # the first packet of a result
+    COLUMNS: Final = 1  # column definitions still to come: ``_count``
+    COLUMNS_EOF: Final = 2  # the EOF after column definitions (without DEPRECATE_EOF)
+    ROWS: Final = 3
+    PREPARE_OK: Final = 4
+    PARAMS: Final = 5
+    PARAMS_EOF: Final = 6
+    PREPARE_COLUMNS: Final = 7
+    PREPARE_COLUMNS_EOF: Final = 8
+    SINGLE: Final = 9
+    DONE: Final = 10
 
 
+_STATES: Final = range(_S.DONE + 1)
 # Packets of these states are looked at whole (they are small); others only by first byte.
-# (Tables indexed by state: this runs for every packet, and hashing an enum member is a
-# Python-level call.)
-_COLLECT = tuple(
+_COLLECT: Final = tuple(
     s in (_S.FIRST, _S.COLUMNS_EOF, _S.PREPARE_OK, _S.PARAMS_EOF, _S.PREPARE_COLUMNS_EOF, _S.SINGLE)
-    for s in _S
+    for s in _STATES
 )
 # States that decide on a packet's first payload byte whether to look at it whole.
-_BY_FIRST_BYTE = tuple(s in (_S.ROWS, _S.COLUMNS) for s in _S)
+_BY_FIRST_BYTE: Final = tuple(s in (_S.ROWS, _S.COLUMNS) for s in _STATES)
 # Where the answer to each command starts.
-_START = {
-    int(command): (kind_of(command), state)
+_START: Final = {
+    command: (kind_of(command), state)
     for command, state in (
         (Command.QUERY, _S.FIRST),
         (Command.STMT_EXECUTE, _S.FIRST),
@@ -82,7 +83,7 @@ _START = {
         (Command.FIELD_LIST, _S.COLUMNS),
     )
 }
-_SINGLE_START = (Kind.SINGLE, _S.SINGLE)
+_SINGLE_START: Final = (Kind.SINGLE, _S.SINGLE)
 
 
 class Response:
@@ -115,10 +116,12 @@ class Response:
         self.kind, self._state = _START.get(command, _SINGLE_START)
         self._deprecate_eof = deprecate_eof
         self._count = -1  # FIELDS: unbounded column definitions until EOF
-        self._header = bytearray()  # a packet header split across chunks
+        self._header = b""  # a packet header split across chunks (at most 3 bytes)
         self._left = 0  # payload bytes of the current packet still to come
         self._want = False  # the current packet's payload is being collected
-        self._collect = bytearray()
+        # A packet looked at whole that a chunk split (a fresh bytearray then: one may be a
+        # long row); not allocated for every answer, almost none of which needs it.
+        self._collect: bytearray | bytes = b""
         self._continued = False  # the current packet continues a 16 MiB one
         self._undecided = -1  # length of a packet whose first payload byte is still to come
         self._params = 0
@@ -134,7 +137,7 @@ class Response:
 
     @property
     def done(self) -> bool:
-        return self._state is _S.DONE
+        return self._state == _S.DONE
 
     def expect_infile_result(self) -> None:
         """The client has sent its file: the server's OK or ERR comes next."""
@@ -146,7 +149,7 @@ class Response:
         pos = 0
         end = len(data)
         while pos < end:
-            if self._state is _S.ROWS and not (self._left or self._header or self._continued):
+            if self._state == _S.ROWS and not (self._left or self._header or self._continued):
                 pos = self._skip_rows(data, pos, end)
                 if pos >= end:
                     return -1
@@ -161,7 +164,7 @@ class Response:
                 if self._want:
                     self._want = False
                     self._packet(bytes(self._collect))
-                if self._state is _S.DONE or self.infile:  # a packet, or definitions, ended it
+                if self._state == _S.DONE or self.infile:  # a packet, or definitions, ended it
                     return pos
                 continue
             if self._undecided >= 0:  # a header whose payload's first byte is here now
@@ -176,7 +179,7 @@ class Response:
                         return -1
                     h = self._header
                     length, seq = h[0] | h[1] << 8 | h[2] << 16, h[3]
-                    self._header = bytearray()
+                    self._header = b""
                 else:
                     length = data[pos] | data[pos + 1] << 8 | data[pos + 2] << 16
                     seq = data[pos + 3]
@@ -200,17 +203,17 @@ class Response:
                     payload = data[pos : pos + length]
                     pos += length
                     self._packet(payload)
-                    if self._state is _S.DONE or self.infile:
+                    if self._state == _S.DONE or self.infile:
                         return pos
                     continue
                 self._collect = bytearray()
                 self._want = True
-            elif state is _S.COLUMNS or state is _S.PARAMS or state is _S.PREPARE_COLUMNS:
+            elif state == _S.COLUMNS or state == _S.PARAMS or state == _S.PREPARE_COLUMNS:
                 self._column(state)
-            elif state is _S.ROWS:
+            elif state == _S.ROWS:
                 self.rows += 1
             self._left = length
-            if not length and self._state is _S.DONE:
+            if not length and self._state == _S.DONE:
                 return pos
         return -1
 
@@ -236,22 +239,22 @@ class Response:
             self.rows += rows
         return pos
 
-    def _ends_here(self, state: _S, length: int, first: int) -> bool:
+    def _ends_here(self, state: int, length: int, first: int) -> bool:
         """Whether a packet of a rows or definitions state must be looked at whole: only
         if it may end the result (an ERR, or 0xfe in a packet too short to be a row)."""
-        if state is _S.ROWS:
+        if state == _S.ROWS:
             return first == 0xFF or (first == 0xFE and length < MAX_PAYLOAD)
         # COLUMNS: COM_FIELD_LIST's definitions end at EOF (or OK 0xfe)
         return self._count < 0 and first in (0xFE, 0xFF)
 
-    def _column(self, state: _S) -> None:
+    def _column(self, state: int) -> None:
         """One column or parameter definition went by."""
         self._count -= 1
         if self._count:
             return
-        if state is _S.COLUMNS:
+        if state == _S.COLUMNS:
             self._state = _S.ROWS if self._deprecate_eof else _S.COLUMNS_EOF
-        elif state is _S.PARAMS:
+        elif state == _S.PARAMS:
             self._after_params()
         else:
             self._end_prepare_columns()
@@ -264,23 +267,23 @@ class Response:
             self.error = (err.code, err.message) if err else (0, "malformed error packet")
             self._state = _S.DONE
             return
-        if state is _S.FIRST:
+        if state == _S.FIRST:
             self._first(payload)
-        elif state is _S.ROWS or state is _S.COLUMNS:
+        elif state == _S.ROWS or state == _S.COLUMNS:
             self._terminator(payload)  # a row or definition collected whole: see if it ends
-        elif state is _S.COLUMNS_EOF:
+        elif state == _S.COLUMNS_EOF:
             self._state = _S.ROWS
             status = parse_eof_status(payload)
             if status is not None and status & Status.CURSOR_EXISTS:
                 self.status = status
                 self._state = _S.DONE  # a cursor: rows come with COM_STMT_FETCH
-        elif state is _S.PREPARE_OK:
+        elif state == _S.PREPARE_OK:
             self._prepare_ok(payload)
-        elif state is _S.PARAMS_EOF:
+        elif state == _S.PARAMS_EOF:
             self._after_params_eof()
-        elif state is _S.PREPARE_COLUMNS_EOF:
+        elif state == _S.PREPARE_COLUMNS_EOF:
             self._state = _S.DONE
-        elif state is _S.SINGLE:
+        elif state == _S.SINGLE:
             ok = parse_ok(payload) if first == 0 else None
             if ok is not None:
                 self._take_ok(ok.status, ok.affected_rows, ok.last_insert_id)
@@ -314,7 +317,7 @@ class Response:
 
     def _terminator(self, payload: bytes) -> None:
         if not payload or payload[0] != 0xFE or len(payload) >= MAX_PAYLOAD:
-            if self._state is _S.COLUMNS:
+            if self._state == _S.COLUMNS:
                 self._column(_S.COLUMNS)
             return  # a row (or definition) that only looked like it might end things
         if self._deprecate_eof:
@@ -329,7 +332,7 @@ class Response:
             self._state = _S.DONE
             return
         self.status = status
-        more = status & Status.MORE_RESULTS_EXISTS and self.kind is Kind.RESULT
+        more = status & Status.MORE_RESULTS_EXISTS and self.kind == Kind.RESULT
         self._state = _S.FIRST if more else _S.DONE
 
     def _take_ok(self, status: int, affected: int, insert_id: int) -> None:

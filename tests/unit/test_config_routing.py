@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from meshproxy.dataplane.sessionmode import counts_digests
 from meshproxy.errors import ConfigError
 from tests.unit.test_config_session import BASE as SESSION_BASE
 from tests.unit.test_config_session import parse
@@ -19,7 +20,8 @@ BASE = SESSION_BASE.replace(
 
 
 def test_routing_defaults() -> None:
-    """A replication pool, no rules, a 64 MiB cache and digests on are the defaults."""
+    """A replication pool, no rules, a 64 MiB cache and digests counted (on a node whose
+    statements run on a pool) are the defaults."""
     cfg = parse(BASE)
     replication = cfg.pool[0].replication
     assert (replication.enabled, replication.read_your_writes) == (True, "gtid")
@@ -27,7 +29,18 @@ def test_routing_defaults() -> None:
     assert replication.writer_reads == "fallback"
     assert not cfg.pool[1].replication.enabled
     assert cfg.query_rule == ()
-    assert (cfg.query_cache.max_mib, cfg.digests.enabled, cfg.digests.top_n) == (64, True, 50)
+    assert (cfg.query_cache.max_mib, cfg.digests.top_n) == (64, 50)
+    assert counts_digests(cfg)
+
+
+def test_an_edge_whose_statements_all_go_to_middles_leaves_digests_to_them() -> None:
+    """Unset, ``digests.enabled`` counts where statements run on servers: not on an edge
+    whose session-mode listeners all lead to tiers, unless set there."""
+    edge = SESSION_BASE.replace('upstream = "pool:main"', 'upstream = "tier:middle"')
+    edge += '\n[[tier]]\nname = "middle"\nmembers = ["127.0.0.1:7000"]\n'
+    assert not counts_digests(parse(edge))
+    assert counts_digests(parse(edge + "\n[digests]\nenabled = true\n"))
+    assert not counts_digests(parse(SESSION_BASE + "\n[digests]\nenabled = false\n"))
 
 
 def test_rules_parse_in_order() -> None:

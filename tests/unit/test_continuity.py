@@ -48,15 +48,30 @@ def test_a_transaction_is_kept_from_the_statement_that_opened_it_until_it_ends()
     assert journal.replayable
 
 
-def test_the_checksum_is_of_the_whole_answer_however_it_was_chunked() -> None:
-    """An answer's checksum is the same whether it arrived in one chunk or several."""
+def test_the_checksum_is_of_every_answer_in_order_however_they_were_chunked() -> None:
+    """The transaction's checksum covers its answers in order as the client received them,
+    whatever their chunks; each statement keeps where its answer ended; a prepare's answer
+    is in neither."""
     one, two = Journal(), Journal()
-    run(one, b"BEGIN", [b"header+rows+eof"], False, True)
-    run(two, b"BEGIN", [b"header", b"+rows", b"+eof"], False, True)
-    assert one.entries[0].checksum == two.entries[0].checksum
-    assert (
-        one.entries[0].checksum == hashlib.sha1(b"header+rows+eof", usedforsecurity=False).digest()
-    )
+    run(one, b"BEGIN", [b"ok"], False, True)
+    run(one, b"SELECT v FROM t", [b"header+rows+eof"], True, True)
+    run(two, b"BEGIN", [b"o", b"k"], False, True)
+    two.sending(Command.STMT_PREPARE, b"\x16SELECT ?", None, False, True, False, VALUES, "")
+    two.chunk(b"prepared")
+    two.answered(True)
+    run(two, b"SELECT v FROM t", [b"header", b"+rows", b"+eof"], True, True)
+    assert one.checksum() == two.checksum()
+    assert one.checksum() == hashlib.sha1(b"okheader+rows+eof", usedforsecurity=False).digest()
+    assert [e.answered_to for e in two.entries] == [2, 17]
+
+
+def test_statements_outside_a_transaction_leave_no_checksum() -> None:
+    """The checksum starts with the statement that opens a transaction: what autocommit
+    statements before it were answered is not in it."""
+    journal = Journal()
+    run(journal, b"SELECT 1", [b"before"], False, False)
+    run(journal, b"BEGIN", [b"ok"], False, True)
+    assert journal.checksum() == hashlib.sha1(b"ok", usedforsecurity=False).digest()
 
 
 def test_a_command_that_cannot_be_replayed_makes_the_transaction_unreplayable() -> None:
