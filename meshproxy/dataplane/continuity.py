@@ -53,6 +53,22 @@ _REPLAYABLE: typing.Final = frozenset((Command.QUERY, Command.STMT_EXECUTE, Comm
 # final and free of a hash cost more than hashing a short answer.
 _SHA1: typing.Final = hashlib.sha1(usedforsecurity=False)
 
+# A transaction's answers are kept as they were sent (references to the bytes already
+# read, no copy) up to this much, and hashed only beyond: most transactions end before,
+# and a replay, which is rare, hashes what was kept. (64 KiB: sysbench's oltp_read_only
+# answers 54 KiB per transaction.)
+KEEP_PER_TRANSACTION: typing.Final = 64 * 1024
+KEEP_PER_PROCESS: typing.Final = 16 * 1024 * 1024
+
+
+class AnswerBudget:
+    """The answer bytes all journals of a process may keep instead of hashing: memory
+    stays bounded however many sessions are in a transaction."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
 
 class Entry:
     """One statement of the transaction (a plain class: mypyc builds it in C; one is
@@ -78,10 +94,13 @@ class Journal:
 
     __slots__ = (
         "_answered",
+        "_budget",
         "_bytes",
         "_hash",
-        "_hashing",
+        "_kept",
+        "_kept_bytes",
         "_sending",
+        "_taking",
         "entries",
         "holder",
         "replayable",
@@ -91,7 +110,7 @@ class Journal:
         "wrote",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, budget: AnswerBudget) -> None:
         self.entries: list[Entry] = []
         self.replayable = True
         self.why_not = ""
@@ -104,9 +123,13 @@ class Journal:
         self.start_schema = ""
         self._bytes = 0
         self._sending: tuple[int, bytes, ClientStatement | None] = (0, b"", None)
-        self._hash: hashlib._Hash | None = None  # of the transaction's answers so far
+        # The transaction's answers so far: kept while they fit, else hashed.
+        self._budget = budget
+        self._kept: list[bytes] = []
+        self._kept_bytes = 0
+        self._hash: hashlib._Hash | None = None
         self._answered = 0  # their bytes
-        self._hashing = False  # the answer on its way goes into the hash
+        self._taking = False  # the answer on its way is the transaction's
 
     def sending(
         self,
@@ -128,20 +151,44 @@ class Journal:
             self.start_values, self.start_schema = values, schema
         self.wrote = self.wrote or writes
         self._sending = (command, payload, statement)
-        kept = command != Command.STMT_PREPARE and (in_transaction or may_open)
-        if kept and command not in _REPLAYABLE and self.replayable:
+        journaled = command != Command.STMT_PREPARE and (in_transaction or may_open)
+        if journaled and command not in _REPLAYABLE and self.replayable:
             self._refuse(f"command 0x{command:02x} in the transaction")
-        self._hashing = kept and self.replayable
-        if self._hashing and self._hash is None:
-            self._hash = _SHA1.copy()
+        self._taking = journaled and self.replayable
 
     def chunk(self, data: bytes) -> None:
-        if self._hashing:
-            self._hash.update(data)  # type: ignore[union-attr]
-            self._answered += len(data)
+        if not self._taking:
+            return
+        size = len(data)
+        self._answered += size
+        if self._hash is None:
+            budget = self._budget
+            if (
+                self._kept_bytes + size <= KEEP_PER_TRANSACTION
+                and budget.used + size <= budget.limit
+            ):
+                self._kept.append(data)
+                self._kept_bytes += size
+                budget.used += size
+                return
+            self._hash = self._hash_kept()
+        self._hash.update(data)
+
+    def _hash_kept(self) -> hashlib._Hash:
+        """The answers kept so far, hashed: they go on in the hash from now on."""
+        digest = _SHA1.copy()
+        for data in self._kept:
+            digest.update(data)
+        self._release()
+        return digest
+
+    def _release(self) -> None:
+        self._budget.used -= self._kept_bytes
+        self._kept = []
+        self._kept_bytes = 0
 
     def answered(self, in_transaction: bool) -> None:
-        hashed, self._hashing = self._hashing, False
+        hashed, self._taking = self._taking, False
         if not in_transaction:
             self.clear()
             return
@@ -160,7 +207,12 @@ class Journal:
     def checksum(self) -> bytes:
         """Of every answer the transaction's statements got, in order, as the client
         received them."""
-        return (self._hash or _SHA1).copy().digest()
+        if self._hash is not None:
+            return self._hash.copy().digest()
+        digest = _SHA1.copy()
+        for data in self._kept:
+            digest.update(data)
+        return digest.digest()
 
     def needs_holder(self) -> bool:
         """Whether the transaction has written (so it may hold locks) and its server
@@ -174,14 +226,17 @@ class Journal:
         self.wrote = False
         self.holder = None
         self._bytes = 0
+        self._release()
         self._hash = None
         self._answered = 0
-        self._hashing = False
+        self._taking = False
 
     def _refuse(self, why: str) -> None:
         self.replayable = False
         self.why_not = why
         self.entries.clear()
+        self._release()
+        self._hash = None
 
 
 class _Replayed:

@@ -101,7 +101,7 @@ class Mover:
 
     def __init__(self, session: ClientSession) -> None:
         self.session = session
-        self.journal = Journal()
+        self.journal = Journal(session.mode.answer_budget)
         self.moves = 0  # how often the statement in flight has moved
         self.failed: set[Address] = set()  # the middles (or servers) it moved away from
 

@@ -303,6 +303,8 @@ class ClientSession:  # an asyncio protocol (dataplane/callbacks.py), and a Sink
             else:
                 self.server.release(conn)
         self.flight = None
+        if self.mover is not None:
+            self.mover.journal.clear()  # what it kept of an open transaction goes back
         self.mover = None  # it refers back to us: part now, so both go with the last reference
         if self.transport is not None:
             self.transport.close()

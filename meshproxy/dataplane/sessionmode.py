@@ -32,6 +32,7 @@ from meshproxy.counters import Counters
 from meshproxy.dataplane import upstream
 from meshproxy.dataplane.backend import BackendConnection, LoginKey
 from meshproxy.dataplane.backendpool import Credentials, Dial, Report, ServerPool
+from meshproxy.dataplane.continuity import KEEP_PER_PROCESS, AnswerBudget
 from meshproxy.dataplane.hop import HopHeader
 from meshproxy.dataplane.mirror import mirror
 from meshproxy.dataplane.moving import Mover
@@ -100,6 +101,8 @@ class SessionMode:
         self._rsa: auth.RsaKey | None = None
         self._sha2_cached: set[str] = set()
         self._interned: dict[tuple[tuple[str, bytes | None], ...], Values] = {}
+        # What the journals of open transactions keep of their answers (edges on tiers).
+        self.answer_budget = AnswerBudget(KEEP_PER_PROCESS)
         self._keys: dict[LoginKey, LoginKey] = {}
         self._prefix = (os.getpid() & 0x7F) << 24
         self._next_id = 1

@@ -8,7 +8,7 @@ import hashlib
 from meshproxy.config import Address
 from meshproxy.dataplane import continuity
 from meshproxy.dataplane.backend import BackendConnection, LoginKey
-from meshproxy.dataplane.continuity import Journal
+from meshproxy.dataplane.continuity import AnswerBudget, Journal
 from meshproxy.dataplane.moving import may_run_again, middle_failed
 from meshproxy.dataplane.session import ClientStatement, Flight
 from meshproxy.mysql.constants import Command
@@ -35,7 +35,7 @@ def run(
 def test_a_transaction_is_kept_from_the_statement_that_opened_it_until_it_ends() -> None:
     """Statements outside a transaction are not kept; the one whose answer opens it and
     those after it are, with the state from before it; the end of the transaction clears."""
-    journal = Journal()
+    journal = Journal(AnswerBudget(1 << 20))
     run(journal, b"SELECT 1", [b"a"], False, False)
     assert journal.entries == []
     run(journal, b"BEGIN", [b"ok"], False, True)
@@ -52,7 +52,7 @@ def test_the_checksum_is_of_every_answer_in_order_however_they_were_chunked() ->
     """The transaction's checksum covers its answers in order as the client received them,
     whatever their chunks; each statement keeps where its answer ended; a prepare's answer
     is in neither."""
-    one, two = Journal(), Journal()
+    one, two = Journal(AnswerBudget(1 << 20)), Journal(AnswerBudget(1 << 20))
     run(one, b"BEGIN", [b"ok"], False, True)
     run(one, b"SELECT v FROM t", [b"header+rows+eof"], True, True)
     run(two, b"BEGIN", [b"o", b"k"], False, True)
@@ -68,16 +68,41 @@ def test_the_checksum_is_of_every_answer_in_order_however_they_were_chunked() ->
 def test_statements_outside_a_transaction_leave_no_checksum() -> None:
     """The checksum starts with the statement that opens a transaction: what autocommit
     statements before it were answered is not in it."""
-    journal = Journal()
+    journal = Journal(AnswerBudget(1 << 20))
     run(journal, b"SELECT 1", [b"before"], False, False)
     run(journal, b"BEGIN", [b"ok"], False, True)
     assert journal.checksum() == hashlib.sha1(b"ok", usedforsecurity=False).digest()
 
 
+def test_answers_beyond_what_may_be_kept_are_hashed_with_the_same_checksum() -> None:
+    """A transaction keeps its answers while they fit its own limit and the process's
+    budget, and hashes them beyond; the checksum is the same either way, and what was kept
+    goes back to the budget when the transaction ends."""
+    answers = [b"a" * 30_000, b"b" * 30_000, b"c" * 10]
+    expected = hashlib.sha1(b"ok" + b"".join(answers), usedforsecurity=False).digest()
+    roomy, tight = AnswerBudget(1 << 20), AnswerBudget(100)
+    kept, hashed = Journal(roomy), Journal(tight)
+    for journal in (kept, hashed):
+        run(journal, b"BEGIN", [b"ok"], False, True)
+        for answer in answers:
+            run(journal, b"SELECT 1", [answer], True, True)
+        assert journal.checksum() == expected
+    assert (roomy.used, tight.used) == (60_012, 0)
+    assert [e.answered_to for e in kept.entries] == [e.answered_to for e in hashed.entries]
+    run(kept, b"COMMIT", [b"ok"], True, False)
+    assert roomy.used == 0
+    long = Journal(roomy)
+    run(long, b"BEGIN", [b"ok"], False, True)
+    run(long, b"SELECT 1", [b"x" * (continuity.KEEP_PER_TRANSACTION + 1)], True, True)
+    assert roomy.used == 0
+    long_answers = b"ok" + b"x" * (continuity.KEEP_PER_TRANSACTION + 1)
+    assert long.checksum() == hashlib.sha1(long_answers, usedforsecurity=False).digest()
+
+
 def test_a_command_that_cannot_be_replayed_makes_the_transaction_unreplayable() -> None:
     """A command other than a query, an execute or a statement reset leaves the transaction
     unreplayable, says why, and keeps nothing; a prepare is simply not kept."""
-    journal = Journal()
+    journal = Journal(AnswerBudget(1 << 20))
     run(journal, b"BEGIN", [b"ok"], False, True)
     journal.sending(Command.STMT_PREPARE, b"\x16SELECT ?", None, False, True, False, VALUES, "")
     journal.chunk(b"prepared")
@@ -96,7 +121,7 @@ def test_a_command_that_cannot_be_replayed_makes_the_transaction_unreplayable() 
 def test_a_transaction_too_long_to_keep_is_unreplayable() -> None:
     """Past MAX_ENTRIES statements a transaction is no longer kept: it could only be rolled
     back, and memory stays bounded."""
-    journal = Journal()
+    journal = Journal(AnswerBudget(1 << 20))
     run(journal, b"BEGIN", [b"ok"], False, True)
     for _ in range(continuity.MAX_ENTRIES):
         run(journal, b"SELECT 1", [b"r"], True, True)
@@ -129,7 +154,7 @@ def test_only_statements_that_cannot_commit_run_again_after_a_replay() -> None:
 def test_a_transaction_remembers_whether_it_may_have_written() -> None:
     """Reads leave a transaction read-only; one statement that may write marks it, until
     the next transaction begins."""
-    journal = Journal()
+    journal = Journal(AnswerBudget(1 << 20))
     journal.sending(Command.QUERY, query(b"BEGIN"), None, False, False, True, VALUES, "")
     journal.answered(True)
     journal.sending(Command.QUERY, query(b"SELECT 1"), None, False, True, False, VALUES, "")
@@ -154,7 +179,7 @@ def test_answers_outside_a_transaction_are_not_checksummed_unless_one_may_open()
     """In autocommit mode a statement that cannot open a transaction costs no checksum; if
     its answer opens one after all, the transaction is marked unreplayable, never kept
     without its first statement."""
-    journal = Journal()
+    journal = Journal(AnswerBudget(1 << 20))
     journal.sending(Command.QUERY, query(b"SELECT 1"), None, False, False, False, VALUES, "")
     journal.chunk(b"rows")
     journal.answered(False)
