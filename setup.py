@@ -28,6 +28,7 @@ NATIVE = [
     "meshproxy/dataplane/continuity.py",
     "meshproxy/dataplane/hop.py",
     "meshproxy/dataplane/listener.py",
+    "meshproxy/dataplane/mirror.py",
     "meshproxy/dataplane/moving.py",
     "meshproxy/dataplane/plane.py",
     "meshproxy/dataplane/pump.py",

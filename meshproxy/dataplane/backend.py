@@ -53,16 +53,22 @@ class Prepared:
         self.execute_head = bytes((Command.STMT_EXECUTE,)) + backend_id.to_bytes(4, "little")
 
 
-class Sink(typing.Protocol):
-    """Where a forwarded answer goes: the client session that sent the command."""
+class Sink:
+    """Where a forwarded answer goes: the client session that sent the command. (A base
+    class, not a Protocol: compiled, its methods are called through a table, where a
+    Protocol's would be looked up by name for every chunk of every answer.)"""
 
-    def write(self, data: bytes) -> None: ...
+    def write(self, data: bytes) -> None:
+        raise NotImplementedError
 
-    def answered(self, response: Response) -> None: ...
+    def answered(self, response: Response) -> None:
+        raise NotImplementedError
 
-    def infile_requested(self) -> None: ...
+    def infile_requested(self) -> None:
+        raise NotImplementedError
 
-    def backend_lost(self, reason: str) -> None: ...
+    def backend_lost(self, reason: str) -> None:
+        raise NotImplementedError
 
 
 @dataclass

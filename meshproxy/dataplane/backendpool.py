@@ -155,10 +155,10 @@ class ServerPool:
         conns = self.idle.get(key)
         if not conns or not self.accepting:
             return None
-        conn = conns[-1]  # the most recently used: warm, and likely not timed out
+        conn = conns.pop()  # the most recently used: warm, and likely not timed out
         if (now - conn.last_used) * 1000 > self.settings.ping_after_idle_ms:
+            conns.append(conn)
             return None
-        conns.pop()
         self.keys_seen[key] = now
         self.stats.in_use += 1
         self.stats.reused += 1

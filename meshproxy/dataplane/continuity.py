@@ -23,7 +23,7 @@ import asyncio
 import hashlib
 import typing
 
-from meshproxy.dataplane.backend import BackendConnection
+from meshproxy.dataplane.backend import BackendConnection, Sink
 from meshproxy.errors import MeshproxyError
 from meshproxy.mysql.constants import Command
 from meshproxy.mysql.response import Response
@@ -183,9 +183,10 @@ class Journal:
         return digest
 
     def _release(self) -> None:
-        self._budget.used -= self._kept_bytes
-        self._kept = []
-        self._kept_bytes = 0
+        if self._kept:  # (cleared before every statement outside a transaction: no list then)
+            self._budget.used -= self._kept_bytes
+            self._kept = []
+            self._kept_bytes = 0
 
     def answered(self, in_transaction: bool) -> None:
         hashed, self._taking = self._taking, False
@@ -220,7 +221,8 @@ class Journal:
         return self.wrote and self.holder is None and bool(self.entries)
 
     def clear(self) -> None:
-        self.entries.clear()
+        if self.entries:
+            self.entries.clear()
         self.replayable = True
         self.why_not = ""
         self.wrote = False
@@ -239,7 +241,7 @@ class Journal:
         self._hash = None
 
 
-class _Replayed:
+class _Replayed(Sink):
     """The sink of a replayed statement: its answer goes into the replay's running hash,
     never to the client."""
 

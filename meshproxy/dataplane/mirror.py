@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
-from meshproxy.dataplane.backend import BackendConnection, LoginKey
+from meshproxy.dataplane.backend import BackendConnection, LoginKey, Sink
 from meshproxy.dataplane.backendpool import ServerPool
 from meshproxy.mysql.constants import Command
 from meshproxy.mysql.packets import frame
@@ -15,8 +15,8 @@ from meshproxy.mysql.response import Response
 from meshproxy.mysql.state import Values, restore_sql
 
 
-class _Discard:
-    """A Sink that keeps nothing but how the answer ended."""
+class _Discard(Sink):
+    """Keeps nothing of an answer but how it ended."""
 
     def __init__(self) -> None:
         self.done: asyncio.Future[str] = asyncio.get_running_loop().create_future()

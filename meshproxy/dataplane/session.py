@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from meshproxy import log
 from meshproxy.config import Address
-from meshproxy.dataplane.backend import BackendConnection, LoginKey, Prepared
+from meshproxy.dataplane.backend import BackendConnection, LoginKey, Prepared, Sink
 from meshproxy.dataplane.backendpool import PoolTimeout, ServerPool, Waiter
 from meshproxy.dataplane.callbacks import for_loop
 from meshproxy.dataplane.moving import NO_ADDRESSES, Mover, middle_failed
@@ -130,7 +130,7 @@ class Pins:
         return bool(self.reasons) or self.lock or self.transaction
 
 
-class ClientSession:  # an asyncio protocol (dataplane/callbacks.py), and a Sink
+class ClientSession(Sink):  # and an asyncio protocol (dataplane/callbacks.py)
     def __init__(
         self,
         mode: SessionMode,
@@ -1215,7 +1215,7 @@ class _Queued(Waiter):
         self.session.refuse(Refusal(ER_PROXY_POOL_TIMEOUT, f"meshproxy: {error}"))
 
 
-class _Renumbering:  # a Sink
+class _Renumbering(Sink):
     """Forwards a prepare's answer, with the backend's statement id replaced by the one the
     client is given (the id is in the first packet, at the start of the first chunk)."""
 
