@@ -162,6 +162,8 @@ class ClientSession(Sink):  # and an asyncio protocol (dataplane/callbacks.py)
         self.key: LoginKey | None = None
         self.schema = ""
         self.values: Values | None = None  # None until the first backend connection
+        self._autocommit_of: Values | None = None  # the values _autocommit was read from
+        self._autocommit = True
         self.last_insert_id = 0
         self.server: ServerPool | None = None
         self.conn: BackendConnection | None = None  # held: in flight or pinned
@@ -477,8 +479,13 @@ class ClientSession(Sink):  # and an asyncio protocol (dataplane/callbacks.py)
         return int(status)
 
     def autocommit(self) -> bool:
-        value = self.values.get("autocommit") if self.values else b"1"
-        return value not in (b"0", b"OFF")
+        values = self.values
+        if values is None:
+            return True
+        if values is not self._autocommit_of:  # values are interned: mostly the same dict
+            self._autocommit_of = values
+            self._autocommit = values.get("autocommit", b"1") not in (b"0", b"OFF")
+        return self._autocommit
 
     def _query(self, payload: bytes) -> None:
         effects = classify_bytes(payload[1:])
@@ -1002,7 +1009,7 @@ class ClientSession(Sink):  # and an asyncio protocol (dataplane/callbacks.py)
     def _prepared(self, flight: Flight, response: Response) -> None:
         assert response.prepared is not None
         backend_id, columns, params = response.prepared
-        sql = flight.argument
+        sql = self.mode.statement_text(flight.argument)
         flight.conn.statements[self.schema, sql] = Prepared(backend_id, params, columns)
         statement = ClientStatement(sql, self.schema, params, columns)
         transaction = classify_bytes(sql).transaction

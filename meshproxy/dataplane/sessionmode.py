@@ -104,6 +104,7 @@ class SessionMode:
         # What the journals of open transactions keep of their answers (edges on tiers).
         self.answer_budget = AnswerBudget(KEEP_PER_PROCESS)
         self._keys: dict[LoginKey, LoginKey] = {}
+        self._texts: dict[bytes, bytes] = {}
         self._prefix = (os.getpid() & 0x7F) << 24
         self._next_id = 1
         self._rng = random.Random()
@@ -506,6 +507,16 @@ class SessionMode:
         if len(self._interned) < _INTERNED_MAX:
             self._interned[key] = values
         return values
+
+    def statement_text(self, sql: bytes) -> bytes:
+        """One object per prepared statement text, whichever session prepared it: the
+        connections' prepared statements are then found by identity at every execute."""
+        found = self._texts.get(sql)
+        if found is not None:
+            return found
+        if len(self._texts) < _INTERNED_MAX:
+            self._texts[sql] = sql
+        return sql
 
     def login_key(self, key: LoginKey) -> LoginKey:
         """One object per distinct login key: the pools' dict lookups, at every checkout
