@@ -45,6 +45,7 @@ class TlsTransport(asyncio.Transport, asyncio.Protocol):
         "_protocol",
         "_raw",
         "_reading",
+        "_server_side",
         "_ssl",
         "_started",
         "_timeout_s",
@@ -61,7 +62,11 @@ class TlsTransport(asyncio.Transport, asyncio.Protocol):
         super().__init__()
         self._context = context
         self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self._ssl = context.wrap_bio(self._in, self._out, server_side=server_side)
+        # None once lost: OpenSSL's state goes then (see connection_lost).
+        self._ssl: ssl.SSLObject | None = context.wrap_bio(
+            self._in, self._out, server_side=server_side
+        )
+        self._server_side = server_side
         self._done: Done | None = done  # told once, when the handshake ends either way
         self._raw: asyncio.Transport | None = None
         self._protocol: StreamProtocol | None = None
@@ -79,7 +84,7 @@ class TlsTransport(asyncio.Transport, asyncio.Protocol):
             self._timer = asyncio.get_running_loop().call_later(
                 self._timeout_s, self._end_handshake, TimeoutError("TLS handshake timed out")
             )
-        if not self._ssl.server_side:
+        if not self._server_side:
             self._shake()  # the client speaks first
 
     def data_received(self, data: bytes) -> None:
@@ -112,12 +117,13 @@ class TlsTransport(asyncio.Transport, asyncio.Protocol):
             self._protocol.connection_lost(exc)  # type: ignore[union-attr]
         # OpenSSL's state (tens of KiB) goes now, not when the garbage collector gets to
         # the cycles our users form with us (a pump's session and its halves).
-        self._ssl = self._in = self._out = None  # type: ignore[assignment]
+        self._ssl = None
         self._protocol = self._raw = None
 
     # ------------------------------------------------------------------ the handshake
 
     def _shake(self) -> None:
+        assert self._ssl is not None  # not lost: a lost connection is told no more
         try:
             self._ssl.do_handshake()
         except ssl.SSLWantReadError:
@@ -151,6 +157,7 @@ class TlsTransport(asyncio.Transport, asyncio.Protocol):
 
     def _deliver(self) -> None:
         tls, incoming = self._ssl, self._in
+        assert tls is not None
         while incoming.pending and self._reading:
             try:
                 data = tls.read(READ_SIZE)
@@ -179,7 +186,7 @@ class TlsTransport(asyncio.Transport, asyncio.Protocol):
         self._reading = True
         assert self._raw is not None
         self._raw.resume_reading()
-        if self._in.pending or self._ssl.pending():
+        if self._in.pending or (self._ssl is not None and self._ssl.pending()):
             asyncio.get_running_loop().call_soon(self._deliver_if_open)
 
     def _deliver_if_open(self) -> None:
@@ -194,6 +201,7 @@ class TlsTransport(asyncio.Transport, asyncio.Protocol):
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self._closing or not data:
             return
+        assert self._ssl is not None  # lost: _closing
         try:
             self._ssl.write(data)
         except ssl.SSLError as exc:
@@ -236,8 +244,9 @@ class TlsTransport(asyncio.Transport, asyncio.Protocol):
         self._closing = True
         self.pause_reading()
         # unwrap writes the close_notify, then would wait for the peer's: we do not.
-        with contextlib.suppress(ssl.SSLError):
-            self._ssl.unwrap()
+        if self._ssl is not None:
+            with contextlib.suppress(ssl.SSLError):
+                self._ssl.unwrap()
         self._flush()
         if self._raw is not None:
             self._raw.close()
