@@ -36,7 +36,6 @@ NATIVE = [
     "meshproxy/dataplane/routing.py",
     "meshproxy/dataplane/session.py",
     "meshproxy/dataplane/sessionmode.py",
-    "meshproxy/dataplane/tlslayer.py",
     "meshproxy/dataplane/upstream.py",
     "meshproxy/routing/digests.py",
     "meshproxy/routing/querycache.py",
