@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meshproxy import log
-from meshproxy.counters import Counters
+from meshproxy.counters import Counters, Key, key
 from meshproxy.dataplane.hop import Decoded, HopDecoder, HopHeader, Rejected
 from meshproxy.dataplane.mysql import ER_CON_COUNT_ERROR, error_packet
 from meshproxy.security.meshtls import MESH_ROLES, MeshTls, peer_of
@@ -35,6 +35,13 @@ class Entrance:
     active: int = 0
     # One per address the bind resolves to (``localhost``: IPv4 and IPv6).
     servers: list[asyncio.Server] = field(default_factory=list, repr=False)
+    # Counted for every connection: their keys made once.
+    accepted: Key = field(init=False, repr=False)
+    closed: Key = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.accepted = key("connections_accepted", entrance=self.name)
+        self.closed = key("connections_closed", entrance=self.name)
 
 
 # Takes a new client: at once, or by returning the job that connects it (run as a task).
@@ -74,7 +81,7 @@ class Inbound:
                 self.transport.abort()
             return
         entrance.active += 1
-        self._counters.inc("connections_accepted", entrance=entrance.name)
+        self._counters.add(entrance.accepted)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         if self._decoder is None:

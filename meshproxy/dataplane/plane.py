@@ -12,11 +12,11 @@ import socket
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from meshproxy import log
 from meshproxy.config import Address, UpstreamKind, UpstreamRef
-from meshproxy.counters import Counters
+from meshproxy.counters import Counters, key
 from meshproxy.dataplane import tlslayer
 from meshproxy.dataplane.callbacks import StreamProtocol, factory_for_loop
 from meshproxy.dataplane.hop import HopHeader
@@ -27,6 +27,10 @@ from meshproxy.dataplane.sessionmode import SessionMode
 from meshproxy.dataplane.upstream import Connector, ConnectReport, UpstreamView, WarmPool
 from meshproxy.errors import UpstreamError
 from meshproxy.security.meshtls import HANDSHAKE_TIMEOUT_S
+
+# Added to at every session's end: their keys made once.
+_FROM_CLIENTS: Final = key("bytes_from_clients")
+_FROM_UPSTREAMS: Final = key("bytes_from_upstreams")
 
 
 @dataclass(frozen=True)
@@ -209,7 +213,7 @@ class DataPlane:
     def _session_closed(self, entrance: Entrance, session: object) -> None:
         entrance.active -= 1
         self._session_ended()
-        self.counters.inc("connections_closed", entrance=entrance.name)
+        self.counters.add(entrance.closed)
 
     def _session_opened(self) -> None:
         self.open_sessions += 1
@@ -236,16 +240,16 @@ class DataPlane:
         self.count_bytes(session)
         if session.spliced is not None:
             session.spliced.forget()
-        self.counters.inc("connections_closed", entrance=entrance.name)
+        self.counters.add(entrance.closed)
 
     def count_bytes(self, session: Session) -> int:
         """Add what the session moved since the last call to the counters; return its total."""
         from_client, from_upstream = session.nbytes()
         swept_client, swept_upstream = session.swept_nbytes
         if from_client != swept_client:
-            self.counters.inc("bytes_from_clients", from_client - swept_client)
+            self.counters.add(_FROM_CLIENTS, from_client - swept_client)
         if from_upstream != swept_upstream:
-            self.counters.inc("bytes_from_upstreams", from_upstream - swept_upstream)
+            self.counters.add(_FROM_UPSTREAMS, from_upstream - swept_upstream)
         session.swept_nbytes = (from_client, from_upstream)
         return from_client + from_upstream
 

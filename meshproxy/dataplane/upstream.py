@@ -44,16 +44,28 @@ class Dialing:
         self.first = b""
         self.lost = False
         self.abandoned = False
-        # The TCP connect's timeout while it runs: abandoning ends it now (a SYN to a host
-        # that vanished would otherwise hang for the whole connect timeout).
-        self.connecting: asyncio.Timeout | None = None
+        # The TCP connect's timer while it runs, and the task it cancels: abandoning ends
+        # the connect now (a SYN to a host that vanished would otherwise hang for the whole
+        # connect timeout). A timer, not asyncio.timeout: that is a Python object, four
+        # calls and three getpid() (get_running_loop's fork check) on every new session.
+        self.connecting: asyncio.TimerHandle | None = None
+        self.connect_task: asyncio.Task[None] | None = None
+        self.timed_out = False
 
     def abandon(self, reason: str) -> None:
         """Give up waiting for this member (the control plane ruled it out): retry another."""
         self.abandoned = True
         if self.connecting is not None:
-            self.connecting.reschedule(asyncio.get_running_loop().time())
+            self.connecting.cancel()
+            self.time_out()
         self._fail(reason)
+
+    def time_out(self) -> None:
+        """The TCP connect ran out of time (or was abandoned): end it now."""
+        self.connecting = None
+        self.timed_out = True
+        if self.connect_task is not None:
+            self.connect_task.cancel()
 
     async def greeted(self) -> None:
         """Wait for the server's first bytes; a server gone right after them failed too
@@ -179,15 +191,45 @@ class WarmPool:
                 idle.discard()
 
 
+async def _connect_within(
+    dialing: Dialing,
+    connect_s: float,
+    address: Address,
+    tls: MeshTls | None,
+    local: tuple[str, int] | None,
+    loop: asyncio.AbstractEventLoop,
+) -> asyncio.Transport:
+    """``dial`` for ``dialing``, ended with TimeoutError after ``connect_s`` or when the
+    member is abandoned (a cancellation from elsewhere stays a cancellation)."""
+    task = asyncio.current_task(loop)
+    assert task is not None
+    cancelling = task.cancelling()
+    dialing.connect_task = task
+    dialing.connecting = loop.call_later(connect_s, dialing.time_out)
+    try:
+        return await dial(lambda: dialing, address, tls, local, loop)
+    except asyncio.CancelledError:
+        if dialing.timed_out and task.uncancel() <= cancelling:
+            raise TimeoutError from None
+        raise
+    finally:
+        if dialing.connecting is not None:
+            dialing.connecting.cancel()
+            dialing.connecting = None
+        dialing.connect_task = None
+
+
 async def dial(
     factory: Callable[[], StreamProtocol],
     address: Address,
     tls: MeshTls | None,
     local: tuple[str, int] | None = None,
+    loop: asyncio.AbstractEventLoop | None = None,
 ) -> asyncio.Transport:
     """Connect to ``address``; with ``tls``, over mutual TLS to a peer proven a middle."""
     if tls is None:
-        transport, _ = await asyncio.get_running_loop().create_connection(
+        loop = loop or asyncio.get_running_loop()
+        transport, _ = await loop.create_connection(
             factory_for_loop(factory), address.host, address.port, local_addr=local
         )
         return transport
@@ -327,11 +369,9 @@ class Connector:
             else:
                 connect_s = max(min(self.connect_s, remaining_s), 0.001)
                 tls = self.tls if ref.kind is UpstreamKind.TIER else None
-                async with asyncio.timeout(connect_s) as dialing.connecting:
-                    source = self._groups[ref].source_ip
-                    local = (source, 0) if source else None
-                    transport = await dial(lambda: dialing, address, tls, local)
-                dialing.connecting = None
+                source = self._groups[ref].source_ip
+                local = (source, 0) if source else None
+                transport = await _connect_within(dialing, connect_s, address, tls, local, loop)
             if header is not None:
                 transport.write(header.encode())
             if await_greeting:

@@ -1,8 +1,9 @@
-"""Process-wide counters: labelled increments, per-label and summed reads, export."""
+"""Process-wide counters: labelled increments, keys made once, per-label and summed reads,
+export."""
 
 from __future__ import annotations
 
-from meshproxy.counters import Counters
+from meshproxy.counters import Counters, key
 
 
 def test_unknown_counter_reads_zero() -> None:
@@ -53,3 +54,16 @@ def test_items_and_as_dict_export_every_counter_sorted() -> None:
         ],
         "retries": [{"labels": {}, "value": 1}],
     }
+
+
+def test_a_key_made_once_counts_as_the_same_labels_given_each_time() -> None:
+    """``add`` with a key from ``key`` counts into the same counter as ``inc`` with the
+    same name and labels, in any order."""
+    counters = Counters()
+    accepted = key("connections_accepted", entrance="mysql", side="edge")
+    counters.add(accepted)
+    counters.add(accepted, 2)
+    counters.inc("connections_accepted", side="edge", entrance="mysql")
+    assert counters.get("connections_accepted", entrance="mysql", side="edge") == 4
+    counters.add(key("bytes"), 10)
+    assert counters.get("bytes") == 10
