@@ -262,7 +262,7 @@ class PlaneHost:
                     self.plane.connector.abandon(member.address, f"{member.state} now")
             pool = self.warm.get(ref.name) if ref.kind is UpstreamKind.TIER else None
             if pool is not None:
-                pool.wanted.set()
+                pool.wanted()
             self.plane.session_mode.set_members(ref, members)
 
     # ----------------------------------------------------------------- loops
@@ -309,10 +309,7 @@ class PlaneHost:
                     except (OSError, TimeoutError) as exc:
                         self._report(ref, address, describe(exc))
                         break
-            pool.wanted.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(1.0):
-                    await pool.wanted.wait()
+            await pool.until_wanted(1.0)
 
     # ----------------------------------------------------------------- shutdown
 

@@ -44,28 +44,16 @@ class Dialing:
         self.first = b""
         self.lost = False
         self.abandoned = False
-        # The TCP connect's timer while it runs, and the task it cancels: abandoning ends
-        # the connect now (a SYN to a host that vanished would otherwise hang for the whole
-        # connect timeout). A timer, not asyncio.timeout: that is a Python object, four
-        # calls and three getpid() (get_running_loop's fork check) on every new session.
-        self.connecting: asyncio.TimerHandle | None = None
-        self.connect_task: asyncio.Task[None] | None = None
-        self.timed_out = False
+        # The TCP connect's deadline while it runs: abandoning ends the connect now (a SYN
+        # to a host that vanished would otherwise hang for the whole connect timeout).
+        self.connecting: Deadline | None = None
 
     def abandon(self, reason: str) -> None:
         """Give up waiting for this member (the control plane ruled it out): retry another."""
         self.abandoned = True
         if self.connecting is not None:
-            self.connecting.cancel()
-            self.time_out()
+            self.connecting.expire()
         self._fail(reason)
-
-    def time_out(self) -> None:
-        """The TCP connect ran out of time (or was abandoned): end it now."""
-        self.connecting = None
-        self.timed_out = True
-        if self.connect_task is not None:
-            self.connect_task.cancel()
 
     async def greeted(self) -> None:
         """Wait for the server's first bytes; a server gone right after them failed too
@@ -108,6 +96,42 @@ class Dialing:
             self.ready.set_exception(ConnectFailed(str(self.address), reason))
 
 
+class Deadline:
+    """What asyncio.timeout does for one await of the task it runs in, as a plain timer:
+    on the connect path of every new session, where asyncio.timeout's Python object, its
+    four calls and three getpid() (get_running_loop's fork check) showed in profiles.
+
+    ``expired()`` after the await raised CancelledError: whether this deadline caused it
+    (then raise TimeoutError), rather than a cancellation from elsewhere."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, delay_s: float) -> None:
+        task = asyncio.current_task(loop)
+        assert task is not None
+        self.task = task
+        self.cancelling = task.cancelling()
+        self.fired = False
+        self.timer: asyncio.TimerHandle | None = loop.call_later(delay_s, self.expire)
+
+    def expire(self) -> None:
+        """Now, rather than when the time is up."""
+        self.end()
+        self.fired = True
+        self.task.cancel()
+
+    def end(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def expired(self) -> bool:
+        return self.fired and self.task.uncancel() <= self.cancelling
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 class _Idle:
     """A warm socket waiting in the pool; any event on it means it is no longer usable.
     (An asyncio protocol without the base class: see dataplane/callbacks.py.)"""
@@ -148,13 +172,32 @@ class WarmPool:
 
     def __init__(self) -> None:
         self.idle: dict[Address, deque[_Idle]] = {}
-        self.wanted = asyncio.Event()
+        self._refill: asyncio.Future[None] | None = None  # the refill loop, waiting
+
+    def wanted(self) -> None:
+        """A socket was taken or lost, or the members changed: the refill loop, if it
+        waits, fills up again."""
+        if self._refill is not None:
+            _wake(self._refill)
+
+    async def until_wanted(self, wait_s: float) -> None:
+        """Wait until a socket is taken or lost, or ``wait_s`` passed. (A future and a
+        timer: asyncio.Event and asyncio.timeout are Python code, and this runs for every
+        new session of an edge.)"""
+        loop = asyncio.get_running_loop()
+        waiter = self._refill = loop.create_future()
+        timer = loop.call_later(wait_s, _wake, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._refill = None
 
     def take(self, address: Address) -> asyncio.Transport | None:
         sockets = self.idle.get(address)
         while sockets:
             idle = sockets.popleft()
-            self.wanted.set()
+            self.wanted()
             transport = idle.transport
             if transport is not None and not transport.is_closing():
                 return transport
@@ -164,7 +207,7 @@ class WarmPool:
         sockets = self.idle.get(idle.address)
         if sockets is not None and idle in sockets:
             sockets.remove(idle)
-            self.wanted.set()
+            self.wanted()
 
     def count(self, address: Address) -> int:
         return len(self.idle.get(address, ()))
@@ -172,8 +215,15 @@ class WarmPool:
     async def fill(self, address: Address, timeout_s: float, tls: MeshTls | None) -> None:
         """Open one idle socket (with ``tls``, its handshake done: a client then skips it
         too); raises OSError or TimeoutError."""
-        async with asyncio.timeout(timeout_s):
+        deadline = Deadline(asyncio.get_running_loop(), timeout_s)
+        try:
             transport = await dial(lambda: _Idle(self, address), address, tls)
+        except asyncio.CancelledError:
+            if deadline.expired():
+                raise TimeoutError from None
+            raise
+        finally:
+            deadline.end()
         idle = typing.cast(_Idle, transport.get_protocol())
         self.idle.setdefault(address, deque()).append(idle)
 
@@ -201,22 +251,16 @@ async def _connect_within(
 ) -> asyncio.Transport:
     """``dial`` for ``dialing``, ended with TimeoutError after ``connect_s`` or when the
     member is abandoned (a cancellation from elsewhere stays a cancellation)."""
-    task = asyncio.current_task(loop)
-    assert task is not None
-    cancelling = task.cancelling()
-    dialing.connect_task = task
-    dialing.connecting = loop.call_later(connect_s, dialing.time_out)
+    deadline = dialing.connecting = Deadline(loop, connect_s)
     try:
         return await dial(lambda: dialing, address, tls, local, loop)
     except asyncio.CancelledError:
-        if dialing.timed_out and task.uncancel() <= cancelling:
+        if deadline.expired():
             raise TimeoutError from None
         raise
     finally:
-        if dialing.connecting is not None:
-            dialing.connecting.cancel()
-            dialing.connecting = None
-        dialing.connect_task = None
+        deadline.end()
+        dialing.connecting = None
 
 
 async def dial(

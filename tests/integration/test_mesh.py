@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import struct
+from pathlib import Path
 
 import msgpack
 import pymysql
@@ -124,6 +125,30 @@ def test_three_layer_cascade(nodes: NodeFactory, shared_mariadb: mariadb.MariaDB
             assert cursor.fetchone()[1]
     finally:
         conn.close()
+
+
+def _established_to(port: int) -> int:
+    """Local sockets connected to ``port`` (ESTABLISHED, the remote end being ``port``)."""
+    lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return sum(
+        1
+        for fields in (line.split() for line in lines)
+        if fields[3] == "01" and int(fields[2].rpartition(":")[2], 16) == port
+    )
+
+
+def test_an_edge_refills_its_warm_sockets_as_sessions_take_them(
+    nodes: NodeFactory, shared_mariadb: mariadb.MariaDB
+) -> None:
+    """An edge keeps ``warm_connections`` idle sockets open to its middle; each new session
+    takes one, another is opened in its place, and the sessions' own are gone with them."""
+    mesh, edge_port = free_port(), free_port()
+    nodes.start(middle_config("middle", mesh, servers=[shared_mariadb.port]))
+    nodes.start(edge_config("edge", edge_port, [mesh], tier={"warm_connections": 3}))
+    wait_until(lambda: _established_to(mesh) == 3, 10, "3 warm sockets")
+    for _ in range(5):
+        assert query(edge_port, "SELECT 1") == [(1,)]
+    wait_until(lambda: _established_to(mesh) == 3, 10, "3 warm sockets again")
 
 
 def test_hop_limit_stops_a_routing_loop(
