@@ -171,15 +171,14 @@ class Journal:
                 self._kept_bytes += size
                 budget.used += size
                 return
-            self._hash = self._hash_kept()
+            self._hash = self._hash_of_kept()  # they go on in the hash from now on
+            self._release()
         self._hash.update(data)
 
-    def _hash_kept(self) -> hashlib._Hash:
-        """The answers kept so far, hashed: they go on in the hash from now on."""
+    def _hash_of_kept(self) -> hashlib._Hash:
         digest = _SHA1.copy()
         for data in self._kept:
             digest.update(data)
-        self._release()
         return digest
 
     def _release(self) -> None:
@@ -208,12 +207,8 @@ class Journal:
     def checksum(self) -> bytes:
         """Of every answer the transaction's statements got, in order, as the client
         received them."""
-        if self._hash is not None:
-            return self._hash.copy().digest()
-        digest = _SHA1.copy()
-        for data in self._kept:
-            digest.update(data)
-        return digest.digest()
+        running = self._hash.copy() if self._hash is not None else self._hash_of_kept()
+        return running.digest()
 
     def needs_holder(self) -> bool:
         """Whether the transaction has written (so it may hold locks) and its server

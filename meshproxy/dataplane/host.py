@@ -262,7 +262,7 @@ class PlaneHost:
                     self.plane.connector.abandon(member.address, f"{member.state} now")
             pool = self.warm.get(ref.name) if ref.kind is UpstreamKind.TIER else None
             if pool is not None:
-                pool.wanted()
+                pool.wanted.set()
             self.plane.session_mode.set_members(ref, members)
 
     # ----------------------------------------------------------------- loops
@@ -309,7 +309,10 @@ class PlaneHost:
                     except (OSError, TimeoutError) as exc:
                         self._report(ref, address, describe(exc))
                         break
-            await pool.until_wanted(1.0)
+            pool.wanted.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await pool.wanted.wait()
 
     # ----------------------------------------------------------------- shutdown
 

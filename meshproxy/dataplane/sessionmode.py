@@ -15,7 +15,7 @@ import ssl
 import time
 from collections.abc import Callable, Collection, Coroutine
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from meshproxy import log
 from meshproxy.config import (
@@ -56,8 +56,21 @@ from meshproxy.security.meshtls import MeshTls
 UNKNOWN_USER: Final = "(unknown)"  # the counter label of a login refused for a name we do not have
 
 _INTERNED_MAX: Final = 4096
+K = TypeVar("K")
+V = TypeVar("V")
 _BACKGROUND_MAX: Final = 256  # mirrors and statement kills in flight; more are dropped, counted
 ER_TOO_MANY_USER_CONNECTIONS: Final = 1203
+
+
+def _one_of(table: dict[K, V], key: K, value: V) -> V:
+    """The value ``table`` keeps for ``key``, or ``value``, kept from now on while the
+    table has room (bounded: a client cannot grow it without end)."""
+    found = table.get(key)
+    if found is not None:
+        return found
+    if len(table) < _INTERNED_MAX:
+        table[key] = value
+    return value
 
 
 def counts_digests(config: Config) -> bool:
@@ -500,33 +513,17 @@ class SessionMode:
 
     def intern(self, values: Values) -> Values:
         """One dict per distinct state, so that most checks are identity checks."""
-        key = tuple(values.items())
-        found = self._interned.get(key)
-        if found is not None:
-            return found
-        if len(self._interned) < _INTERNED_MAX:
-            self._interned[key] = values
-        return values
+        return _one_of(self._interned, tuple(values.items()), values)
 
     def statement_text(self, sql: bytes) -> bytes:
         """One object per prepared statement text, whichever session prepared it: the
         connections' prepared statements are then found by identity at every execute."""
-        found = self._texts.get(sql)
-        if found is not None:
-            return found
-        if len(self._texts) < _INTERNED_MAX:
-            self._texts[sql] = sql
-        return sql
+        return _one_of(self._texts, sql, sql)
 
     def login_key(self, key: LoginKey) -> LoginKey:
         """One object per distinct login key: the pools' dict lookups, at every checkout
         and return, then find their key by identity instead of comparing it field by field."""
-        found = self._keys.get(key)
-        if found is not None:
-            return found
-        if len(self._keys) < _INTERNED_MAX:
-            self._keys[key] = key
-        return key
+        return _one_of(self._keys, key, key)
 
     def count_pins(self, effects: Effects) -> None:
         for reason in effects.pins:

@@ -44,15 +44,15 @@ class Dialing:
         self.first = b""
         self.lost = False
         self.abandoned = False
-        # The TCP connect's deadline while it runs: abandoning ends the connect now (a SYN
-        # to a host that vanished would otherwise hang for the whole connect timeout).
-        self.connecting: Deadline | None = None
+        # The TCP connect's timeout while it runs: abandoning ends it now (a SYN to a host
+        # that vanished would otherwise hang for the whole connect timeout).
+        self.connecting: asyncio.Timeout | None = None
 
     def abandon(self, reason: str) -> None:
         """Give up waiting for this member (the control plane ruled it out): retry another."""
         self.abandoned = True
         if self.connecting is not None:
-            self.connecting.expire()
+            self.connecting.reschedule(asyncio.get_running_loop().time())
         self._fail(reason)
 
     async def greeted(self) -> None:
@@ -96,42 +96,6 @@ class Dialing:
             self.ready.set_exception(ConnectFailed(str(self.address), reason))
 
 
-class Deadline:
-    """What asyncio.timeout does for one await of the task it runs in, as a plain timer:
-    on the connect path of every new session, where asyncio.timeout's Python object, its
-    four calls and three getpid() (get_running_loop's fork check) showed in profiles.
-
-    ``expired()`` after the await raised CancelledError: whether this deadline caused it
-    (then raise TimeoutError), rather than a cancellation from elsewhere."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, delay_s: float) -> None:
-        task = asyncio.current_task(loop)
-        assert task is not None
-        self.task = task
-        self.cancelling = task.cancelling()
-        self.fired = False
-        self.timer: asyncio.TimerHandle | None = loop.call_later(delay_s, self.expire)
-
-    def expire(self) -> None:
-        """Now, rather than when the time is up."""
-        self.end()
-        self.fired = True
-        self.task.cancel()
-
-    def end(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-
-    def expired(self) -> bool:
-        return self.fired and self.task.uncancel() <= self.cancelling
-
-
-def _wake(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
-
-
 class _Idle:
     """A warm socket waiting in the pool; any event on it means it is no longer usable.
     (An asyncio protocol without the base class: see dataplane/callbacks.py.)"""
@@ -172,32 +136,13 @@ class WarmPool:
 
     def __init__(self) -> None:
         self.idle: dict[Address, deque[_Idle]] = {}
-        self._refill: asyncio.Future[None] | None = None  # the refill loop, waiting
-
-    def wanted(self) -> None:
-        """A socket was taken or lost, or the members changed: the refill loop, if it
-        waits, fills up again."""
-        if self._refill is not None:
-            _wake(self._refill)
-
-    async def until_wanted(self, wait_s: float) -> None:
-        """Wait until a socket is taken or lost, or ``wait_s`` passed. (A future and a
-        timer: asyncio.Event and asyncio.timeout are Python code, and this runs for every
-        new session of an edge.)"""
-        loop = asyncio.get_running_loop()
-        waiter = self._refill = loop.create_future()
-        timer = loop.call_later(wait_s, _wake, waiter)
-        try:
-            await waiter
-        finally:
-            timer.cancel()
-            self._refill = None
+        self.wanted = asyncio.Event()
 
     def take(self, address: Address) -> asyncio.Transport | None:
         sockets = self.idle.get(address)
         while sockets:
             idle = sockets.popleft()
-            self.wanted()
+            self.wanted.set()
             transport = idle.transport
             if transport is not None and not transport.is_closing():
                 return transport
@@ -207,7 +152,7 @@ class WarmPool:
         sockets = self.idle.get(idle.address)
         if sockets is not None and idle in sockets:
             sockets.remove(idle)
-            self.wanted()
+            self.wanted.set()
 
     def count(self, address: Address) -> int:
         return len(self.idle.get(address, ()))
@@ -215,15 +160,8 @@ class WarmPool:
     async def fill(self, address: Address, timeout_s: float, tls: MeshTls | None) -> None:
         """Open one idle socket (with ``tls``, its handshake done: a client then skips it
         too); raises OSError or TimeoutError."""
-        deadline = Deadline(asyncio.get_running_loop(), timeout_s)
-        try:
+        async with asyncio.timeout(timeout_s):
             transport = await dial(lambda: _Idle(self, address), address, tls)
-        except asyncio.CancelledError:
-            if deadline.expired():
-                raise TimeoutError from None
-            raise
-        finally:
-            deadline.end()
         idle = typing.cast(_Idle, transport.get_protocol())
         self.idle.setdefault(address, deque()).append(idle)
 
@@ -241,39 +179,15 @@ class WarmPool:
                 idle.discard()
 
 
-async def _connect_within(
-    dialing: Dialing,
-    connect_s: float,
-    address: Address,
-    tls: MeshTls | None,
-    local: tuple[str, int] | None,
-    loop: asyncio.AbstractEventLoop,
-) -> asyncio.Transport:
-    """``dial`` for ``dialing``, ended with TimeoutError after ``connect_s`` or when the
-    member is abandoned (a cancellation from elsewhere stays a cancellation)."""
-    deadline = dialing.connecting = Deadline(loop, connect_s)
-    try:
-        return await dial(lambda: dialing, address, tls, local, loop)
-    except asyncio.CancelledError:
-        if deadline.expired():
-            raise TimeoutError from None
-        raise
-    finally:
-        deadline.end()
-        dialing.connecting = None
-
-
 async def dial(
     factory: Callable[[], StreamProtocol],
     address: Address,
     tls: MeshTls | None,
     local: tuple[str, int] | None = None,
-    loop: asyncio.AbstractEventLoop | None = None,
 ) -> asyncio.Transport:
     """Connect to ``address``; with ``tls``, over mutual TLS to a peer proven a middle."""
     if tls is None:
-        loop = loop or asyncio.get_running_loop()
-        transport, _ = await loop.create_connection(
+        transport, _ = await asyncio.get_running_loop().create_connection(
             factory_for_loop(factory), address.host, address.port, local_addr=local
         )
         return transport
@@ -413,9 +327,11 @@ class Connector:
             else:
                 connect_s = max(min(self.connect_s, remaining_s), 0.001)
                 tls = self.tls if ref.kind is UpstreamKind.TIER else None
-                source = self._groups[ref].source_ip
-                local = (source, 0) if source else None
-                transport = await _connect_within(dialing, connect_s, address, tls, local, loop)
+                async with asyncio.timeout(connect_s) as dialing.connecting:
+                    source = self._groups[ref].source_ip
+                    local = (source, 0) if source else None
+                    transport = await dial(lambda: dialing, address, tls, local)
+                dialing.connecting = None
             if header is not None:
                 transport.write(header.encode())
             if await_greeting:
