@@ -27,7 +27,10 @@ from meshproxy import log
 from meshproxy.dataplane.callbacks import StreamProtocol
 from meshproxy.security.meshtls import MeshTls
 
-READ_SIZE = 64 * 1024  # more than a record holds: one read empties a whole record
+# A record carries at most 16 KiB of plaintext, so one read of that size empties one. A
+# larger size would not read more, but CPython allocates (and shrinks) the whole size for
+# every read: 64 KiB cost a microsecond more per record.
+READ_SIZE = 16 * 1024
 
 P = TypeVar("P", bound=StreamProtocol)
 Done = Callable[["TlsTransport", BaseException | None], None]
@@ -45,6 +48,7 @@ class TlsTransport(asyncio.Transport, asyncio.Protocol):
         "_protocol",
         "_raw",
         "_reading",
+        "_records",
         "_server_side",
         "_ssl",
         "_started",
@@ -66,6 +70,7 @@ class TlsTransport(asyncio.Transport, asyncio.Protocol):
         self._ssl: ssl.SSLObject | None = context.wrap_bio(
             self._in, self._out, server_side=server_side
         )
+        self._records = _records_of(self._ssl)
         self._server_side = server_side
         self._done: Done | None = done  # told once, when the handshake ends either way
         self._raw: asyncio.Transport | None = None
@@ -117,7 +122,7 @@ class TlsTransport(asyncio.Transport, asyncio.Protocol):
             self._protocol.connection_lost(exc)  # type: ignore[union-attr]
         # OpenSSL's state (tens of KiB) goes now, not when the garbage collector gets to
         # the cycles our users form with us (a pump's session and its halves).
-        self._ssl = None
+        self._ssl = self._records = None
         self._protocol = self._raw = None
 
     # ------------------------------------------------------------------ the handshake
@@ -156,8 +161,7 @@ class TlsTransport(asyncio.Transport, asyncio.Protocol):
     # ------------------------------------------------------------------ reading
 
     def _deliver(self) -> None:
-        tls, incoming = self._ssl, self._in
-        assert tls is not None
+        tls, incoming = self._records, self._in
         while incoming.pending and self._reading:
             try:
                 data = tls.read(READ_SIZE)
@@ -186,7 +190,7 @@ class TlsTransport(asyncio.Transport, asyncio.Protocol):
         self._reading = True
         assert self._raw is not None
         self._raw.resume_reading()
-        if self._in.pending or (self._ssl is not None and self._ssl.pending()):
+        if self._in.pending or (self._ssl is not None and self._records.pending()):
             asyncio.get_running_loop().call_soon(self._deliver_if_open)
 
     def _deliver_if_open(self) -> None:
@@ -201,9 +205,8 @@ class TlsTransport(asyncio.Transport, asyncio.Protocol):
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self._closing or not data:
             return
-        assert self._ssl is not None  # lost: _closing
         try:
-            self._ssl.write(data)
+            self._records.write(data)
         except ssl.SSLError as exc:
             self._fail(exc)
             return
@@ -282,6 +285,14 @@ class TlsTransport(asyncio.Transport, asyncio.Protocol):
         if self._raw is None:
             return default
         return self._raw.get_extra_info(name, default)
+
+
+def _records_of(tls: ssl.SSLObject) -> Any:
+    """What reads and writes records: the C object inside ``tls``. ``ssl.SSLObject``'s
+    read, write and pending are Python methods that only call it, a frame each per record
+    on both sides of a hop; CPython has kept it as ``_sslobj`` since 3.5, and without it
+    the wrapper does the same work."""
+    return getattr(tls, "_sslobj", tls)
 
 
 async def connect(
