@@ -33,9 +33,11 @@ class StreamProtocol(typing.Protocol):
 
 def for_loop(protocol: StreamProtocol) -> asyncio.Protocol:
     """``protocol`` typed as asyncio's API wants it."""
-    return typing.cast(asyncio.Protocol, protocol)
+    return typing.cast("asyncio.Protocol", protocol)
 
 
 def factory_for_loop(factory: Callable[[], StreamProtocol]) -> Callable[[], asyncio.Protocol]:
-    """A protocol factory typed as ``create_server`` and ``create_connection`` want it."""
-    return typing.cast(Callable[[], asyncio.Protocol], factory)
+    """A protocol factory typed as ``create_server`` and ``create_connection`` want it.
+    (The type is a string: subscribing ``Callable`` builds an object on every call, and
+    this runs for every connection made.)"""
+    return typing.cast("Callable[[], asyncio.Protocol]", factory)
