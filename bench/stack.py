@@ -16,6 +16,10 @@ sysbench and the server:
     session     sysbench -> meshproxy middle, listener in session mode -> MariaDB
     chain-session  sysbench -> meshproxy edge -> (mesh hop) -> a middle whose mesh
                 service is in session mode (the same middle as ``session``) -> MariaDB
+    continuity  sysbench -> an edge in session mode (it owns its clients' sessions) ->
+                pooled mesh hops, reused from client to client -> a session-mode middle
+                -> MariaDB
+    continuity-tls  the same with mutual TLS on the pooled hops (its own pair)
     proxysql    sysbench -> ProxySQL 2.5.5, ``threads=1``, pool capped at 64 -> MariaDB
 
 and, for the many-clients workload only, ``session-32`` and ``proxysql-32``: the same
@@ -122,6 +126,8 @@ TARGET_LABELS = {
     "chain-tls": "meshproxy chain, mesh TLS",
     "session": "meshproxy session mode",
     "chain-session": "meshproxy chain, session",
+    "continuity": "session edge -> session middle",
+    "continuity-tls": "session edge, mesh TLS",
     "proxysql": "ProxySQL threads=1",
     "session-rules50": "session, 50 rules",
     "session-nodigest": "session, digests off",
@@ -404,6 +410,18 @@ def edge_config(port: int, mesh_port: int) -> str:
     )
 
 
+def session_edge_config(port: int, mesh_port: int, name: str) -> str:
+    """An edge in session mode on ``tier:middle``: clients log in to it, and their
+    statements run on pooled hops to the session-mode middle at ``mesh_port``."""
+    return (
+        node_toml(name, "edge")
+        + entrance_toml("listener", "mysql", "tier:middle", port, "session")
+        + f'\n[[tier]]\nname = "middle"\nmembers = ["127.0.0.1:{mesh_port}"]\n'
+        + check_toml("tier.check", "tcp")
+        + users_toml(APP)
+    )
+
+
 def wait_mysql(child: Child | None, port: int, timeout_s: float = 20.0, login: Login = APP) -> None:
     """Wait until a MySQL login and ``SELECT 1`` work through ``port``."""
     deadline = time.monotonic() + timeout_s
@@ -505,6 +523,9 @@ class Stack:
             self._try("session", lambda: self._session_and_chain(db_port, want))
         if "session-32" in want:
             self._try("session-32", lambda: self._session_32(db_port))
+        for name in ("continuity", "continuity-tls"):
+            if name in want:
+                self._try(name, functools.partial(self._continuity, name, db_port))
         for name in SESSION_VARIANTS:
             if name in want:
                 self._try(name, functools.partial(self._session_variant, name, db_port))
@@ -621,6 +642,19 @@ class Stack:
         if "chain-session" in want:
             edge, edge_port = self._start_edge(mesh_port, name="edge-session")
             self._add("chain-session", edge_port, (edge.process.pid, *pids), POOL_MAX)
+
+    def _continuity(self, name: str, db_port: int) -> None:
+        """A session-mode edge and its own session-mode middle; ``continuity-tls`` with
+        mutual TLS between them."""
+        pki_dir = self.workdir / "pki"
+        tls = name.endswith("-tls")
+        middle_tls = mesh_tls(pki_dir, f"middle-{name}", "middle") if tls else ""
+        middle, _, mesh_port = self._start_session(f"middle-{name}", [db_port], extra=middle_tls)
+        port = mariadb.free_port()
+        text = session_edge_config(port, mesh_port, f"bench-{name}-edge")
+        text += mesh_tls(pki_dir, f"bench-{name}-edge", "edge") if tls else ""
+        edge = self._start_meshproxy(f"edge-{name}", text, port)
+        self._add(name, port, (edge.process.pid, middle.process.pid), POOL_MAX)
 
     def _session_32(self, db_port: int) -> None:
         name = f"middle-session-{MANY_CLIENTS_POOL_MAX}"
