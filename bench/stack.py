@@ -401,24 +401,16 @@ SESSION_VARIANTS = {
 }
 
 
-def edge_config(port: int, mesh_port: int) -> str:
-    return (
-        node_toml("bench-edge", "edge")
-        + entrance_toml("listener", "mysql", "tier:middle", port)
-        + f'\n[[tier]]\nname = "middle"\nmembers = ["127.0.0.1:{mesh_port}"]\n'
-        + check_toml("tier.check", "tcp")
-    )
-
-
-def session_edge_config(port: int, mesh_port: int, name: str) -> str:
-    """An edge in session mode on ``tier:middle``: clients log in to it, and their
-    statements run on pooled hops to the session-mode middle at ``mesh_port``."""
+def edge_config(port: int, mesh_port: int, name: str = "bench-edge", session: bool = False) -> str:
+    """An edge on ``tier:middle`` (the middle at ``mesh_port``): a byte pump, or with
+    ``session`` in session mode, its clients logging in to it and their statements running
+    on pooled hops to a session-mode middle."""
     return (
         node_toml(name, "edge")
-        + entrance_toml("listener", "mysql", "tier:middle", port, "session")
+        + entrance_toml("listener", "mysql", "tier:middle", port, "session" if session else "")
         + f'\n[[tier]]\nname = "middle"\nmembers = ["127.0.0.1:{mesh_port}"]\n'
         + check_toml("tier.check", "tcp")
-        + users_toml(APP)
+        + (users_toml(APP) if session else "")
     )
 
 
@@ -651,7 +643,7 @@ class Stack:
         middle_tls = mesh_tls(pki_dir, f"middle-{name}", "middle") if tls else ""
         middle, _, mesh_port = self._start_session(f"middle-{name}", [db_port], extra=middle_tls)
         port = mariadb.free_port()
-        text = session_edge_config(port, mesh_port, f"bench-{name}-edge")
+        text = edge_config(port, mesh_port, f"bench-{name}-edge", session=True)
         text += mesh_tls(pki_dir, f"bench-{name}-edge", "edge") if tls else ""
         edge = self._start_meshproxy(f"edge-{name}", text, port)
         self._add(name, port, (edge.process.pid, middle.process.pid), POOL_MAX)

@@ -56,10 +56,11 @@ from meshproxy.security.meshtls import MeshTls
 UNKNOWN_USER: Final = "(unknown)"  # the counter label of a login refused for a name we do not have
 
 _INTERNED_MAX: Final = 4096
-K = TypeVar("K")
-V = TypeVar("V")
 _BACKGROUND_MAX: Final = 256  # mirrors and statement kills in flight; more are dropped, counted
 ER_TOO_MANY_USER_CONNECTIONS: Final = 1203
+
+K = TypeVar("K")
+V = TypeVar("V")
 
 
 def _one_of(table: dict[K, V], key: K, value: V) -> V:

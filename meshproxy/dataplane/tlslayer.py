@@ -190,7 +190,7 @@ class TlsTransport(asyncio.Transport, asyncio.Protocol):
         self._reading = True
         assert self._raw is not None
         self._raw.resume_reading()
-        if self._in.pending or (self._ssl is not None and self._records.pending()):
+        if self._in.pending or (self._records is not None and self._records.pending()):
             asyncio.get_running_loop().call_soon(self._deliver_if_open)
 
     def _deliver_if_open(self) -> None:
