@@ -455,8 +455,13 @@ def test_a_promotion_seen_by_one_middle_moves_the_others_at_once(
     doc3, _, _, _ = middle_gossip_doc("p3", servers, [gossip2], slow_check)
     doc3["pool"][0].update(replicated)
     p3 = nodes.start(doc3)
-    # (p3's own first checks come at random within its 20 s interval: not waited for.)
     p2.wait_for_event("replication_state", server=addr(new.port), change="unknown -> reader")
+    # p3 knows the replica as a reader before the promotion: its first look (a recheck on
+    # p2's word when they meet, or its own check at random within 20 s) must not be the
+    # one that finds the new writer, or no gossip would be needed to find it.
+    p3.wait_for_event(
+        "replication_state", timeout_s=25, server=addr(new.port), change="unknown -> reader"
+    )
     replication.promote(new)
     promoted_at = time.time()
     p2.wait_for_event("replication_state", server=addr(new.port), change="reader -> writer")
